@@ -1,0 +1,137 @@
+"""Every command-line flag, declared once: typed dataclasses per concern, argparse generated from them.
+
+Flag names follow slime (and Megatron for model-parallel flags): field `rollout_batch_size` is
+`--rollout-batch-size`. Each help text lives here and nowhere else. The parsed result is a flat
+`argparse.Namespace` (slime plug-ins read `args.<name>`); `validate(args)` applies the cross-field rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+def F(default, help: str, **kw):  # noqa: A002 - mirrors argparse
+    """A flag: a dataclass field carrying its help text and extra argparse options."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ClusterConfig:
+    ray_address: str | None = F(None, "Connect to this Ray cluster instead of starting a local one.")
+    actor_num_nodes: int = F(1, "Trainer nodes.")
+    actor_num_gpus_per_node: int = F(1, "Trainer ranks per node (CPU processes when there is no GPU).")
+    rollout_num_gpus: int | None = F(None, "Total GPUs for inference engines (engines = this / per-engine).")
+    rollout_num_gpus_per_engine: int = F(1, "GPUs per engine (SGLang tensor parallel size).")
+    rollout_num_engines: int | None = F(None, "Number of inference engines (overrides the GPU arithmetic).")
+    colocate: bool = F(False, "Not supported: streamrl keeps trainer and engines on separate devices.")
+    train_backend: str = F("fsdp", "Training backend.", choices=["fsdp", "megatron"])
+    rollout_engine: str = F("embedded", "Inference engine.", choices=["embedded", "sglang"])
+    engine_torch_threads: int = F(1, "torch threads per embedded engine process (CPU).")
+    train_torch_threads: int = F(1, "torch threads per trainer rank (CPU).")
+    seed: int = F(1234, "Random seed.")
+
+
+@dataclass
+class DataConfig:
+    prompt_data: str | None = F(None, "JSONL file of prompts.")
+    input_key: str = F("input", "JSONL key holding the prompt.")
+    label_key: str | None = F(None, "JSONL key holding the label.")
+    metadata_key: str = F("metadata", "JSONL key holding per-prompt metadata (a dict).")
+    apply_chat_template: bool = F(False, "Wrap the prompt with the tokenizer's chat template.")
+    rollout_shuffle: bool = F(False, "Shuffle prompts (per epoch).")
+    rollout_seed: int = F(42, "Seed for prompt shuffling.")
+    rollout_max_prompt_len: int | None = F(None, "Skip prompts longer than this many tokens (counted).")
+    eval_prompt_data: str | None = F(None, "JSONL file of held-out eval prompts.")
+    eval_interval: int | None = F(None, "Evaluate every this many train steps.")
+    n_samples_per_eval_prompt: int = F(1, "Samples per eval prompt.")
+    eval_temperature: float | None = F(None, "Eval sampling temperature (default: rollout temperature).")
+
+
+@dataclass
+class RolloutConfig:
+    hf_checkpoint: str | None = F(None, "HF model directory: initial weights and tokenizer.")
+    num_rollout: int | None = F(None, "Number of rollouts; a rollout is --num-steps-per-rollout train steps.")
+    num_epoch: int | None = F(None, "Alternative to --num-rollout: passes over the prompt data.")
+    rollout_batch_size: int = F(8, "Prompts (groups) per rollout.")
+    n_samples_per_prompt: int = F(8, "Samples per prompt (group size).")
+    rollout_max_response_len: int = F(64, "Maximum new tokens per sample.")
+    rollout_temperature: float = F(1.0, "Sampling temperature (> 0).")
+    rollout_top_p: float = F(1.0, "Nucleus sampling p.")
+    rollout_top_k: int = F(-1, "Top-k sampling (-1: off).")
+    rollout_stop_token_ids: list[int] | None = F(None, "Extra stop token ids.", nargs="*")
+    partial_rollout: bool = F(False, "Keep generations aborted by a weight update and resume them.")
+    mask_offpolicy_in_partial_rollout: bool = F(False, "Mask the loss on tokens from before a resume.")
+    sglang_server_concurrency: int = F(64, "Concurrent requests per engine.")
+    rollout_max_groups_in_flight: int | None = F(None, "Groups in flight at once (default: async-buffer-size).")
+    custom_rm_path: str | None = F(None, "Reward function `async def rm(args, sample) -> float` or a built-in name.")
+    rm_type: str | None = F(None, "Built-in rule reward (default: each sample's metadata['rm_type']).")
+    reward_key: str | None = F(None, "Key of a dict reward to train on.")
+    custom_generate_function_path: str | None = F(None, "`async def generate(args, sample, sampling_params)`.")
+
+
+@dataclass
+class BufferConfig:
+    async_buffer_size: int = F(16, "Capacity of the rollout buffer in groups; producers block when it is full.")
+    update_weights_interval: int = F(1, "Publish weights to the engines every this many train steps.")
+    max_staleness: int = F(1, "Largest allowed policy lag (versions) of a trained group's oldest token.")
+    stale_policy: str = F("regenerate", "What to do with a group that went stale.", choices=["drop", "regenerate"])
+    buffer_filter_path: str | None = F(None, "`buffer_filter(args, rollout_id, buffer, num_samples)` (slime).")
+
+
+@dataclass
+class AlgoConfig:
+    advantage_estimator: str = F("grpo", "Advantage estimator.", choices=["grpo"])
+    disable_grpo_std_normalization: bool = F(False, "GRPO: subtract the group mean only.")
+    disable_rewards_normalization: bool = F(False, "Use raw rewards as advantages.")
+    loss_type: str = F("policy_loss", "Loss.", choices=["policy_loss", "sft_loss"])
+    eps_clip: float = F(0.2, "PPO clip range.")
+    eps_clip_high: float | None = F(None, "Upper clip range (DAPO clip-higher); default --eps-clip.")
+    use_kl_loss: bool = F(False, "Add a KL penalty to a frozen reference model.")
+    kl_loss_coef: float = F(0.0, "KL loss coefficient.")
+    kl_loss_type: str = F("low_var_kl", "KL estimator.", choices=["k1", "k2", "k3", "low_var_kl"])
+    entropy_coef: float = F(0.0, "Entropy bonus coefficient.")
+    use_tis: bool = F(False, "Truncated importance sampling: weight tokens by clip(pi_old / pi_rollout).")
+    tis_clip: float = F(2.0, "TIS upper clip.")
+    tis_clip_low: float = F(0.0, "TIS lower clip.")
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int | None = F(None, "Samples per optimizer step (default: rollout batch / steps).")
+    micro_batch_size: int = F(1, "Samples per forward/backward on one rank.")
+    num_steps_per_rollout: int = F(1, "Optimizer steps per rollout.")
+    lr: float = F(1e-6, "Learning rate (AdamW).")
+    weight_decay: float = F(0.0, "AdamW weight decay.")
+    adam_beta1: float = F(0.9, "AdamW beta1.")
+    adam_beta2: float = F(0.999, "AdamW beta2.")
+    clip_grad: float = F(1.0, "Gradient norm clip.")
+    tensor_model_parallel_size: int = F(1, "Megatron tensor parallel size.")
+    pipeline_model_parallel_size: int = F(1, "Megatron pipeline parallel size.")
+    save: str | None = F(None, "Directory to save the final HF model to.")
+    update_weight_buffer_size: int = F(512 * 1024**2, "Bytes per weight-sync bucket.")
+
+
+@dataclass
+class LogConfig:
+    run_dir: str | None = F(None, "Where metrics.jsonl and plots go (default: runs/<time>).")
+    use_wandb: bool = F(False, "Log to Weights & Biases.")
+    wandb_mode: str = F("offline", "wandb mode.", choices=["offline", "online", "disabled"])
+    wandb_project: str = F("streamrl", "wandb project.")
+    wandb_group: str | None = F(None, "wandb group.")
+    log_interval: int = F(1, "Print a status line every this many steps.")
+
+
+GROUPS: dict[str, type] = {
+    "cluster": ClusterConfig,
+    "data": DataConfig,
+    "rollout": RolloutConfig,
+    "buffer": BufferConfig,
+    "algorithm": AlgoConfig,
+    "train": TrainConfig,
+    "logging": LogConfig,
+}
+
+
+def all_fields() -> list[dataclasses.Field]:
+    return [f for cls in GROUPS.values() for f in dataclasses.fields(cls)]

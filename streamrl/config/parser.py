@@ -1,0 +1,136 @@
+"""argparse generated from `flags.py`, plus the cross-field rules (each error names the flag to change)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from streamrl.config.flags import GROUPS
+
+_SCALARS = {"int": int, "float": float, "str": str}
+
+
+class ConfigError(ValueError):
+    """A flag combination that cannot work; the message names the flag to change."""
+
+
+def _scalar(annotation: str) -> tuple[type | None, bool]:
+    """('int | None' -> int, is_list=False); ('list[int] | None' -> int, True); 'bool' -> None."""
+    base = annotation.replace(" | None", "").strip()
+    if base.startswith("list["):
+        return _SCALARS[base[5:-1]], True
+    return _SCALARS.get(base), False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train_async.py",
+        description="streamrl: asynchronous RL post-training (slime-compatible flags).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for title, cls in GROUPS.items():
+        group = parser.add_argument_group(title)
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            meta = dict(f.metadata)
+            help_text = meta.pop("help")
+            if f.type == "bool":
+                group.add_argument(flag, action="store_true", default=f.default, help=help_text)
+                continue
+            typ, is_list = _scalar(f.type)
+            if is_list:
+                meta.setdefault("nargs", "*")
+            group.add_argument(flag, type=typ, default=f.default, help=help_text, **meta)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    validate(args)
+    return args
+
+
+def default_args(**overrides) -> argparse.Namespace:
+    """Defaults for every flag with `overrides` applied (for tests and programmatic use), validated."""
+    args = build_parser().parse_args([])
+    for k, v in overrides.items():
+        if not hasattr(args, k):
+            raise ConfigError(f"unknown flag --{k.replace('_', '-')}")
+        setattr(args, k, v)
+    validate(args)
+    return args
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Fill derived values and reject impossible combinations, naming the flag to change."""
+    if args.colocate:
+        raise ConfigError(
+            "--colocate is not supported: streamrl overlaps generation and training on separate devices. "
+            "Drop --colocate and give the engines their own GPUs with --rollout-num-gpus."
+        )
+    if args.train_backend == "megatron":
+        raise ConfigError("--train-backend megatron is not available yet in this build; use --train-backend fsdp.")
+    if args.rollout_engine == "sglang":
+        raise ConfigError("--rollout-engine sglang is not available yet in this build; use --rollout-engine embedded.")
+    if args.rollout_temperature <= 0:
+        raise ConfigError("--rollout-temperature must be > 0 (the trainer divides logits by it).")
+    if args.eps_clip_high is None:
+        args.eps_clip_high = args.eps_clip
+    if args.eval_temperature is None:
+        args.eval_temperature = args.rollout_temperature
+    if args.rollout_num_engines is None:
+        gpus = args.rollout_num_gpus if args.rollout_num_gpus is not None else args.rollout_num_gpus_per_engine
+        if gpus % args.rollout_num_gpus_per_engine:
+            raise ConfigError(
+                f"--rollout-num-gpus ({gpus}) must be a multiple of --rollout-num-gpus-per-engine "
+                f"({args.rollout_num_gpus_per_engine})."
+            )
+        args.rollout_num_engines = gpus // args.rollout_num_gpus_per_engine
+    if args.rollout_num_engines < 1:
+        raise ConfigError("--rollout-num-engines must be >= 1.")
+    n = args.n_samples_per_prompt
+    if args.global_batch_size is None:
+        total = args.rollout_batch_size * n
+        if total % args.num_steps_per_rollout:
+            raise ConfigError(
+                f"--rollout-batch-size x --n-samples-per-prompt ({total}) must be divisible by "
+                f"--num-steps-per-rollout ({args.num_steps_per_rollout})."
+            )
+        args.global_batch_size = total // args.num_steps_per_rollout
+    if args.global_batch_size % n:
+        raise ConfigError(f"--global-batch-size ({args.global_batch_size}) must be a multiple of "
+                          f"--n-samples-per-prompt ({n}): the trainer consumes whole groups.")
+    world = args.actor_num_nodes * args.actor_num_gpus_per_node
+    if args.global_batch_size % (world * args.micro_batch_size):
+        raise ConfigError(
+            f"--global-batch-size ({args.global_batch_size}) must be divisible by trainer ranks ({world}) x "
+            f"--micro-batch-size ({args.micro_batch_size})."
+        )
+    if args.mask_offpolicy_in_partial_rollout and not args.partial_rollout:
+        raise ConfigError("--mask-offpolicy-in-partial-rollout needs --partial-rollout.")
+    if args.max_staleness < 0:
+        raise ConfigError("--max-staleness must be >= 0.")
+    if args.update_weights_interval < 1:
+        raise ConfigError("--update-weights-interval must be >= 1.")
+    if args.async_buffer_size < args.global_batch_size // n:
+        raise ConfigError(
+            f"--async-buffer-size ({args.async_buffer_size} groups) must hold at least one train step "
+            f"({args.global_batch_size // n} groups = --global-batch-size / --n-samples-per-prompt)."
+        )
+    if args.rollout_max_groups_in_flight is None:
+        args.rollout_max_groups_in_flight = args.async_buffer_size
+    if args.use_kl_loss and args.kl_loss_coef <= 0:
+        raise ConfigError("--use-kl-loss needs --kl-loss-coef > 0.")
+    if args.use_tis and args.tis_clip_low > args.tis_clip:
+        raise ConfigError("--tis-clip-low must be <= --tis-clip.")
+    if args.num_rollout is None and args.num_epoch is None and args.loss_type != "sft_loss":
+        args.num_rollout = 10
+
+
+def steps_total(args: argparse.Namespace, num_prompts: int | None = None) -> int:
+    """Train steps of the whole job."""
+    if args.num_rollout is None and args.num_epoch is not None:
+        if num_prompts is None:
+            raise ConfigError("--num-epoch needs --prompt-data to count prompts")
+        args.num_rollout = max(1, args.num_epoch * num_prompts // args.rollout_batch_size)
+    return args.num_rollout * args.num_steps_per_rollout
