@@ -110,6 +110,7 @@ class TrainConfig:
     pipeline_model_parallel_size: int = F(1, "Megatron pipeline parallel size.")
     save: str | None = F(None, "Directory to save the final HF model to.")
     update_weight_buffer_size: int = F(512 * 1024**2, "Bytes per weight-sync bucket.")
+    check_weight_update_equal: bool = F(False, "After the last sync, check engine weights equal the trainer's.")
 
 
 @dataclass

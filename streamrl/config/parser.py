@@ -112,6 +112,8 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError("--max-staleness must be >= 0.")
     if args.update_weights_interval < 1:
         raise ConfigError("--update-weights-interval must be >= 1.")
+    if args.loss_type == "sft_loss":  # the SFT loop reads data directly: no buffer, no rollout
+        return
     if args.async_buffer_size < args.global_batch_size // n:
         raise ConfigError(
             f"--async-buffer-size ({args.async_buffer_size} groups) must hold at least one train step "
@@ -123,7 +125,7 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError("--use-kl-loss needs --kl-loss-coef > 0.")
     if args.use_tis and args.tis_clip_low > args.tis_clip:
         raise ConfigError("--tis-clip-low must be <= --tis-clip.")
-    if args.num_rollout is None and args.num_epoch is None and args.loss_type != "sft_loss":
+    if args.num_rollout is None and args.num_epoch is None:
         args.num_rollout = 10
 
 

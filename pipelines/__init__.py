@@ -1,0 +1,1 @@
+"""The training loops: `async_loop` (streaming, the default), `sync` (generate -> train -> sync baseline), `sft`."""

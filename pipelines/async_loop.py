@@ -1,0 +1,166 @@
+"""The asynchronous training loop (the default pipeline of `train_async.py`).
+
+    producers (RolloutManager actor)                 driver (this loop)                 engines
+    ───────────────────────────────                  ──────────────────                 ───────
+    admit while in_flight < limit and                get(B groups)  <── waits only if
+      admitted < (v+K+1)·N·B  ─────┐                   the buffer is empty
+    /generate ... reward           │                 build batch (GRPO advantages)
+    put(group) ──> Buffer ─────────┼───────────────> train_step on every FSDP rank
+      (blocks when full)           │                 every N steps: pause ───────────────> abort in-flight (kept)
+                                   │                   push weights (v+1) ───────────────> load, confirm v+1
+    resubmit aborted prefixes <────┘                   set_version(v+1), continue ───────> generate again
+                                                     log, eval (in the background), plots
+
+Who waits for whom: producers wait on admission (staleness bound) and on a full buffer (backpressure); the
+trainer waits only when no group is ready; engines pause only for the weight push.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+
+def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
+    """Run the job; returns a summary (final eval reward, ledger, timings). `sync_mode` is pipelines/sync.py."""
+    import ray
+
+    from buffers.admission import groups_per_step
+    from streamrl.config.parser import steps_total
+    from streamrl.data import load_prompts
+    from streamrl.launch import build, shutdown
+    from streamrl.metrics import MetricsLogger, plot_run
+    from streamrl.sync.base import sync_weights
+    from streamrl.train.batch import build_train_batch
+
+    records, _ = load_prompts(args.prompt_data, args.input_key, args.label_key, args.metadata_key)
+    total = steps_total(args, len(records))
+    run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    logger = MetricsLogger(args, run_dir, total)
+    c = build(args)
+    eos = _eos_id(args.hf_checkpoint)
+    b, n_int = groups_per_step(args), args.update_weights_interval
+    version, wait_total, trained_samples, last_sync = 0, 0.0, 0, {}
+    eval_ref, eval_started_at = None, 0
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "steps": total}
+
+    def start_eval(step: int):
+        if not args.eval_prompt_data:
+            return None, step
+        ref = c.manager.evaluate.remote(args.eval_prompt_data, args.n_samples_per_eval_prompt, args.eval_temperature)
+        return ref, step
+
+    def publish(new_version: int) -> dict[str, float]:
+        return sync_weights(
+            c.engine_urls,
+            push=lambda: c.trainer.publish_weights(c.engine_urls, new_version),
+            publish=lambda: ray.get([c.buffer.set_version.remote(new_version),
+                                     c.manager.set_version.remote(new_version)]),
+        )
+
+    try:
+        if args.eval_prompt_data:
+            first = ray.get(c.manager.evaluate.remote(args.eval_prompt_data, args.n_samples_per_eval_prompt,
+                                                      args.eval_temperature))
+            logger.log({"step": 0, **first})
+            summary["eval_initial"] = first["eval/reward"]
+            print(f"[streamrl] eval before training: reward {first['eval/reward']:.3f}", flush=True)
+        ray.get(c.manager.start.remote())
+        t_start = time.time()
+        for step in range(total):
+            t0 = time.time()
+            groups = _get_batch(c, b, step)
+            wait_total += time.time() - t0
+            batch = build_train_batch(args, groups, version, eos)
+            m = c.trainer.train_step(batch)
+            trained_samples += len(batch)
+            if (step + 1) % n_int == 0:
+                last_sync = publish(version + 1)
+                version += 1
+            elapsed = time.time() - t_start
+            bstats = ray.get(c.buffer.stats.remote())
+            record = {
+                "step": step + 1, "reward": sum(batch.rewards) / len(batch), "version": version,
+                "samples_per_s": trained_samples / elapsed, "buffer_fill": bstats["size"],
+                "buffer_capacity": bstats["capacity"], "staleness_mean": sum(batch.staleness) / len(batch),
+                "staleness_max": max(batch.staleness), "trainer_wait_frac": wait_total / elapsed,
+                "response_len": sum(batch.response_lengths) / len(batch),
+                "mixed_version_samples": sum(len(set(s.token_versions)) > 1 for g in groups for s in g),
+                **m, **last_sync,
+            }
+            last_sync = {}
+            if eval_ref is not None and ray.wait([eval_ref], timeout=0)[0]:
+                record.update(ray.get(eval_ref), eval_started_at=eval_started_at)
+                eval_ref = None
+            if args.eval_interval and eval_ref is None and (step + 1) % args.eval_interval == 0 and step + 1 < total:
+                eval_ref, eval_started_at = start_eval(step + 1)
+            logger.log(record)
+            if (step + 1) % args.log_interval == 0 or step + 1 == total:
+                print(logger.status_line(record), flush=True)
+        summary["wall_time"] = time.time() - t_start
+        summary["trainer_wait_frac"] = wait_total / summary["wall_time"]
+        if total % n_int:  # the engines serve the final weights for the final eval
+            publish(version + 1)
+            version += 1
+        if args.check_weight_update_equal:
+            summary["weight_check_max_diff"] = _weight_diff(c)
+        summary["manager"] = ray.get(c.manager.stop.remote())
+        if eval_ref is not None:
+            ray.get(eval_ref)
+        if args.eval_prompt_data:
+            final = ray.get(c.manager.evaluate.remote(args.eval_prompt_data, args.n_samples_per_eval_prompt,
+                                                      args.eval_temperature))
+            logger.log({"step": total, **final})
+            summary["eval_final"] = final["eval/reward"]
+            print(f"[streamrl] eval after training: reward {final['eval/reward']:.3f}", flush=True)
+        summary["ledger"] = ray.get(c.buffer.check_ledger.remote())
+        summary["buffer"] = ray.get(c.buffer.stats.remote())
+        summary["version"] = version
+        summary["sync_mode"] = sync_mode
+        if args.save:
+            c.trainer.save_hf(args.save)
+        logger.log({"summary": summary})
+        summary["plot"] = str(plot_run(run_dir))
+        print(f"[streamrl] done: ledger {summary['ledger']}; plot {summary['plot']}", flush=True)
+        return summary
+    finally:
+        logger.close()
+        shutdown(c)
+
+
+def _get_batch(c: Any, b: int, step: int, poll_s: float = 5.0) -> list:
+    """buffer.get, checking every `poll_s` that the producers are still alive and can still deliver."""
+    import ray
+
+    while True:
+        try:
+            return ray.get(c.buffer.get.remote(b, step, timeout=poll_s))
+        except TimeoutError:
+            st = ray.get(c.manager.get_stats.remote())
+            if st["fatal"]:
+                raise RuntimeError(f"rollout producers crashed:\n{st['fatal']}") from None
+            if st["exhausted"] and st["in_flight"] == 0 and ray.get(c.buffer.size.remote()) < b:
+                raise RuntimeError(f"prompt data exhausted before step {step + 1} (--num-epoch too small?)") from None
+
+
+def _weight_diff(c: Any) -> float:
+    """Largest |engine - trainer| over every parameter of every engine (0.0 means the sync is exact)."""
+    import ray
+
+    trainer = dict(c.trainer.full_named_parameters())
+    worst = 0.0
+    for sd in ray.get([e.get_state_dict.remote() for e in c.engines]):
+        missing = set(trainer) - set(sd)
+        if missing:
+            raise RuntimeError(f"engine lacks trainer parameters {sorted(missing)[:3]}")
+        worst = max([worst, *((trainer[k] - sd[k]).abs().max().item() for k in trainer)])
+    return worst
+
+
+def _eos_id(path: str) -> int:
+    from transformers import AutoConfig
+
+    eos = AutoConfig.from_pretrained(path).eos_token_id
+    return eos[0] if isinstance(eos, list) else int(eos or 0)

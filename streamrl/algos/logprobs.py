@@ -1,0 +1,116 @@
+"""Token log-probabilities and entropies from logits, and the one function that scores response tokens.
+
+`response_log_probs` is the single place where a model is run over (prompt + response) sequences to get the
+per-response-token log-probs: the trainer uses it for ℓθ, ℓold and ℓref, and the tests check it against an unpadded
+per-sample computation. Conventions: the logit at position t predicts token t+1, so the response tokens of a sample
+with prompt length p and response length r are scored by the logits at positions [p−1, p+r−1).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    """z = logits / temperature, in float32 at least (bf16 log-softmax loses too much precision)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    return z / temperature if temperature != 1.0 else z
+
+
+def token_log_probs(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
+    """ℓ[b, l] = log softmax(logits[b, l] / T)[targets[b, l]] = z[targets] − logsumexp(z), z = logits / T.
+
+    Shapes: logits [..., V], targets [...] -> [...]. Gathers the target logit and subtracts the logsumexp instead of
+    materialising a full log-softmax tensor.
+    """
+    z = _scaled(logits, temperature)
+    picked = z.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(z, dim=-1)
+
+
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """H[b, l] = −Σ_v p_v log p_v = logsumexp(z) − Σ_v p_v z_v, with p = softmax(z), z = logits / T.
+
+    Shapes: logits [..., V] -> [...].
+    """
+    z = _scaled(logits, temperature)
+    p = torch.softmax(z, dim=-1)
+    return torch.logsumexp(z, dim=-1) - (p * z).sum(dim=-1)
+
+
+class ResponseLogProbs(NamedTuple):
+    """Padded per-response-token results: `log_probs` and `entropy` are [B, Rmax], zero where `mask` is 0."""
+
+    log_probs: Tensor
+    mask: Tensor  # [B, Rmax] float, 1 for the r_i real response tokens of sample i
+    entropy: Tensor | None  # only with with_entropy=True
+
+
+def _model_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+def response_log_probs(
+    model: Any,
+    batch_tokens: list[list[int]],
+    prompt_lengths: list[int],
+    response_lengths: list[int],
+    temperature: float = 1.0,
+    pad_id: int = 0,
+    with_entropy: bool = False,
+) -> ResponseLogProbs:
+    """Score the response tokens of B (prompt + response) sequences in one padded forward pass.
+
+    The sequences are right-padded with `pad_id` to the longest one and run as
+    `model(input_ids, attention_mask=...)` (attention_mask 1 on real tokens; right padding leaves the positions and
+    the causal context of the real tokens unchanged). For sample i with prompt length p and response length r,
+    log_probs[i, j] = log softmax(logits[i, p−1+j] / T)[tokens[i][p+j]] for j < r, and 0 for j ≥ r.
+    The model may return an object with `.logits` or the logits tensor itself. Gradients flow when the caller
+    has grad enabled (trainer: ℓθ), and not under `torch.no_grad()` (ℓold, ℓref).
+    """
+    b = len(batch_tokens)
+    if not (len(prompt_lengths) == len(response_lengths) == b) or b == 0:
+        raise ValueError(
+            f"need B>0 equal-length lists: {b} sequences, {len(prompt_lengths)} prompt lengths, "
+            f"{len(response_lengths)} response lengths"
+        )
+    for i, (toks, p, r) in enumerate(zip(batch_tokens, prompt_lengths, response_lengths, strict=True)):
+        if p < 1 or r < 0 or len(toks) != p + r:
+            raise ValueError(
+                f"sample {i}: need prompt_length >= 1 and len(tokens) == prompt + response, got "
+                f"len={len(toks)}, prompt={p}, response={r}"
+            )
+    device = _model_device(model)
+    lmax = max(len(t) for t in batch_tokens)
+    rmax = max(max(response_lengths), 1)
+    input_ids = torch.full((b, lmax), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((b, lmax), dtype=torch.long)
+    for i, toks in enumerate(batch_tokens):
+        input_ids[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+        attention_mask[i, : len(toks)] = 1
+    # positions of the logits that predict each response token, and the tokens they predict (clamped where padded)
+    p_t = torch.tensor(prompt_lengths, dtype=torch.long).unsqueeze(1)
+    r_t = torch.tensor(response_lengths, dtype=torch.long).unsqueeze(1)
+    j = torch.arange(rmax, dtype=torch.long).unsqueeze(0)
+    mask = j < r_t
+    logit_pos = torch.where(mask, p_t - 1 + j, torch.zeros_like(j))
+    target_pos = torch.where(mask, p_t + j, torch.zeros_like(j))
+    targets = input_ids.gather(1, target_pos)
+
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    out = model(input_ids=input_ids, attention_mask=attention_mask)
+    logits = out.logits if hasattr(out, "logits") else out  # [B, Lmax, V]
+    v = logits.shape[-1]
+    logit_pos, targets, mask = logit_pos.to(logits.device), targets.to(logits.device), mask.to(logits.device)
+    resp_logits = logits.gather(1, logit_pos.unsqueeze(-1).expand(b, rmax, v))  # [B, Rmax, V]
+    lp = token_log_probs(resp_logits, targets, temperature).masked_fill(~mask, 0.0)
+    ent = entropy_from_logits(resp_logits, temperature).masked_fill(~mask, 0.0) if with_entropy else None
+    return ResponseLogProbs(lp, mask.to(lp.dtype), ent)

@@ -1,0 +1,80 @@
+"""What a person sees: one status line per step (fixed field order), metrics.jsonl, wandb (offline by default).
+
+Status line fields, in order: step, reward, samples/s, buffer fill, staleness mean/max, trainer wait %, weight
+version, ETA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLogger:
+    def __init__(self, args: argparse.Namespace, run_dir: Path, total_steps: int):
+        self.args, self.run_dir, self.total = args, run_dir, total_steps
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.file = (run_dir / "metrics.jsonl").open("a")
+        self.t0 = time.time()
+        self.wandb = None
+        if args.use_wandb:
+            import wandb  # optional extra: pip install streamrl[wandb]
+
+            self.wandb = wandb.init(project=args.wandb_project, group=args.wandb_group, mode=args.wandb_mode,
+                                    dir=str(run_dir), config=vars(args))
+
+    def log(self, record: dict[str, Any]) -> None:
+        record = {"time": round(time.time() - self.t0, 3), **record}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, int | float)}, step=record.get("step"))
+
+    def status_line(self, m: dict[str, Any]) -> str:
+        step = m["step"]
+        elapsed = time.time() - self.t0
+        eta = elapsed / max(step, 1) * (self.total - step)
+        ev = f" | eval {m['eval/reward']:.3f}" if "eval/reward" in m else ""
+        return (f"step {step:>4}/{self.total} | reward {m['reward']:.3f} | {m['samples_per_s']:6.1f} samples/s | "
+                f"buffer {m['buffer_fill']:>3}/{m['buffer_capacity']} | stale {m['staleness_mean']:.2f}/"
+                f"{m['staleness_max']} | wait {100 * m['trainer_wait_frac']:4.1f}% | v{m['version']} | "
+                f"eta {eta:4.0f}s{ev}")
+
+    def close(self) -> None:
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def plot_run(run_dir: Path) -> Path:
+    """PNG of reward (train and eval) and staleness over steps, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    train = [r for r in rows if "reward" in r and "step" in r]
+    evals = [r for r in rows if "eval/reward" in r]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    ax1.plot([r["step"] for r in train], [r["reward"] for r in train], label="train reward", alpha=0.6)
+    if evals:
+        ax1.plot([r["step"] for r in evals], [r["eval/reward"] for r in evals], "o-", label="eval reward (held out)")
+    ax1.set_ylabel("reward")
+    ax1.set_ylim(-0.02, 1.02)
+    ax1.legend(loc="lower right")
+    ax1.grid(alpha=0.3)
+    ax2.plot([r["step"] for r in train], [r["staleness_mean"] for r in train], label="mean staleness")
+    ax2.plot([r["step"] for r in train], [r["staleness_max"] for r in train], label="max staleness")
+    ax2.set_xlabel("train step")
+    ax2.set_ylabel("versions behind")
+    ax2.legend(loc="upper right")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    out = run_dir / "reward_staleness.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

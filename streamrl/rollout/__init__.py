@@ -1,0 +1,1 @@
+"""Rollout: inference engines and the clients that drive them."""

@@ -1,0 +1,178 @@
+"""Engine processes: `EmbeddedEngine` (in-process: model + scheduler + HTTP server) and `EngineActor`, its Ray face.
+
+    with EmbeddedEngine(model_path, torch_threads=1) as eng:    # tests, single-process runs
+        httpx.post(eng.url + "/generate", json={...})
+
+    Actor = make_engine_actor(num_cpus=1)                        # or ray.remote(num_cpus=1)(EngineActor)
+    a = Actor.remote(model_path); url = ray.get(a.url.remote())
+
+Clients talk to both over HTTP exactly as they would to SGLang; the actor methods exist for lifecycle and for tests
+that compare engine weights with a trainer's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from .scheduler import Scheduler
+from .server import HttpServer, build_app
+
+logger = logging.getLogger(__name__)
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_model(model_path: str, device: str = "cpu") -> torch.nn.Module:
+    """Load an HF causal LM in float32 and eval mode. Raises OSError/ValueError for a bad path."""
+    from transformers import AutoModelForCausalLM  # lazy: keep `import streamrl...` cheap
+
+    if not os.path.isdir(model_path):
+        raise OSError(f"not a model directory: {model_path!r}")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    return model.to(device).eval()
+
+
+def load_tokenizer(model_path: str) -> Any:
+    """AutoTokenizer if the directory ships one, else None (the engine then works on token ids only)."""
+    if not any(os.path.exists(os.path.join(model_path, f)) for f in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path)
+    except Exception:  # a broken tokenizer must not stop a token-in/token-out engine
+        logger.warning("could not load tokenizer from %s; text fields will be empty", model_path, exc_info=True)
+        return None
+
+
+def eos_token_ids(model: torch.nn.Module) -> set[int]:
+    """Default stop tokens: eos_token_id(s) of the model config and its generation config."""
+    ids: set[int] = set()
+    for cfg in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+        eos = getattr(cfg, "eos_token_id", None)
+        if eos is not None:
+            ids.update([eos] if isinstance(eos, int) else eos)
+    return ids
+
+
+class EmbeddedEngine:
+    """Model + continuous-batching scheduler + SGLang-compatible HTTP server, all in this process."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        weight_version: str = "0",
+        torch_threads: int | None = 1,
+        device: str = "cpu",
+        max_running_requests: int = 256,
+    ) -> None:
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)  # process-wide; engines share CPUs with trainers
+        self.model_path, self.device = model_path, device
+        model = load_model(model_path, device)
+        cfg = model.config.get_text_config()
+        self.scheduler = Scheduler(
+            model,
+            vocab_size=cfg.vocab_size,
+            max_positions=getattr(cfg, "max_position_embeddings", None) or 2**31 - 1,
+            eos_token_ids=eos_token_ids(model),
+            weight_version=weight_version,
+            max_running_requests=max_running_requests,
+            tokenizer=load_tokenizer(model_path),
+            model_path=model_path,
+        )
+        app = build_app(self.scheduler, loader=lambda path: load_model(path, "cpu"))
+        self.http = HttpServer(app, host=host, port=port)
+        self._started = False
+
+    def start(self) -> EmbeddedEngine:
+        """Start the scheduler thread and the HTTP server; returns once the server accepts connections."""
+        if not self._started:
+            self.scheduler.start()
+            self.http.start()
+            self._started = True
+        return self
+
+    def stop(self) -> None:
+        """Abort in-flight requests (they return their prefixes), then stop the server."""
+        if self._started:
+            self.scheduler.stop()
+            self.http.stop()
+            self._started = False
+
+    @property
+    def url(self) -> str:
+        return self.http.url
+
+    def __enter__(self) -> EmbeddedEngine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def get_weight_version(self) -> str:
+        return self.scheduler.weight_version
+
+    def get_state_dict(self) -> dict[str, torch.Tensor]:
+        """CPU clones of the model's state dict, read between forwards."""
+        return self.scheduler.run_exclusive(lambda m: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()})
+
+    def state_dict_checksum(self) -> dict[str, float]:
+        """name -> sum of the tensor in float64: a cheap fingerprint to compare with a trainer's weights."""
+        return self.scheduler.run_exclusive(
+            lambda m: {k: float(v.detach().double().sum()) for k, v in m.state_dict().items()}
+        )
+
+
+class EngineActor:
+    """Ray actor body: starts an EmbeddedEngine in `__init__`. Decorate at the use site or use make_engine_actor."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        weight_version: str = "0",
+        torch_threads: int = 1,
+        device: str = "cpu",
+        max_running_requests: int = 256,
+    ) -> None:
+        self.engine = EmbeddedEngine(
+            model_path,
+            host=host,
+            port=port,
+            weight_version=weight_version,
+            torch_threads=torch_threads,
+            device=device,
+            max_running_requests=max_running_requests,
+        ).start()
+
+    def url(self) -> str:
+        return self.engine.url
+
+    def get_weight_version(self) -> str:
+        return self.engine.get_weight_version()
+
+    def state_dict_checksum(self) -> dict[str, float]:
+        return self.engine.state_dict_checksum()
+
+    def get_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.engine.get_state_dict()
+
+    def shutdown(self) -> None:
+        self.engine.stop()
+
+
+def make_engine_actor(num_cpus: float = 1, **options: Any) -> Any:
+    """`ray.remote(num_cpus=..., **options)(EngineActor)`; import ray lazily."""
+    import ray
+
+    return ray.remote(num_cpus=num_cpus, **options)(EngineActor)

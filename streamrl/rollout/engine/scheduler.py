@@ -1,0 +1,338 @@
+"""Continuous (iteration-level) batching over a HF causal LM. No HTTP here.
+
+A background thread owns the model. Each iteration it admits waiting requests (up to `max_running_requests`), runs
+ONE batched forward over every running request, samples one token per request, appends it and retires the requests
+that hit a stop token, their length limit or an abort. New requests therefore join at the next token, not at the
+next batch.
+
+Future work: a KV cache. For now every step recomputes the full sequences (left-padded, attention-masked, with
+explicit position_ids), which is O(L^2) per request but exact and simple; it is still one forward per step for the
+whole batch, never one per request.
+
+Threading: `_cond` guards the queues and flags; `_model_lock` is held for each forward and for weight loads, so a
+weight update never lands mid-forward and every token is attributed to exactly one `weight_version`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .protocol import SamplingParams
+from .sampling import sample_tokens
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """Immutable snapshot of a request, handed to the HTTP side (safe to read from another thread)."""
+
+    rid: str
+    prompt_tokens: int
+    output_ids: list[int]
+    output_logprobs: list[float]
+    finish_reason: dict[str, Any] | None
+    weight_version: str
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation. `on_event` is called from the scheduler thread with a RequestOutput: after every token when
+    `stream` is set, and always once when the request finishes."""
+
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stream: bool = False
+    on_event: Callable[[RequestOutput], None] | None = None
+    # Scheduler-owned state.
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    finish_reason: dict[str, Any] | None = None
+    weight_version: str = ""
+    abort_message: str | None = None  # set => abort at the next iteration boundary
+    generator: torch.Generator | None = None
+
+    def snapshot(self) -> RequestOutput:
+        return RequestOutput(
+            rid=self.rid,
+            prompt_tokens=len(self.prompt_ids),
+            output_ids=list(self.output_ids),
+            output_logprobs=list(self.output_logprobs),
+            finish_reason=self.finish_reason,
+            weight_version=self.weight_version,
+        )
+
+
+class Scheduler:
+    """Owns the model and the batching thread. Public methods are thread-safe.
+
+    Counters for tests/metrics: `forward_steps` (number of batched forwards) and `batch_sizes` (size of each).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        vocab_size: int,
+        max_positions: int,
+        eos_token_ids: Iterable[int] = (),
+        weight_version: str = "0",
+        max_running_requests: int = 256,
+        tokenizer: Any = None,
+        model_path: str = "",
+    ) -> None:
+        self.model = model
+        self.vocab_size = vocab_size
+        self.max_positions = max_positions
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.weight_version = weight_version
+        self.max_running_requests = max_running_requests
+        self.tokenizer = tokenizer
+        self.model_path = model_path
+        self.device = next(model.parameters()).device
+        self.forward_steps = 0
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=100_000)
+        self._cond = threading.Condition()
+        self._model_lock = threading.RLock()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._running: list[Request] = []
+        self._active: dict[str, Request] = {}  # rid -> waiting or running request
+        self._paused = False
+        self._stepping = False
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="streamrl-engine-scheduler", daemon=True)
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Abort everything (requests return their prefixes) and join the thread."""
+        with self._cond:
+            self._stopped = True
+            self._mark_abort_locked(self._active.values(), "engine shutting down")
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ---- requests --------------------------------------------------------------------------------------------
+    def submit(self, req: Request) -> None:
+        """Queue a request. Raises ValueError on a duplicate active rid, RuntimeError after stop()."""
+        if req.params.sampling_seed is not None:
+            req.generator = torch.Generator().manual_seed(req.params.sampling_seed)
+        with self._cond:
+            if self._stopped:
+                raise RuntimeError("engine is stopped")
+            if req.rid in self._active:
+                raise ValueError(f"duplicate rid {req.rid!r}")
+            self._active[req.rid] = req
+            self._waiting.append(req)
+            self._cond.notify_all()
+
+    def abort(self, rid: str, message: str = "Abort request") -> None:
+        """Abort one request by rid; unknown rids are a no-op."""
+        with self._cond:
+            req = self._active.get(rid)
+            if req is not None:
+                self._mark_abort_locked([req], message)
+
+    def abort_all(self, message: str = "Abort all requests") -> None:
+        with self._cond:
+            self._mark_abort_locked(self._active.values(), message)
+
+    def pause(self, mode: str = "abort", timeout: float | None = None) -> bool:
+        """Pause generation. Requests submitted while paused wait in the queue until `resume()`.
+
+        mode "abort": abort every in-flight request and return once they have all been returned (drained).
+        mode "in_place" / "retract": keep in-flight requests; return once no forward is running.
+        Returns False if `timeout` expired first.
+        """
+        if mode not in ("abort", "in_place", "retract"):
+            raise ValueError(f"unknown pause mode {mode!r}")
+        with self._cond:
+            self._paused = True
+            if mode == "abort":
+                targets = list(self._active.values())
+                self._mark_abort_locked(targets, "Abort by pause_generation")
+                return self._cond.wait_for(lambda: all(r.finish_reason is not None for r in targets), timeout)
+            return self._cond.wait_for(lambda: not self._stepping, timeout)
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def get(self, rid: str) -> RequestOutput | None:
+        """Snapshot of an active (waiting or running) request, None once it has been returned or if unknown."""
+        with self._cond:
+            req = self._active.get(rid)
+            return req.snapshot() if req is not None else None
+
+    def load(self) -> dict[str, int]:
+        """Counts of running and waiting requests (waiting includes requests held by a pause)."""
+        with self._cond:
+            return {"num_running_reqs": len(self._running), "num_waiting_reqs": len(self._waiting)}
+
+    # ---- weights ---------------------------------------------------------------------------------------------
+    def update_weights(
+        self, named: list[tuple[str, torch.Tensor]], weight_version: str | None = None, model_path: str | None = None
+    ) -> None:
+        """Copy tensors into the model by state-dict name, between forwards. All names and shapes are checked
+        before anything is written, so a bad update leaves the model unchanged (ValueError)."""
+        params = self.model.state_dict()  # tied aliases (lm_head.weight) share storage with their parameter
+        for name, t in named:
+            if name not in params:
+                raise ValueError(f"unknown parameter name {name!r}")
+            if tuple(t.shape) != tuple(params[name].shape):
+                raise ValueError(f"{name}: shape {tuple(t.shape)} != model shape {tuple(params[name].shape)}")
+        with self._model_lock, torch.no_grad():
+            for name, t in named:
+                params[name].copy_(t.to(device=params[name].device, dtype=params[name].dtype))
+            if weight_version is not None:
+                self.weight_version = str(weight_version)
+            if model_path is not None:
+                self.model_path = model_path
+
+    def run_exclusive(self, fn: Callable[[torch.nn.Module], Any]) -> Any:
+        """Run fn(model) while no forward is in flight (e.g. to read a consistent state dict)."""
+        with self._model_lock, torch.no_grad():
+            return fn(self.model)
+
+    # ---- the loop --------------------------------------------------------------------------------------------
+    def _mark_abort_locked(self, reqs: Iterable[Request], message: str) -> None:
+        for r in reqs:
+            if r.abort_message is None and r.finish_reason is None:
+                r.abort_message = message
+        self._cond.notify_all()
+
+    def _finish(self, req: Request, reason: dict[str, Any]) -> None:
+        req.finish_reason = reason
+        if not req.weight_version:  # no token generated: report the weights it would have used
+            req.weight_version = self.weight_version
+        self._emit(req)
+
+    def _emit(self, req: Request) -> None:
+        if req.on_event is not None:
+            try:
+                req.on_event(req.snapshot())
+            except Exception:  # a broken listener must not kill the loop
+                logger.exception("on_event failed for %s", req.rid)
+
+    def _reap_locked(self) -> None:
+        """Retire aborted requests and requests that need no forward (max_new_tokens == 0)."""
+        for queue in (self._waiting, self._running):
+            keep = []
+            for r in queue:
+                if r.abort_message is not None:
+                    self._finish(r, {"type": "abort", "message": r.abort_message})
+                elif r.params.max_new_tokens == 0:
+                    self._finish(r, {"type": "length", "length": 0})
+                else:
+                    keep.append(r)
+                    continue
+                self._active.pop(r.rid, None)
+            queue.clear()
+            queue.extend(keep)
+        self._cond.notify_all()
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cond:
+                while True:
+                    self._reap_locked()
+                    if self._stopped and not self._active:
+                        return
+                    if not self._paused:
+                        while self._waiting and len(self._running) < self.max_running_requests:
+                            self._running.append(self._waiting.popleft())
+                        if self._running:
+                            break
+                    self._cond.wait()
+                batch = list(self._running)
+                self._stepping = True
+            try:
+                self._step(batch)
+            except Exception as e:  # keep serving: fail this batch, not the engine
+                logger.exception("forward step failed")
+                with self._cond:
+                    self._mark_abort_locked(batch, f"engine error: {type(e).__name__}: {e}")
+            with self._cond:
+                self._stepping = False
+                for r in batch:
+                    if r.finish_reason is not None:
+                        self._active.pop(r.rid, None)
+                self._running = [r for r in self._running if r.finish_reason is None]
+                self._cond.notify_all()
+
+    def _step(self, batch: list[Request]) -> None:
+        seqs = [r.prompt_ids + r.output_ids for r in batch]
+        width = max(len(s) for s in seqs)
+        input_ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, s in enumerate(seqs):  # left padding: the last column is every row's newest token
+            input_ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+        p = [r.params for r in batch]
+        temps = torch.tensor([x.temperature for x in p], dtype=torch.float32)
+        top_ps = torch.tensor([x.top_p for x in p], dtype=torch.float32)
+        top_ks = torch.tensor([x.top_k for x in p], dtype=torch.long)
+        gens = [r.generator for r in batch]
+        dev = self.device
+        with self._model_lock, torch.inference_mode():
+            out = self.model(
+                input_ids=input_ids.to(dev),
+                attention_mask=mask.to(dev),
+                position_ids=positions.to(dev),
+                use_cache=False,
+                logits_to_keep=1,
+            )
+            logits = out.logits[:, -1, : self.vocab_size]
+            tokens, logprobs = sample_tokens(logits, temps.to(dev), top_ps.to(dev), top_ks.to(dev), gens)
+            version = self.weight_version
+        self.forward_steps += 1
+        self.batch_sizes.append(len(batch))
+        for r, tok, lp in zip(batch, tokens.tolist(), logprobs.tolist(), strict=True):
+            r.output_ids.append(tok)
+            r.output_logprobs.append(lp)
+            r.weight_version = version
+            reason = self._check_finished(r)
+            if reason is not None:
+                with self._cond:
+                    self._finish(r, reason)
+            elif r.stream:
+                self._emit(r)
+
+    def _check_finished(self, r: Request) -> dict[str, Any] | None:
+        """SGLang's order: the length limit first, then stop tokens, then stop strings."""
+        n = len(r.output_ids)
+        limit = r.params.max_new_tokens
+        if (limit is not None and n >= limit) or len(r.prompt_ids) + n >= self.max_positions:
+            return {"type": "length", "length": n}
+        tok = r.output_ids[-1]
+        # ignore_eos also disables stop_token_ids (SGLang), but not stop strings.
+        if not r.params.ignore_eos and (tok in self.eos_token_ids or tok in (r.params.stop_token_ids or ())):
+            return {"type": "stop", "matched": tok}
+        stops = r.params.stop_strings
+        if stops and self.tokenizer is not None:
+            tail = self.tokenizer.decode(r.output_ids[-(max(map(len, stops)) + 8) :])
+            for s in stops:
+                if s in tail:
+                    return {"type": "stop", "matched": s}
+        return None

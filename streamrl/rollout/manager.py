@@ -1,0 +1,248 @@
+"""RolloutManager: the producers (a Ray async actor). Keeps groups in flight, generates, scores, puts groups.
+
+    data source ──> admit (pacing: in flight < limit, admitted < (v+K+1)·N·B) ──> one task per group
+    group task:  every sample: /generate ... (abort -> partial: resubmit prompt+prefix; the engine holds it while
+                 paused) ... reward ──> buffer.put([group])   (blocks while the buffer is full: backpressure)
+
+A group goes to the buffer as soon as its own samples are scored, never waiting for a batch. Every group taken
+from the data source is admitted in the buffer's ledger; failures (engine or reward errors) are recorded there
+with their reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import anyio
+
+from buffers.admission import groups_per_step, may_admit
+from streamrl.rollout.client import EngineClient, EngineError
+from streamrl.types import Group, Sample, Status
+
+
+class RolloutManager:
+    def __init__(self, args: argparse.Namespace, buffer: Any, engine_urls: list[str]):
+        from transformers import AutoTokenizer
+
+        from streamrl.data import PromptSource, load_prompts
+        from streamrl.rollout.rewards import load_reward_fn
+
+        self.args, self.buffer = args, buffer
+        self.client = EngineClient(engine_urls, max_connections=args.sglang_server_concurrency * len(engine_urls))
+        self.tokenizer = AutoTokenizer.from_pretrained(args.hf_checkpoint)
+        records, self.skipped = load_prompts(
+            args.prompt_data, args.input_key, args.label_key, args.metadata_key, tokenizer=self.tokenizer,
+            apply_chat_template=args.apply_chat_template, max_prompt_len=args.rollout_max_prompt_len)
+        if not records:
+            raise ValueError(f"--prompt-data {args.prompt_data}: no usable prompts (skipped: {self.skipped[:3]})")
+        self.source = PromptSource(records, args.n_samples_per_prompt, rollout_shuffle=args.rollout_shuffle,
+                                   rollout_seed=args.rollout_seed, max_epochs=args.num_epoch)
+        self.reward_fn = load_reward_fn(args)
+        self.generate_fn = None
+        if args.custom_generate_function_path:
+            from streamrl.plugins import load_function
+
+            self.generate_fn = load_function(args.custom_generate_function_path, what="--custom-generate-function-path")
+        self.sem = asyncio.Semaphore(args.sglang_server_concurrency * len(engine_urls))
+        self.version = 0
+        self.admitted = 0
+        self.in_flight = 0
+        self.stopping = False
+        self.exhausted = False
+        self.partials: list[Group] = []  # groups cut off by stop(), kept for a checkpoint/resume
+        self.stats = {"groups_done": 0, "groups_failed": 0, "samples_done": 0, "tokens_generated": 0,
+                      "partial_resumes": 0, "aborted_regenerated": 0, "wasted_tokens": 0,
+                      "regenerated_groups": 0}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._errors: list[str] = []
+        self.fatal: str | None = None
+
+    # --- control (called by the driver) ---------------------------------------------------------------------
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._produce())
+
+    async def set_version(self, version: int) -> None:
+        self.version = version
+        self._wake.set()
+
+    async def get_stats(self) -> dict[str, Any]:
+        return {**self.stats, "in_flight": self.in_flight, "admitted": self.admitted, "version": self.version,
+                "exhausted": self.exhausted, "fatal": self.fatal, "errors": list(self._errors[-5:]),
+                "skipped_prompts": len(self.skipped)}
+
+    async def stop(self) -> dict[str, Any]:
+        """Stop admitting, abort in-flight requests and wait for every group task to settle."""
+        self.stopping = True
+        self._wake.set()
+        await self.client.post_all("/abort_request", {"abort_all": True})
+        if self._task is not None:
+            with anyio.fail_after(60):
+                await self._task
+        return await self.get_stats()
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    # --- the producer loop ----------------------------------------------------------------------------------
+    def _may_admit(self) -> bool:
+        a = self.args
+        return self.in_flight < a.rollout_max_groups_in_flight and may_admit(
+            self.admitted, self.version, a.max_staleness, a.update_weights_interval, groups_per_step(a))
+
+    async def _produce(self) -> None:
+        try:
+            await self._produce_loop()
+        except BaseException:  # surfaced to the driver through get_stats()["fatal"]
+            import traceback
+
+            self.fatal = traceback.format_exc()
+            raise
+
+    async def _produce_loop(self) -> None:
+        async with anyio.create_task_group() as tg:
+            while not self.stopping:
+                if not self._may_admit():
+                    self._wake.clear()
+                    with anyio.move_on_after(0.5):  # also re-check the buffer's regenerate list now and then
+                        await self._wake.wait()
+                    continue
+                group, is_new = await self._next_group()
+                if group is None:
+                    self.exhausted = True
+                    break
+                if is_new:
+                    await self.buffer.admit.remote([group[0].group_id])
+                self.admitted += 1
+                self.in_flight += 1
+                tg.start_soon(self._run_group, group)
+
+    async def _next_group(self) -> tuple[Group | None, bool]:
+        regen = await self.buffer.take_regenerate.remote(1)
+        if regen:
+            self.stats["regenerated_groups"] += 1
+            return regen[0], False
+        return self.source.next_group(), True
+
+    async def _run_group(self, group: Group) -> None:
+        gid = group[0].group_id
+        try:
+            async with anyio.create_task_group() as tg:
+                for s in group:
+                    tg.start_soon(self._generate_sample, s)
+            if self.stopping and any(s.status in (Status.PENDING, Status.ABORTED) for s in group):
+                self.partials.append(group)
+                await self.buffer.mark.remote(gid, "partial", "stopped")
+                return
+            for s in group:
+                s.response = self.tokenizer.decode(s.tokens[s.prompt_length:], skip_special_tokens=True)
+                try:
+                    s.reward = await self.reward_fn(self.args, s)
+                except Exception as e:  # a user's reward function: record the group as failed, with the reason
+                    raise RewardError(f"reward function failed on sample {s.index} ({gid}): {e!r}") from e
+            self.stats["groups_done"] += 1
+            self.stats["samples_done"] += len(group)
+            if not await self._queue(group):
+                self.partials.append(group)
+                await self.buffer.mark.remote(gid, "partial", "stopped before queued")
+        except* (EngineError, RewardError) as eg:
+            reason = "; ".join(str(e) for e in eg.exceptions)[:500]
+            self._errors.append(reason)
+            self.stats["groups_failed"] += 1
+            await self.buffer.mark.remote(gid, "failed", reason)
+        finally:
+            self.in_flight -= 1
+            self._wake.set()
+
+    async def _queue(self, group: Group) -> bool:
+        """Put a finished group, waiting while the buffer is full; False if the job stopped meanwhile."""
+        while True:
+            try:
+                await self.buffer.put.remote([group], timeout=1.0)
+                return True
+            except TimeoutError:
+                if self.stopping:
+                    return False
+
+    async def _generate_sample(self, s: Sample) -> None:
+        a = self.args
+        while s.status not in (Status.COMPLETED, Status.TRUNCATED):
+            if self.stopping and s.status == Status.ABORTED:
+                return
+            remaining = a.rollout_max_response_len - s.response_length
+            if remaining <= 0:
+                s.status = Status.TRUNCATED
+                return
+            if s.status == Status.ABORTED:
+                if a.partial_rollout:
+                    self.stats["partial_resumes"] += 1
+                    if a.mask_offpolicy_in_partial_rollout:
+                        s.loss_mask = [0] * s.response_length
+                else:  # without --partial-rollout an interrupted generation starts over (counted as waste)
+                    self.stats["aborted_regenerated"] += 1
+                    self.stats["wasted_tokens"] += s.response_length
+                    s.reset_response()
+            async with self.sem:
+                t0 = time.time()
+                if self.generate_fn is not None:
+                    await self.generate_fn(a, s, self.sampling_params(remaining))
+                    continue
+                out = await self.client.generate({
+                    "input_ids": s.tokens, "sampling_params": self.sampling_params(remaining),
+                    "return_logprob": True, "rid": uuid.uuid4().hex})
+            meta = out["meta_info"]
+            pairs = meta.get("output_token_logprobs") or []
+            toks = [int(p[1]) for p in pairs] if pairs else list(out.get("output_ids", []))
+            s.append_response_tokens(tokens=toks, log_probs=[float(p[0]) for p in pairs],
+                                     version=int(meta["weight_version"]), finish_reason=meta["finish_reason"]["type"])
+            self.stats["tokens_generated"] += len(toks)
+            s.metadata["generation_time"] = s.metadata.get("generation_time", 0.0) + time.time() - t0
+
+    def sampling_params(self, max_new_tokens: int, temperature: float | None = None) -> dict[str, Any]:
+        a = self.args
+        params = {"temperature": a.rollout_temperature if temperature is None else temperature,
+                  "top_p": a.rollout_top_p, "top_k": a.rollout_top_k, "max_new_tokens": max_new_tokens,
+                  "no_stop_trim": True, "skip_special_tokens": False}
+        if a.rollout_stop_token_ids:
+            params["stop_token_ids"] = list(a.rollout_stop_token_ids)
+        return params
+
+    # --- evaluation -----------------------------------------------------------------------------------------
+    async def evaluate(self, path: str, n: int, temperature: float) -> dict[str, float]:
+        """Mean reward on held-out prompts, generated by the engines' current weights (alongside training).
+
+        An eval request cut by a weight sync restarts from its prompt, so each eval sample comes from one version;
+        the versions seen are reported.
+        """
+        from streamrl.data import load_prompts
+
+        records, _ = load_prompts(path, self.args.input_key, self.args.label_key, self.args.metadata_key,
+                                  tokenizer=self.tokenizer, apply_chat_template=self.args.apply_chat_template)
+        results: list[tuple[float, int]] = []
+
+        async def one(rec) -> None:
+            while True:
+                out = await self.client.generate({
+                    "input_ids": rec.prompt_ids, "return_logprob": False,
+                    "sampling_params": self.sampling_params(self.args.rollout_max_response_len, temperature)})
+                if out["meta_info"]["finish_reason"]["type"] != "abort":
+                    break
+            s = Sample(prompt=rec.prompt, label=rec.label, metadata=dict(rec.metadata))
+            s.response = self.tokenizer.decode(out["output_ids"], skip_special_tokens=True)
+            results.append((await self.reward_fn(self.args, s), int(out["meta_info"]["weight_version"])))
+
+        async with anyio.create_task_group() as tg:
+            for rec in records:
+                for _ in range(n):
+                    tg.start_soon(one, rec)
+        versions = [v for _, v in results]
+        return {"eval/reward": sum(r for r, _ in results) / len(results), "eval/n": float(len(results)),
+                "eval/version_min": float(min(versions)), "eval/version_max": float(max(versions))}
+
+
+class RewardError(RuntimeError):
+    """A reward function raised; the group is recorded as failed with this message."""

@@ -1,0 +1,41 @@
+"""The weight-sync sequence shared by every transport (DESIGN.md "Weight sync and partial rollouts").
+
+    1. pause every engine (`/pause_generation`, abort mode: in-flight requests return their prefixes, which the
+       producers resubmit as partial rollouts; requests arriving during the pause wait)
+    2. the trainer pushes its weights with the new version (transport-specific; each engine confirms)
+    3. the new version is published to the buffer and producers
+    4. continue every engine (`/continue_generation`)
+
+`continue` runs even if step 2 fails, so a failed sync never leaves engines paused (no deadlock); the error is then
+raised to the driver, naming the engine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import httpx
+
+
+def post_json(url: str, path: str, body: dict, timeout: float = 120.0) -> dict:
+    r = httpx.post(url + path, json=body, timeout=timeout)
+    if r.status_code != 200:
+        raise RuntimeError(f"engine {url}: POST {path} -> HTTP {r.status_code}: {r.text[:300]}")
+    return r.json() if r.content else {}
+
+
+def sync_weights(engine_urls: list[str], push: Callable[[], dict], publish: Callable[[], None]) -> dict[str, float]:
+    """Run the pause -> push -> publish -> continue sequence; returns timings (seconds)."""
+    t0 = time.time()
+    for url in engine_urls:
+        post_json(url, "/pause_generation", {})
+    t_paused = time.time()
+    try:
+        stats = dict(push() or {})
+        publish()
+    finally:
+        for url in engine_urls:
+            post_json(url, "/continue_generation", {})
+    stats.update(sync_pause_time=t_paused - t0, sync_total_time=time.time() - t0)
+    return stats

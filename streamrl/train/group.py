@@ -1,0 +1,60 @@
+"""The trainer ranks as one object: create the Ray actors, wire torch.distributed, call every rank at once."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from streamrl.train.batch import TrainBatch
+
+
+class TrainerGroup:
+    def __init__(self, args: argparse.Namespace):
+        import ray
+
+        from streamrl.train.fsdp import FSDPTrainRank
+
+        self.args = args
+        self.world = args.actor_num_nodes * args.actor_num_gpus_per_node
+        use_gpu = _has_gpus()
+        opts = {"num_gpus": 1, "num_cpus": 0} if use_gpu else {"num_cpus": 0}
+        env = {"env_vars": {"OMP_NUM_THREADS": str(args.train_torch_threads), "TOKENIZERS_PARALLELISM": "false"}}
+        cls = ray.remote(**opts)(FSDPTrainRank)
+        self.ranks = [cls.options(runtime_env=env).remote(args, r, self.world) for r in range(self.world)]
+        addr, port = ray.get(self.ranks[0].master_address.remote())
+        self.info = ray.get([r.init.remote(addr, port) for r in self.ranks])
+
+    def _all(self, method: str, *a: Any) -> list[Any]:
+        import ray
+
+        return ray.get([getattr(r, method).remote(*a) for r in self.ranks])
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        import ray
+
+        ref = ray.put(batch)  # one copy in the object store, shared by every rank
+        return self._all("train_step", ref)[0]
+
+    def publish_weights(self, engine_urls: list[str], version: int) -> dict[str, float]:
+        return self._all("publish_weights", engine_urls, version)[0]
+
+    def full_named_parameters(self) -> list:
+        return self._all("full_named_parameters")[0]
+
+    def save_hf(self, path: str) -> None:
+        self._all("save_hf", path)
+
+    def shutdown(self) -> None:
+        import ray
+
+        try:
+            self._all("shutdown")
+        finally:
+            for r in self.ranks:
+                ray.kill(r)
+
+
+def _has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0

@@ -1,0 +1,26 @@
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny random-init Qwen3 with the in-repo tokenizer, saved as an HF directory."""
+    from streamrl.models.tiny import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0))
+
+
+@pytest.fixture(scope="session")
+def sort_data(tmp_path_factory):
+    from streamrl.tasks.synthetic import write_task_jsonl
+
+    d = tmp_path_factory.mktemp("data")
+    return str(write_task_jsonl(d / "train.jsonl", "sort", 400, seed=0)), str(
+        write_task_jsonl(d / "eval.jsonl", "sort", 16, seed=1)
+    )
