@@ -92,11 +92,13 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
             }
             last_sync = {}
             if eval_ref is not None and ray.wait([eval_ref], timeout=0)[0]:
-                record.update(ray.get(eval_ref), eval_started_at=eval_started_at)
+                result = ray.get(eval_ref)  # logged at the step whose weights it measured
+                logger.log({"step": eval_started_at, **result})
+                record["eval/reward"] = result["eval/reward"]
                 eval_ref = None
             if args.eval_interval and eval_ref is None and (step + 1) % args.eval_interval == 0 and step + 1 < total:
                 eval_ref, eval_started_at = start_eval(step + 1)
-            logger.log(record)
+            logger.log({k: v for k, v in record.items() if k != "eval/reward"})
             if (step + 1) % args.log_interval == 0 or step + 1 == total:
                 print(logger.status_line(record), flush=True)
         summary["wall_time"] = time.time() - t_start

@@ -20,7 +20,7 @@ def main() -> None:
     p.add_argument("--length", type=int, default=4)
     p.add_argument("--arch", default="qwen3", choices=["qwen3", "llama"])
     p.add_argument("--sft-steps", type=int, default=300)
-    p.add_argument("--sft-noise", type=float, default=0.75)
+    p.add_argument("--sft-noise", type=float, default=0.85)
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--n-eval", type=int, default=128)
     a = p.parse_args()

@@ -308,16 +308,16 @@ class Scheduler:
             version = self.weight_version
         self.forward_steps += 1
         self.batch_sizes.append(len(batch))
-        for r, tok, lp in zip(batch, tokens.tolist(), logprobs.tolist(), strict=True):
-            r.output_ids.append(tok)
-            r.output_logprobs.append(lp)
-            r.weight_version = version
-            reason = self._check_finished(r)
-            if reason is not None:
-                with self._cond:
+        with self._cond:  # so that get() never sees ids and logprobs of different lengths
+            for r, tok, lp in zip(batch, tokens.tolist(), logprobs.tolist(), strict=True):
+                r.output_ids.append(tok)
+                r.output_logprobs.append(lp)
+                r.weight_version = version
+                reason = self._check_finished(r)
+                if reason is not None:
                     self._finish(r, reason)
-            elif r.stream:
-                self._emit(r)
+                elif r.stream:
+                    self._emit(r)
 
     def _check_finished(self, r: Request) -> dict[str, Any] | None:
         """SGLang's order: the length limit first, then stop tokens, then stop strings."""
