@@ -18,6 +18,7 @@ trainer waits only when no group is ready; engines pause only for the weight pus
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
     b, n_int = groups_per_step(args), args.update_weights_interval
     version, wait_total, trained_samples, last_sync = 0, 0.0, 0, {}
     eval_ref, eval_started_at = None, 0
-    summary: dict[str, Any] = {"run_dir": str(run_dir), "steps": total}
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "steps": total, "samples_per_step": args.global_batch_size}
 
     def start_eval(step: int):
         if not args.eval_prompt_data:
@@ -123,8 +124,9 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
         summary["sync_mode"] = sync_mode
         if args.save:
             c.trainer.save_hf(args.save)
-        logger.log({"summary": summary})
         summary["plot"] = str(plot_run(run_dir))
+        logger.log({"summary": summary})
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         print(f"[streamrl] done: ledger {summary['ledger']}; plot {summary['plot']}", flush=True)
         return summary
     finally:

@@ -72,6 +72,7 @@ class EmbeddedEngine:
         torch_threads: int | None = 1,
         device: str = "cpu",
         max_running_requests: int = 256,
+        kv_cache: bool = True,
     ) -> None:
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)  # process-wide; engines share CPUs with trainers
@@ -87,6 +88,7 @@ class EmbeddedEngine:
             max_running_requests=max_running_requests,
             tokenizer=load_tokenizer(model_path),
             model_path=model_path,
+            kv_cache=kv_cache,
         )
         app = build_app(self.scheduler, loader=lambda path: load_model(path, "cpu"))
         self.http = HttpServer(app, host=host, port=port)
@@ -144,6 +146,7 @@ class EngineActor:
         torch_threads: int = 1,
         device: str = "cpu",
         max_running_requests: int = 256,
+        kv_cache: bool = True,
     ) -> None:
         self.engine = EmbeddedEngine(
             model_path,
@@ -153,6 +156,7 @@ class EngineActor:
             torch_threads=torch_threads,
             device=device,
             max_running_requests=max_running_requests,
+            kv_cache=kv_cache,
         ).start()
 
     def url(self) -> str:

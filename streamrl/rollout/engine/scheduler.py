@@ -1,16 +1,17 @@
 """Continuous (iteration-level) batching over a HF causal LM. No HTTP here.
 
 A background thread owns the model. Each iteration it admits waiting requests (up to `max_running_requests`), runs
-ONE batched forward over every running request, samples one token per request, appends it and retires the requests
-that hit a stop token, their length limit or an abort. New requests therefore join at the next token, not at the
-next batch.
+batched forwards over every running request, samples one token per request, appends it and retires the requests
+that hit a stop token, their length limit or an abort. New requests join at the next token, not the next batch.
 
-Future work: a KV cache. For now every step recomputes the full sequences (left-padded, attention-masked, with
-explicit position_ids), which is O(L^2) per request but exact and simple; it is still one forward per step for the
-whole batch, never one per request.
+KV cache (`kv_cache=True`, see kv.py): an iteration is at most two forwards, never one per request: cached requests
+decode their newest token in one [B, 1] forward over their left-padded K/V; the others (newcomers, and everyone
+after a weight update, whose K/V came from the old weights) are prefilled on their full sequence in one left-padded
+forward. `kv_cache=False` recomputes the full sequences every step (O(L^2) per request; the tests' reference).
 
-Threading: `_cond` guards the queues and flags; `_model_lock` is held for each forward and for weight loads, so a
-weight update never lands mid-forward and every token is attributed to exactly one `weight_version`.
+Threading: `_cond` guards the queues and flags; `_model_lock` is held for each iteration's forwards and for weight
+loads, so a weight update never lands mid-iteration and every token is attributed to exactly one `weight_version`.
+The KV rows are touched by the scheduler thread only.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .kv import KVBatch, left_pad, supports_kv_cache
 from .protocol import SamplingParams
 from .sampling import sample_tokens
 
@@ -79,6 +81,7 @@ class Scheduler:
     """Owns the model and the batching thread. Public methods are thread-safe.
 
     Counters for tests/metrics: `forward_steps` (number of batched forwards) and `batch_sizes` (size of each).
+    `kv_cache=False` selects the recompute path; models with non-full-attention layers always use it.
     """
 
     def __init__(
@@ -92,8 +95,12 @@ class Scheduler:
         max_running_requests: int = 256,
         tokenizer: Any = None,
         model_path: str = "",
+        kv_cache: bool = True,
     ) -> None:
         self.model = model
+        self.kv_cache = kv_cache and supports_kv_cache(model)
+        if kv_cache and not self.kv_cache:
+            logger.warning("model has non-full-attention layers; the engine recomputes sequences without a KV cache")
         self.vocab_size = vocab_size
         self.max_positions = max_positions
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -112,6 +119,9 @@ class Scheduler:
         self._paused = False
         self._stepping = False
         self._stopped = False
+        self._kv = KVBatch()  # cached K/V of running requests (scheduler thread only)
+        self._weights_epoch = 0  # bumped by every weight update
+        self._kv_epoch = 0  # the epoch whose weights produced `_kv`
         self._thread = threading.Thread(target=self._loop, name="streamrl-engine-scheduler", daemon=True)
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
@@ -207,6 +217,7 @@ class Scheduler:
                 self.weight_version = str(weight_version)
             if model_path is not None:
                 self.model_path = model_path
+            self._weights_epoch += 1  # cached K/V is stale: the next iteration re-prefills (scheduler thread)
 
     def run_exclusive(self, fn: Callable[[torch.nn.Module], Any]) -> Any:
         """Run fn(model) while no forward is in flight (e.g. to read a consistent state dict)."""
@@ -248,6 +259,7 @@ class Scheduler:
                 self._active.pop(r.rid, None)
             queue.clear()
             queue.extend(keep)
+        self._kv.retain(self._running)  # free the K/V of aborted requests now, not at the next forward
         self._cond.notify_all()
 
     def _loop(self) -> None:
@@ -270,6 +282,7 @@ class Scheduler:
                 self._step(batch)
             except Exception as e:  # keep serving: fail this batch, not the engine
                 logger.exception("forward step failed")
+                self._kv.clear()  # may be half-updated; the whole batch is aborted anyway
                 with self._cond:
                     self._mark_abort_locked(batch, f"engine error: {type(e).__name__}: {e}")
             with self._cond:
@@ -281,35 +294,18 @@ class Scheduler:
                 self._cond.notify_all()
 
     def _step(self, batch: list[Request]) -> None:
-        seqs = [r.prompt_ids + r.output_ids for r in batch]
-        width = max(len(s) for s in seqs)
-        input_ids = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, s in enumerate(seqs):  # left padding: the last column is every row's newest token
-            input_ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
-        p = [r.params for r in batch]
-        temps = torch.tensor([x.temperature for x in p], dtype=torch.float32)
-        top_ps = torch.tensor([x.top_p for x in p], dtype=torch.float32)
-        top_ks = torch.tensor([x.top_k for x in p], dtype=torch.long)
-        gens = [r.generator for r in batch]
-        dev = self.device
+        # One lock hold for the whole iteration: a weight update never lands between its two forwards.
         with self._model_lock, torch.inference_mode():
-            out = self.model(
-                input_ids=input_ids.to(dev),
-                attention_mask=mask.to(dev),
-                position_ids=positions.to(dev),
-                use_cache=False,
-                logits_to_keep=1,
-            )
-            logits = out.logits[:, -1, : self.vocab_size]
-            tokens, logprobs = sample_tokens(logits, temps.to(dev), top_ps.to(dev), top_ks.to(dev), gens)
+            rows, logits = self._forward_batch(batch)
+            p = [r.params for r in rows]
+            dev = self.device
+            temps = torch.tensor([x.temperature for x in p], dtype=torch.float32, device=dev)
+            top_ps = torch.tensor([x.top_p for x in p], dtype=torch.float32, device=dev)
+            top_ks = torch.tensor([x.top_k for x in p], dtype=torch.long, device=dev)
+            tokens, logprobs = sample_tokens(logits, temps, top_ps, top_ks, [r.generator for r in rows])
             version = self.weight_version
-        self.forward_steps += 1
-        self.batch_sizes.append(len(batch))
         with self._cond:  # so that get() never sees ids and logprobs of different lengths
-            for r, tok, lp in zip(batch, tokens.tolist(), logprobs.tolist(), strict=True):
+            for r, tok, lp in zip(rows, tokens.tolist(), logprobs.tolist(), strict=True):
                 r.output_ids.append(tok)
                 r.output_logprobs.append(lp)
                 r.weight_version = version
@@ -318,6 +314,26 @@ class Scheduler:
                     self._finish(r, reason)
                 elif r.stream:
                     self._emit(r)
+        self._kv.retain(r for r in rows if r.finish_reason is None)  # free finished requests' K/V
+
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any = None):
+        """One batched forward; returns next-token logits [B, vocab]. `cache` (if any) is updated in place."""
+        dev = self.device
+        out = self.model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
+                         past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)  # fmt: skip
+        self.forward_steps += 1
+        self.batch_sizes.append(input_ids.shape[0])
+        return out.logits[:, -1, : self.vocab_size]
+
+    def _forward_batch(self, batch: list[Request]) -> tuple[list[Request], torch.Tensor]:
+        """(requests in logits order, next-token logits). Cached: decode the cached requests and prefill the others
+        (kv.py); recompute: the whole left-padded sequences."""
+        if not self.kv_cache:
+            return batch, self._forward(*left_pad([r.prompt_ids + r.output_ids for r in batch]))
+        if self._kv_epoch != self._weights_epoch:  # K/V from older weights: re-prefill every running request
+            self._kv.clear()
+            self._kv_epoch = self._weights_epoch
+        return self._kv.step(batch, self._forward)
 
     def _check_finished(self, r: Request) -> dict[str, Any] | None:
         """SGLang's order: the length limit first, then stop tokens, then stop strings."""
