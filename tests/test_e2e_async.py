@@ -28,7 +28,7 @@ def test_async_job_loses_nothing_and_respects_staleness(ray_cluster, tiny_ckpt, 
         hf_checkpoint=tiny_ckpt, prompt_data=train, label_key="label", eval_prompt_data=evalset,
         custom_rm_path=str(Path(__file__).parent / "plugins" / "rewards.py") + ":digit_fraction",
         rollout_num_engines=2, actor_num_gpus_per_node=2, rollout_batch_size=4, n_samples_per_prompt=4,
-        micro_batch_size=4, num_rollout=steps, rollout_max_response_len=64, lr=1e-3, async_buffer_size=8,
+        micro_batch_size=4, num_rollout=steps, rollout_max_response_len=128, lr=1e-3, async_buffer_size=8,
         update_weights_interval=1, max_staleness=1, partial_rollout=True, use_tis=True,
         check_weight_update_equal=True, run_dir=str(tmp_path / "run"),
     )

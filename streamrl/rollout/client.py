@@ -21,7 +21,9 @@ class EngineClient:
         self.urls = list(urls)
         self.in_flight = {u: 0 for u in self.urls}
         self.retries, self.retry_wait = retries, retry_wait
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        # No keep-alive: with a hundred-odd concurrent requests httpcore's pool of reused connections is several
+        # times slower than fresh loopback connections, and stalls for seconds (scripts/bench/http_client.py).
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=0)
         self.http = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(None, connect=10.0))
 
     def _pick(self) -> str:

@@ -47,7 +47,6 @@ class RolloutManager:
             from streamrl.plugins import load_function
 
             self.generate_fn = load_function(args.custom_generate_function_path, what="--custom-generate-function-path")
-        self.sem = asyncio.Semaphore(args.sglang_server_concurrency * len(engine_urls))
         self.version = 0
         self.admitted = 0
         self.in_flight = 0
@@ -131,9 +130,7 @@ class RolloutManager:
     async def _run_group(self, group: Group) -> None:
         gid = group[0].group_id
         try:
-            async with anyio.create_task_group() as tg:
-                for s in group:
-                    tg.start_soon(self._generate_sample, s)
+            await self._generate_group(group)
             if self.stopping and any(s.status in (Status.PENDING, Status.ABORTED) for s in group):
                 self.partials.append(group)
                 await self.buffer.mark.remote(gid, "partial", "stopped")
@@ -168,39 +165,63 @@ class RolloutManager:
                 if self.stopping:
                     return False
 
-    async def _generate_sample(self, s: Sample) -> None:
+    def _prepare(self, s: Sample) -> int:
+        """Bookkeeping before a (re)submission; returns the remaining token budget (0: nothing to generate)."""
         a = self.args
+        remaining = a.rollout_max_response_len - s.response_length
+        if remaining <= 0:
+            s.status = Status.TRUNCATED
+            return 0
+        if s.status == Status.ABORTED:
+            if a.partial_rollout:
+                self.stats["partial_resumes"] += 1
+                if a.mask_offpolicy_in_partial_rollout:
+                    s.loss_mask = [0] * s.response_length
+            else:  # without --partial-rollout an interrupted generation starts over (counted as waste)
+                self.stats["aborted_regenerated"] += 1
+                self.stats["wasted_tokens"] += s.response_length
+                s.reset_response()
+                remaining = a.rollout_max_response_len
+        return remaining
+
+    async def _generate_group(self, group: Group) -> None:
+        """Generate every unfinished sample of the group in one batched /generate per round (SGLang batch input:
+        one HTTP request per group instead of one per sample); aborted samples go round again (partial rollout)."""
+        if self.generate_fn is not None:  # slime's per-sample contract: async generate(args, sample, params)
+            async with anyio.create_task_group() as tg:
+                for s in group:
+                    tg.start_soon(self._custom_generate, s)
+            return
+        while True:
+            todo = [s for s in group if s.status not in (Status.COMPLETED, Status.TRUNCATED)]
+            if not todo or (self.stopping and any(s.status == Status.ABORTED for s in todo)):
+                return
+            budgets = [self._prepare(s) for s in todo]
+            todo = [s for s, b in zip(todo, budgets, strict=True) if b > 0]
+            if not todo:
+                continue
+            t0 = time.time()
+            outs = await self.client.generate({
+                "input_ids": [s.tokens for s in todo], "return_logprob": True,
+                "sampling_params": [self.sampling_params(b) for b in budgets if b > 0],
+                "rid": [uuid.uuid4().hex for _ in todo]})
+            for s, out in zip(todo, outs, strict=True):
+                meta = out["meta_info"]
+                pairs = meta.get("output_token_logprobs") or []
+                s.append_response_tokens(tokens=[int(p[1]) for p in pairs], log_probs=[float(p[0]) for p in pairs],
+                                         version=int(meta["weight_version"]),
+                                         finish_reason=meta["finish_reason"]["type"])
+                self.stats["tokens_generated"] += len(pairs)
+                s.metadata["generation_time"] = s.metadata.get("generation_time", 0.0) + time.time() - t0
+
+    async def _custom_generate(self, s: Sample) -> None:
         while s.status not in (Status.COMPLETED, Status.TRUNCATED):
             if self.stopping and s.status == Status.ABORTED:
                 return
-            remaining = a.rollout_max_response_len - s.response_length
-            if remaining <= 0:
-                s.status = Status.TRUNCATED
+            remaining = self._prepare(s)
+            if remaining == 0:
                 return
-            if s.status == Status.ABORTED:
-                if a.partial_rollout:
-                    self.stats["partial_resumes"] += 1
-                    if a.mask_offpolicy_in_partial_rollout:
-                        s.loss_mask = [0] * s.response_length
-                else:  # without --partial-rollout an interrupted generation starts over (counted as waste)
-                    self.stats["aborted_regenerated"] += 1
-                    self.stats["wasted_tokens"] += s.response_length
-                    s.reset_response()
-            async with self.sem:
-                t0 = time.time()
-                if self.generate_fn is not None:
-                    await self.generate_fn(a, s, self.sampling_params(remaining))
-                    continue
-                out = await self.client.generate({
-                    "input_ids": s.tokens, "sampling_params": self.sampling_params(remaining),
-                    "return_logprob": True, "rid": uuid.uuid4().hex})
-            meta = out["meta_info"]
-            pairs = meta.get("output_token_logprobs") or []
-            toks = [int(p[1]) for p in pairs] if pairs else list(out.get("output_ids", []))
-            s.append_response_tokens(tokens=toks, log_probs=[float(p[0]) for p in pairs],
-                                     version=int(meta["weight_version"]), finish_reason=meta["finish_reason"]["type"])
-            self.stats["tokens_generated"] += len(toks)
-            s.metadata["generation_time"] = s.metadata.get("generation_time", 0.0) + time.time() - t0
+            await self.generate_fn(self.args, s, self.sampling_params(remaining))
 
     def sampling_params(self, max_new_tokens: int, temperature: float | None = None) -> dict[str, Any]:
         a = self.args
