@@ -75,13 +75,14 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
             groups = _get_batch(c, b, step)
             wait_total += time.time() - t0
             batch = build_train_batch(args, groups, version, eos)
+            stats_ref = c.buffer.stats.remote()  # answered while the trainer works
             m = c.trainer.train_step(batch)
             trained_samples += len(batch)
             if (step + 1) % n_int == 0:
                 last_sync = publish(version + 1)
                 version += 1
             elapsed = time.time() - t_start
-            bstats = ray.get(c.buffer.stats.remote())
+            bstats = ray.get(stats_ref)
             record = {
                 "step": step + 1, "reward": sum(batch.rewards) / len(batch), "version": version,
                 "samples_per_s": trained_samples / elapsed, "buffer_fill": bstats["size"],

@@ -12,7 +12,7 @@ source scripts/models/tiny-qwen3.sh
 .venv/bin/python train_async.py "${MODEL_ARGS[@]}" \
   --hf-checkpoint "$OUT/sft" --prompt-data "$OUT/train.jsonl" --label-key label \
   --eval-prompt-data "$OUT/eval.jsonl" --eval-interval 10 \
-  --rollout-batch-size 16 --n-samples-per-prompt 8 --num-rollout 60 --rollout-max-response-len 8 \
-  --rollout-temperature 1.0 --lr 1e-3 --async-buffer-size 32 --update-weights-interval 1 --max-staleness 1 \
+  --rollout-batch-size 16 --n-samples-per-prompt 8 --num-rollout 100 --rollout-max-response-len 8 \
+  --rollout-temperature 1.0 --lr 5e-4 --async-buffer-size 32 --update-weights-interval 1 --max-staleness 1 \
   --partial-rollout --use-tis --micro-batch-size 32 \
   --run-dir "${RUN_DIR:-runs/demo}" "$@"

@@ -17,7 +17,7 @@ class MetricsLogger:
     def __init__(self, args: argparse.Namespace, run_dir: Path, total_steps: int):
         self.args, self.run_dir, self.total = args, run_dir, total_steps
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.file = (run_dir / "metrics.jsonl").open("a")
+        self.file = (run_dir / "metrics.jsonl").open("w")
         self.t0 = time.time()
         self.wandb = None
         if args.use_wandb:

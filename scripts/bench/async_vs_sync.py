@@ -18,16 +18,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 JOB = ("--rollout-batch-size 16 --n-samples-per-prompt 8 --rollout-max-response-len 8 --lr 1e-3 "
-       "--micro-batch-size 32 --use-tis --rollout-num-engines 1 --actor-num-gpus-per-node 1").split()
+       "--micro-batch-size 128 --use-tis --rollout-num-engines 1 --actor-num-gpus-per-node 1").split()
 
 
-def run(mode: str, out: Path, steps: int, cores: int, demo: Path) -> dict:
+def run(mode: str, out: Path, steps: int, cores: int, demo: Path, interval: int = 1) -> dict:
     common = ["--hf-checkpoint", str(demo / "sft"), "--prompt-data", str(demo / "train.jsonl"), "--label-key",
               "label", "--eval-prompt-data", str(demo / "eval.jsonl"), "--num-rollout", str(steps),
-              "--run-dir", str(out / mode), *JOB]
+              "--run-dir", str(out / f"{mode}{interval}"), *JOB]
     if mode == "async":  # one core each: engine and trainer overlap
         extra = ["--engine-torch-threads", "1", "--train-torch-threads", "1", "--async-buffer-size", "32",
-                 "--max-staleness", "1", "--update-weights-interval", "1", "--partial-rollout"]
+                 "--max-staleness", "1", "--update-weights-interval", str(interval), "--partial-rollout"]
         entry = "from pipelines.async_loop import run"
     else:  # every core in each phase: engine and trainer take turns
         extra = ["--engine-torch-threads", str(cores), "--train-torch-threads", str(cores),
@@ -37,7 +37,7 @@ def run(mode: str, out: Path, steps: int, cores: int, demo: Path) -> dict:
             f"run(parse_args(sys.argv[1:]))")
     subprocess.run([sys.executable, "-c", code, *common, *extra], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL if not VERBOSE else None)
-    return json.loads((out / mode / "summary.json").read_text())
+    return json.loads((out / f"{mode}{interval}" / "summary.json").read_text())
 
 
 VERBOSE = False
@@ -56,16 +56,20 @@ def main() -> None:
     demo, out = ROOT / a.demo, ROOT / a.out
     if not (demo / "sft" / "config.json").exists():
         subprocess.run([sys.executable, "scripts/prepare_demo.py", "--out", str(demo)], cwd=ROOT, check=True)
-    res = {m: run(m, out, a.steps, a.cores, demo) for m in ("sync", "async")}
+    res = {"sync": run("sync", out, a.steps, a.cores, demo), "async": run("async", out, a.steps, a.cores, demo),
+           "async2": run("async", out, a.steps, a.cores, demo, interval=2)}
     print(json.dumps({
         "bench": "async_vs_sync", "steps": a.steps, "cores": a.cores,
         "samples_per_step": res["async"]["samples_per_step"],
-        "wall_s_async": round(res["async"]["wall_time"], 2), "wall_s_sync": round(res["sync"]["wall_time"], 2),
-        "trainer_idle_async": round(res["async"]["trainer_wait_frac"], 3),
+        "wall_s_sync": round(res["sync"]["wall_time"], 2), "wall_s_async": round(res["async"]["wall_time"], 2),
+        "wall_s_async_interval2": round(res["async2"]["wall_time"], 2),
         "trainer_idle_sync": round(res["sync"]["trainer_wait_frac"], 3),
-        "eval_reward_async": res["async"].get("eval_final"), "eval_reward_sync": res["sync"].get("eval_final"),
-        "eval_reward_initial": res["sync"].get("eval_initial"),
+        "trainer_idle_async": round(res["async"]["trainer_wait_frac"], 3),
+        "eval_reward_initial": res["sync"].get("eval_initial"), "eval_reward_sync": res["sync"].get("eval_final"),
+        "eval_reward_async": res["async"].get("eval_final"),
+        "eval_reward_async_interval2": res["async2"].get("eval_final"),
         "speedup": round(res["sync"]["wall_time"] / res["async"]["wall_time"], 3),
+        "speedup_interval2": round(res["sync"]["wall_time"] / res["async2"]["wall_time"], 3),
     }))
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import anyio
 
-from buffers.admission import groups_per_step, may_admit
+from buffers.admission import admission_limit, groups_per_step
 from streamrl.rollout.client import EngineClient, EngineError
 from streamrl.types import Group, Sample, Status
 
@@ -88,11 +88,6 @@ class RolloutManager:
         await self.client.aclose()
 
     # --- the producer loop ----------------------------------------------------------------------------------
-    def _may_admit(self) -> bool:
-        a = self.args
-        return self.in_flight < a.rollout_max_groups_in_flight and may_admit(
-            self.admitted, self.version, a.max_staleness, a.update_weights_interval, groups_per_step(a))
-
     async def _produce(self) -> None:
         try:
             await self._produce_loop()
@@ -102,30 +97,38 @@ class RolloutManager:
             self.fatal = traceback.format_exc()
             raise
 
+    def _admissible(self) -> int:
+        """How many groups may start now (in-flight cap and the staleness pacing bound)."""
+        a = self.args
+        cap = a.rollout_max_groups_in_flight - self.in_flight
+        pace = admission_limit(self.version, a.max_staleness, a.update_weights_interval, groups_per_step(a))
+        return max(0, min(cap, pace - self.admitted))
+
     async def _produce_loop(self) -> None:
+        last_regen_check = 0.0
         async with anyio.create_task_group() as tg:
             while not self.stopping:
-                if not self._may_admit():
+                k = self._admissible()
+                if k == 0:
                     self._wake.clear()
-                    with anyio.move_on_after(0.5):  # also re-check the buffer's regenerate list now and then
+                    with anyio.move_on_after(0.5):
                         await self._wake.wait()
                     continue
-                group, is_new = await self._next_group()
-                if group is None:
+                groups: list[Group] = []
+                if time.monotonic() - last_regen_check > 0.5:  # stale groups sent back by the buffer (rare)
+                    last_regen_check = time.monotonic()
+                    groups = await self.buffer.take_regenerate.remote(k)
+                    self.stats["regenerated_groups"] += len(groups)
+                new = [g for g in (self.source.next_group() for _ in range(k - len(groups))) if g is not None]
+                if new:  # one ledger call for the whole batch of admissions
+                    await self.buffer.admit.remote([g[0].group_id for g in new])
+                for group in groups + new:
+                    self.admitted += 1
+                    self.in_flight += 1
+                    tg.start_soon(self._run_group, group)
+                if len(groups) + len(new) < k:
                     self.exhausted = True
                     break
-                if is_new:
-                    await self.buffer.admit.remote([group[0].group_id])
-                self.admitted += 1
-                self.in_flight += 1
-                tg.start_soon(self._run_group, group)
-
-    async def _next_group(self) -> tuple[Group | None, bool]:
-        regen = await self.buffer.take_regenerate.remote(1)
-        if regen:
-            self.stats["regenerated_groups"] += 1
-            return regen[0], False
-        return self.source.next_group(), True
 
     async def _run_group(self, group: Group) -> None:
         gid = group[0].group_id

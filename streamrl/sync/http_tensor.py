@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import time
 
-import httpx
-
 
 def buckets(named: list, limit_bytes: int) -> list[list]:
     out, cur, size = [], [], 0
@@ -27,22 +25,23 @@ def buckets(named: list, limit_bytes: int) -> list[list]:
 
 def push_named_tensors(engine_urls: list[str], named: list, version: int, bucket_bytes: int) -> dict[str, float]:
     from streamrl.rollout.engine.weights import encode_update_request
+    from streamrl.sync.base import http_client
 
     t0 = time.time()
     parts = buckets(named, bucket_bytes)
     bodies = [encode_update_request(p, weight_version=str(version) if i == len(parts) - 1 else None)
               for i, p in enumerate(parts)]
     sent = 0
-    with httpx.Client(timeout=300.0) as client:
-        for url in engine_urls:
-            for body in bodies:
-                r = client.post(url + "/update_weights_from_tensor", content=body,
-                                headers={"content-type": "application/msgpack"})
-                if r.status_code != 200 or not r.json().get("success", False):
-                    raise RuntimeError(f"engine {url}: weight update to version {version} failed: {r.text[:300]}")
-                sent += len(body)
-            got = client.get(url + "/get_weight_version").json()["weight_version"]
-            if got != str(version):
-                raise RuntimeError(f"engine {url} reports weight_version {got!r} after update to {version}")
+    client = http_client()
+    for url in engine_urls:
+        for body in bodies:
+            r = client.post(url + "/update_weights_from_tensor", content=body,
+                            headers={"content-type": "application/msgpack"})
+            if r.status_code != 200 or not r.json().get("success", False):
+                raise RuntimeError(f"engine {url}: weight update to version {version} failed: {r.text[:300]}")
+            sent += len(body)
+        got = client.get(url + "/get_weight_version").json()["weight_version"]
+        if got != str(version):
+            raise RuntimeError(f"engine {url} reports weight_version {got!r} after update to {version}")
     return {"sync_start": t0, "sync_push_time": time.time() - t0, "sync_bytes": float(sent),
             "sync_buckets": float(len(parts))}
