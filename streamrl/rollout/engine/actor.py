@@ -26,13 +26,13 @@ logger = logging.getLogger(__name__)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def load_model(model_path: str, device: str = "cpu") -> torch.nn.Module:
-    """Load an HF causal LM in float32 and eval mode. Raises OSError/ValueError for a bad path."""
+def load_model(model_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Load an HF causal LM in eval mode (float32 unless asked). Raises OSError/ValueError for a bad path."""
     from transformers import AutoModelForCausalLM  # lazy: keep `import streamrl...` cheap
 
     if not os.path.isdir(model_path):
         raise OSError(f"not a model directory: {model_path!r}")
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     return model.to(device).eval()
 
 
@@ -73,11 +73,15 @@ class EmbeddedEngine:
         device: str = "cpu",
         max_running_requests: int = 256,
         kv_cache: bool = True,
+        dtype: str = "float32",
+        kv_backend: str = "auto",
+        max_context_len: int = 1024,
     ) -> None:
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)  # process-wide; engines share CPUs with trainers
         self.model_path, self.device = model_path, device
-        model = load_model(model_path, device)
+        self.dtype = getattr(torch, dtype)
+        model = load_model(model_path, device, self.dtype)
         cfg = model.config.get_text_config()
         self.scheduler = Scheduler(
             model,
@@ -89,8 +93,10 @@ class EmbeddedEngine:
             tokenizer=load_tokenizer(model_path),
             model_path=model_path,
             kv_cache=kv_cache,
+            kv_backend=kv_backend,
+            max_context_len=max_context_len,
         )
-        app = build_app(self.scheduler, loader=lambda path: load_model(path, "cpu"))
+        app = build_app(self.scheduler, loader=lambda path: load_model(path, "cpu", self.dtype))
         self.http = HttpServer(app, host=host, port=port)
         self._started = False
 
@@ -134,30 +140,11 @@ class EmbeddedEngine:
 
 
 class EngineActor:
-    """Ray actor body: starts an EmbeddedEngine in `__init__`. Decorate at the use site or use make_engine_actor."""
+    """Ray actor body: starts an EmbeddedEngine in `__init__` (same keyword arguments). Decorate at the use site or
+    use make_engine_actor."""
 
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        host: str = "127.0.0.1",
-        port: int | None = None,
-        weight_version: str = "0",
-        torch_threads: int = 1,
-        device: str = "cpu",
-        max_running_requests: int = 256,
-        kv_cache: bool = True,
-    ) -> None:
-        self.engine = EmbeddedEngine(
-            model_path,
-            host=host,
-            port=port,
-            weight_version=weight_version,
-            torch_threads=torch_threads,
-            device=device,
-            max_running_requests=max_running_requests,
-            kv_cache=kv_cache,
-        ).start()
+    def __init__(self, model_path: str, **kwargs: Any) -> None:
+        self.engine = EmbeddedEngine(model_path, **kwargs).start()
 
     def url(self) -> str:
         return self.engine.url

@@ -28,6 +28,7 @@ import torch
 from .kv import KVBatch, left_pad, supports_kv_cache
 from .protocol import SamplingParams
 from .sampling import sample_tokens
+from .static_kv import StaticKV, supports_static_kv
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ class Scheduler:
         tokenizer: Any = None,
         model_path: str = "",
         kv_cache: bool = True,
+        kv_backend: str = "auto",
+        max_context_len: int = 1024,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache and supports_kv_cache(model)
@@ -119,7 +122,15 @@ class Scheduler:
         self._paused = False
         self._stepping = False
         self._stopped = False
-        self._kv = KVBatch()  # cached K/V of running requests (scheduler thread only)
+        # cached K/V of running requests (scheduler thread only): growing per-batch tensors (kv.py) or, on CUDA,
+        # preallocated slots with CUDA-graph decode steps (static_kv.py)
+        use_static = kv_backend == "static" or (
+            kv_backend == "auto" and self.device.type == "cuda" and supports_static_kv(model))
+        if kv_backend not in ("auto", "static", "dynamic"):
+            raise ValueError(f"kv_backend must be auto, static or dynamic, got {kv_backend!r}")
+        self._kv: KVBatch | StaticKV = (
+            StaticKV(model, slots=max_running_requests, max_len=min(max_context_len, max_positions))
+            if self.kv_cache and use_static else KVBatch())
         self._weights_epoch = 0  # bumped by every weight update
         self._kv_epoch = 0  # the epoch whose weights produced `_kv`
         self._thread = threading.Thread(target=self._loop, name="streamrl-engine-scheduler", daemon=True)

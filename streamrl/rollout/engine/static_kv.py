@@ -1,0 +1,211 @@
+"""Preallocated slot KV cache with CUDA-graph decode steps, for Qwen3/Llama-style HF models (the GPU fast path).
+
+Same interface as `kv.KVBatch` (`step`, `retain`, `clear`), so the Scheduler's continuous batching is unchanged.
+
+Layout: per layer, K and V are [slots, max_len, kv_heads, head_dim], allocated once. Running requests occupy slots
+0..n-1 in order (compacted: when a request leaves, the last slot's rows move into its place), so a decode step
+attends over the prefix view `cache[:bucket, :len_bucket]` without gathering. The decode step (embedding ->
+layers -> norm -> lm_head) for each (batch bucket, length bucket) pair is captured once as a CUDA graph and
+replayed with its static inputs (tokens, positions) refreshed in place: a step costs one graph launch instead of
+~15 kernel launches per layer. Prefill of newcomers is one padded eager forward that writes their K/V into their
+slots. On CPU the same code runs eagerly (tests compare it with the HF path token for token).
+
+Weights are the HF model's own parameters: weight updates copy into them in place, so captured graphs stay valid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
+LEN_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def supports_static_kv(model: torch.nn.Module) -> bool:
+    """Qwen3/Llama/Qwen2/Mistral-style decoders: full attention, rotary, gated MLP, no sliding windows."""
+    cfg = model.config
+    types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    return cfg.model_type in ("qwen3", "llama", "qwen2", "mistral") and types == {"full_attention"} and not getattr(
+        cfg, "sliding_window", None
+    )
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+class StaticKV:
+    def __init__(self, model: torch.nn.Module, slots: int, max_len: int, use_graphs: bool | None = None):
+        self.model, self.inner = model, model.model
+        cfg = model.config
+        self.layers = list(self.inner.layers)
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.slots, self.max_len = slots, _bucket(max_len, LEN_BUCKETS)
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        shape = (slots, self.max_len, self.n_kv, self.head_dim)
+        self.k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+        self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+        self.rows: list[Any] = []  # request in slot i
+        self.lens: list[int] = []  # tokens cached in slot i
+        self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._tok = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self._pos = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self._pool = None
+
+    # ---- bookkeeping (same contract as KVBatch) ----------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def clear(self) -> None:
+        self.rows, self.lens = [], []
+
+    def retain(self, keep: Iterable[Any]) -> None:
+        """Free the slots of requests not in `keep`, moving the last slots into the holes (stay compacted)."""
+        keep_ids = {id(r) for r in keep}
+        i = 0
+        while i < len(self.rows):
+            if id(self.rows[i]) in keep_ids:
+                i += 1
+                continue
+            last = len(self.rows) - 1
+            if i != last:
+                n = self.lens[last]
+                for t in self.k + self.v:
+                    t[i, :n].copy_(t[last, :n])
+                self.rows[i], self.lens[i] = self.rows[last], self.lens[last]
+            self.rows.pop()
+            self.lens.pop()
+
+    # ---- one scheduler iteration ----------------------------------------------------------------------------
+    def step(self, batch: Sequence[Any], forward: Any = None) -> tuple[list[Any], torch.Tensor]:
+        """Next-token logits for every request of `batch`: decode the cached ones, prefill the newcomers."""
+        self.retain(batch)
+        cached = {id(r) for r in self.rows}
+        fresh = [r for r in batch if id(r) not in cached]
+        parts, rows = [], []
+        if self.rows:
+            rows = list(self.rows)
+            parts.append(self._decode([r.output_ids[-1] for r in rows]))
+        if fresh:
+            if len(self.rows) + len(fresh) > self.slots:
+                raise RuntimeError(f"KV cache has {self.slots} slots; raise it or lower max_running_requests")
+            parts.append(self._prefill(fresh))
+            rows += fresh
+        return rows, torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    # ---- forwards -------------------------------------------------------------------------------------------
+    def _attn_qkv(self, layer, h: torch.Tensor, pos: torch.Tensor):
+        """q [B,H,T,D], k/v [B,T,KV,D] for hidden h [B,T,C] at positions pos [B,T], rotary applied."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        attn = layer.self_attn
+        b, t, _ = h.shape
+        q = attn.q_proj(h).view(b, t, self.n_heads, self.head_dim)
+        k = attn.k_proj(h).view(b, t, self.n_kv, self.head_dim)
+        v = attn.v_proj(h).view(b, t, self.n_kv, self.head_dim)
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3's per-head RMSNorm
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = self.inner.rotary_emb(h, pos)
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        return q, k.transpose(1, 2), v
+
+    def _mlp_out(self, layer, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        h = h + layer.self_attn.o_proj(attn_out)
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def _decode_eager(self, n: int, width: int) -> torch.Tensor:
+        """One token for slots [0, n) from the static inputs `_tok`/`_pos`; attends over [0, width) columns."""
+        tok, pos = self._tok[:n], self._pos[:n]
+        h = self.inner.embed_tokens(tok).unsqueeze(1)
+        cols = torch.arange(width, device=self.device)
+        mask = (cols.unsqueeze(0) <= pos.unsqueeze(1))[:, None, None, :]  # [n,1,1,width]
+        rows = torch.arange(n, device=self.device)
+        for li, layer in enumerate(self.layers):
+            x = layer.input_layernorm(h)
+            q, k, v = self._attn_qkv(layer, x, pos.unsqueeze(1))
+            self.k[li][rows, pos] = k[:, 0]
+            self.v[li][rows, pos] = v[:, 0]
+            kk = self.k[li][:n, :width].transpose(1, 2)
+            vv = self.v[li][:n, :width].transpose(1, 2)
+            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+            h = self._mlp_out(layer, h, o.transpose(1, 2).reshape(n, 1, -1))
+        return self.model.lm_head(self.inner.norm(h))[:, 0].float()
+
+    def _decode(self, last_tokens: list[int]) -> torch.Tensor:
+        n = len(last_tokens)
+        positions = list(self.lens)
+        if max(positions) >= self.max_len:
+            raise RuntimeError(f"sequence reached the KV cache length {self.max_len}")
+        bucket = _bucket(n, [b for b in BATCH_BUCKETS if b <= self.slots] + [self.slots])
+        width = _bucket(max(positions) + 1, [w for w in LEN_BUCKETS if w <= self.max_len])
+        self._tok[:bucket].zero_()
+        self._pos[:bucket].zero_()
+        self._tok[:n].copy_(torch.tensor(last_tokens), non_blocking=True)
+        self._pos[:n].copy_(torch.tensor(positions), non_blocking=True)
+        if self.use_graphs:
+            logits = self._replay(bucket, width)[:n]
+        else:
+            logits = self._decode_eager(bucket, width)[:n]
+        self.lens = [x + 1 for x in self.lens]
+        return logits
+
+    def _replay(self, bucket: int, width: int) -> torch.Tensor:
+        key = (bucket, width)
+        if key not in self._graphs:  # capture lazily: only the shapes a run actually meets
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm up kernels/autotuning outside the graph
+                    self._decode_eager(bucket, width)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self._decode_eager(bucket, width)
+            self._pool = graph.pool()
+            self._graphs[key] = (graph, out)
+        graph, out = self._graphs[key]
+        graph.replay()
+        return out
+
+    def _prefill(self, fresh: list[Any]) -> torch.Tensor:
+        """One right-padded causal forward over the newcomers' full sequences; writes their K/V into new slots."""
+        seqs = [r.prompt_ids + r.output_ids for r in fresh]
+        lens = [len(s) for s in seqs]
+        if max(lens) >= self.max_len:
+            raise RuntimeError(f"prompt of {max(lens)} tokens does not fit the KV cache length {self.max_len}")
+        b, t = len(seqs), max(lens)
+        ids = torch.zeros((b, t), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+        ids = ids.to(self.device)
+        pos = torch.arange(t, device=self.device).unsqueeze(0).expand(b, t)
+        first = len(self.rows)
+        h = self.inner.embed_tokens(ids)
+        for li, layer in enumerate(self.layers):
+            x = layer.input_layernorm(h)
+            q, k, v = self._attn_qkv(layer, x, pos)
+            self.k[li][first : first + b, :t] = k
+            self.v[li][first : first + b, :t] = v
+            # Right padding + causal: a real token never sees a pad, so no extra mask is needed.
+            o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                               enable_gqa=self.n_kv != self.n_heads)
+            h = self._mlp_out(layer, h, o.transpose(1, 2).reshape(b, t, -1))
+        last = torch.tensor([n - 1 for n in lens], device=self.device)
+        h = h[torch.arange(b, device=self.device), last]
+        self.rows += list(fresh)
+        self.lens += lens
+        return self.model.lm_head(self.inner.norm(h)).float()
