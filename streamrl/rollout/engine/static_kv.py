@@ -108,8 +108,13 @@ class StaticKV:
         return rows, torch.cat(parts) if len(parts) > 1 else parts[0]
 
     # ---- forwards -------------------------------------------------------------------------------------------
-    def _attn_qkv(self, layer, h: torch.Tensor, pos: torch.Tensor):
-        """q [B,H,T,D], k/v [B,T,KV,D] for hidden h [B,T,C] at positions pos [B,T], rotary applied."""
+    @staticmethod
+    def _norm(module, x: torch.Tensor) -> torch.Tensor:
+        """The HF RMSNorm as one fused kernel (HF's module runs ~6 elementwise kernels)."""
+        return F.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
+
+    def _attn_qkv(self, layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q [B,H,T,D], k/v [B,T,KV,D] for hidden h [B,T,C]; rotary cos/sin [B,T,D] computed once per forward."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         attn = layer.self_attn
@@ -118,14 +123,13 @@ class StaticKV:
         k = attn.k_proj(h).view(b, t, self.n_kv, self.head_dim)
         v = attn.v_proj(h).view(b, t, self.n_kv, self.head_dim)
         if getattr(attn, "q_norm", None) is not None:  # Qwen3's per-head RMSNorm
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        cos, sin = self.inner.rotary_emb(h, pos)
+            q, k = self._norm(attn.q_norm, q), self._norm(attn.k_norm, k)
         q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         return q, k.transpose(1, 2), v
 
     def _mlp_out(self, layer, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         h = h + layer.self_attn.o_proj(attn_out)
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        return h + layer.mlp(self._norm(layer.post_attention_layernorm, h))
 
     def _decode_eager(self, n: int, width: int) -> torch.Tensor:
         """One token for slots [0, n) from the static inputs `_tok`/`_pos`; attends over [0, width) columns."""
@@ -134,16 +138,20 @@ class StaticKV:
         cols = torch.arange(width, device=self.device)
         mask = (cols.unsqueeze(0) <= pos.unsqueeze(1))[:, None, None, :]  # [n,1,1,width]
         rows = torch.arange(n, device=self.device)
+        cos, sin = self.inner.rotary_emb(h, pos.unsqueeze(1))
         for li, layer in enumerate(self.layers):
-            x = layer.input_layernorm(h)
-            q, k, v = self._attn_qkv(layer, x, pos.unsqueeze(1))
+            x = self._norm(layer.input_layernorm, h)
+            q, k, v = self._attn_qkv(layer, x, cos, sin)
             self.k[li][rows, pos] = k[:, 0]
             self.v[li][rows, pos] = v[:, 0]
             kk = self.k[li][:n, :width].transpose(1, 2)
             vv = self.v[li][:n, :width].transpose(1, 2)
-            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
-            h = self._mlp_out(layer, h, o.transpose(1, 2).reshape(n, 1, -1))
-        return self.model.lm_head(self.inner.norm(h))[:, 0].float()
+            # GQA decode: the G query heads sharing a KV head act as G query rows of that head, so the masked
+            # kernel runs without expanding K/V (query head h uses KV head h // G, as HF's repeat_kv).
+            qg = q.reshape(n, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
+            o = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=mask)
+            h = self._mlp_out(layer, h, o.reshape(n, 1, -1))
+        return self.model.lm_head(self._norm(self.inner.norm, h))[:, 0].float()
 
     def _decode(self, last_tokens: list[int]) -> torch.Tensor:
         n = len(last_tokens)
@@ -195,9 +203,10 @@ class StaticKV:
         pos = torch.arange(t, device=self.device).unsqueeze(0).expand(b, t)
         first = len(self.rows)
         h = self.inner.embed_tokens(ids)
+        cos, sin = self.inner.rotary_emb(h, pos)
         for li, layer in enumerate(self.layers):
-            x = layer.input_layernorm(h)
-            q, k, v = self._attn_qkv(layer, x, pos)
+            x = self._norm(layer.input_layernorm, h)
+            q, k, v = self._attn_qkv(layer, x, cos, sin)
             self.k[li][first : first + b, :t] = k
             self.v[li][first : first + b, :t] = v
             # Right padding + causal: a real token never sees a pad, so no extra mask is needed.
@@ -208,4 +217,4 @@ class StaticKV:
         h = h[torch.arange(b, device=self.device), last]
         self.rows += list(fresh)
         self.lens += lens
-        return self.model.lm_head(self.inner.norm(h)).float()
+        return self.model.lm_head(self._norm(self.inner.norm, h)).float()
