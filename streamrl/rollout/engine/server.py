@@ -204,6 +204,30 @@ def build_app(scheduler: Scheduler, *, loader: Callable[[str], Any] | None = Non
             return _json({"success": False, "message": str(e)}, 400)
         return _json({"success": True, "message": ""})
 
+    async def update_from_ipc(request: HttpRequest) -> Response:
+        """CUDA IPC buckets from a trainer on the same GPU (streamrl/sync/cuda_ipc.py); copied on the device."""
+        from streamrl.sync.cuda_ipc import UpdateWeightsFromIpcRequest, open_buckets
+
+        try:
+            body = msgspec.msgpack.decode(await request.body(), type=UpdateWeightsFromIpcRequest)
+            named = open_buckets(body.buckets)
+            await anyio.to_thread.run_sync(sch.update_weights, named, body.weight_version)
+            if named and named[0][1].is_cuda:
+                import torch
+
+                torch.cuda.synchronize()  # finish reading the trainer's buckets before it frees them
+        except (*_BAD_INPUT, RuntimeError) as e:
+            return _json({"success": False, "message": f"{type(e).__name__}: {e}"}, 400)
+        return _json({"success": True, "message": ""})
+
+    async def weights_checksum(request: HttpRequest) -> Response:
+        """{name: float64 sum} of every weight, read between forwards (checks a sync landed exactly)."""
+
+        def sums(model):
+            return {k: float(v.detach().double().sum()) for k, v in model.state_dict().items()}
+
+        return _json(await anyio.to_thread.run_sync(sch.run_exclusive, sums))
+
     async def update_from_disk(request: HttpRequest) -> Response:
         try:
             body = await _decode(request, UpdateWeightsFromDiskRequest, empty_ok=False)
@@ -276,6 +300,8 @@ def build_app(scheduler: Scheduler, *, loader: Callable[[str], Any] | None = Non
         Route("/continue_generation", continue_generation, methods=post),
         Route("/update_weights_from_tensor", update_from_tensor, methods=post),
         Route("/update_weights_from_disk", update_from_disk, methods=post),
+        Route("/update_weights_from_ipc", update_from_ipc, methods=post),
+        Route("/weights_checksum", weights_checksum, methods=get),
         Route("/get_weight_version", get_weight_version, methods=get),
         Route("/model_info", model_info, methods=get),
         Route("/get_model_info", model_info, methods=get),

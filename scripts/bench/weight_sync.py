@@ -1,0 +1,132 @@
+"""Weight sync into a running engine on the same GPU, by each path, next to raw copies of the same bytes.
+
+Engine: an EmbeddedEngine (HTTP) in a separate process on the GPU, as in training. Trainer side: this process holds
+the model on the same GPU. Paths: CUDA IPC buckets (`/update_weights_from_ipc`), host round trip over HTTP
+(`/update_weights_from_tensor`, msgpack), disk (safetensors + `/update_weights_from_disk`); each wrapped in the
+real pause -> push -> continue sequence. Raw: device-to-device copy and device-to-pinned-host copy of the same
+bytes. Each path is checked exact (engine checksums equal the trainer's). One JSON line.
+
+    python3 -P scripts/bench/weight_sync.py [--preset qwen3-0.6b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    import httpx
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from streamrl.models.tiny import tiny_config
+    from streamrl.sync.base import sync_weights
+    from streamrl.sync.cuda_ipc import push_ipc
+    from streamrl.sync.http_tensor import push_named_tensors
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="qwen3-0.6b")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--bucket-mb", type=int, default=512)
+    a = p.parse_args()
+    torch.manual_seed(0)
+    cfg = tiny_config("qwen3", a.preset, vocab_size=88 if a.preset == "tiny" else None)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    ckpt = tempfile.mkdtemp()
+    model.save_pretrained(ckpt)
+    model = model.cuda()
+    port = _free_port()
+    code = ("import sys,time; from streamrl.rollout.engine.actor import EmbeddedEngine; "
+            f"EmbeddedEngine(sys.argv[1], device='cuda', dtype='bfloat16', port={port}, max_running_requests=8)"
+            ".start(); time.sleep(1e9)")
+    eng = subprocess.Popen([sys.executable, "-P", "-c", code, ckpt], env={**os.environ})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        named = [(n, t.detach()) for n, t in model.named_parameters()]
+        nbytes = sum(t.numel() * t.element_size() for _, t in named)
+        bucket = a.bucket_mb * 2**20
+
+        def perturb():
+            with torch.no_grad():
+                for _, t in named[:4]:
+                    t.add_(0.001)
+
+        def exact() -> bool:
+            got = httpx.get(url + "/weights_checksum", timeout=60).json()
+            want = {k: float(v.double().sum()) for k, v in model.state_dict().items()}
+            return all(abs(got[k] - want[k]) <= 1e-6 * max(1.0, abs(want[k])) for k in want)
+
+        def disk(version):
+            d = tempfile.mkdtemp()
+            model.save_pretrained(d)
+            r = httpx.post(url + "/update_weights_from_disk", json={"model_path": d, "weight_version": str(version)},
+                           timeout=300)
+            assert r.status_code == 200, r.text
+
+        paths = {
+            "cuda_ipc": lambda v: push_ipc([url], named, v, bucket),
+            "host_http": lambda v: push_named_tensors([url], named, v, bucket),
+            "disk": disk,
+        }
+        res, version = {}, 0
+        for name, push in paths.items():
+            times = []
+            for _ in range(a.reps):
+                perturb()
+                version += 1
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                sync_weights([url], push=lambda push=push, v=version: push(v), publish=lambda: None)
+                times.append(time.perf_counter() - t0)
+            med = statistics.median(times)
+            res[name] = {"s": round(med, 4), "GBps": round(nbytes / med / 1e9, 2), "exact": exact()}
+
+        flat = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+        pinned = torch.empty(nbytes // 2, dtype=torch.bfloat16, pin_memory=True)
+
+        def raw(dst):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            off = 0
+            for _, t in named:
+                dst[off : off + t.numel()].copy_(t.reshape(-1), non_blocking=True)
+                off += t.numel()
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+        d2d = statistics.median([raw(flat) for _ in range(5)])
+        d2h = statistics.median([raw(pinned) for _ in range(5)])
+        print(json.dumps({
+            "bench": "weight_sync", "device": torch.cuda.get_device_name(), "model": a.preset, "bytes": nbytes,
+            **{f"{k}_{m}": v[m] for k, v in res.items() for m in ("s", "GBps", "exact")},
+            "raw_d2d_s": round(d2d, 4), "raw_d2d_GBps": round(nbytes / d2d / 1e9, 1),
+            "raw_d2h_pinned_s": round(d2h, 4), "raw_d2h_pinned_GBps": round(nbytes / d2h / 1e9, 1),
+            "cuda_ipc_vs_raw_d2d": round(d2d / res["cuda_ipc"]["s"], 3),
+            "host_http_vs_raw_d2h": round(d2h / res["host_http"]["s"], 3),
+        }), flush=True)
+    finally:
+        eng.kill()
+
+
+if __name__ == "__main__":
+    main()
