@@ -222,8 +222,12 @@ class Scheduler:
             if tuple(t.shape) != tuple(params[name].shape):
                 raise ValueError(f"{name}: shape {tuple(t.shape)} != model shape {tuple(params[name].shape)}")
         with self._model_lock, torch.no_grad():
+            same = [(params[n], t) for n, t in named if t.device == params[n].device and t.dtype == params[n].dtype]
+            if same:  # one multi-tensor copy (a GPU sync of hundreds of tensors in a few kernels)
+                torch._foreach_copy_([p for p, _ in same], [t for _, t in same])
             for name, t in named:
-                params[name].copy_(t.to(device=params[name].device, dtype=params[name].dtype))
+                if t.device != params[name].device or t.dtype != params[name].dtype:
+                    params[name].copy_(t.to(device=params[name].device, dtype=params[name].dtype))
             if weight_version is not None:
                 self.weight_version = str(weight_version)
             if model_path is not None:
