@@ -10,6 +10,9 @@ States (strings, so that checkpoints and logs stay readable):
     filtered / failed / dropped_stale are terminal too, each with a reason that `reasons()` counts.
 
 The counts always add up to `admitted` (`check()`); `to_dict()/from_dict()` go into checkpoints.
+
+Replay (`--max-reuse R > 1`) hands a trained group out again: it stays `trained` (one group, counted once) and
+`reuse()` raises its use count, so `uses(gid)` is how many train steps it went into (at most R).
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ class Ledger:
         self._reason: dict[str, str] = {}  # last reason given for each group
         self._reasons: Counter[str] = Counter()  # "state/reason" -> number of moves with that reason
         self._counts: Counter[str] = Counter()
+        self._uses: dict[str, int] = {}  # trained groups handed out more than once -> total uses (>= 2)
+        self._reused = 0  # handouts that were reuses (sum of uses - 1)
 
     @property
     def admitted(self) -> int:
@@ -110,6 +115,29 @@ class Ledger:
             self._reason[gid] = reason
             self._reasons[f"{state}/{reason}"] += 1
 
+    def reuse(self, gid: str) -> int:
+        """Record one more handout of a trained group (replay); returns its total uses."""
+        if self._state.get(gid) != TRAINED:
+            raise LedgerError(f"group {gid!r} is {self._state.get(gid)}: only trained groups can be reused")
+        self._uses[gid] = self._uses.get(gid, 1) + 1
+        self._reused += 1
+        return self._uses[gid]
+
+    def uses(self, gid: str) -> int:
+        """How many train steps the group went into (0 unless trained)."""
+        return self._uses.get(gid, 1) if self._state.get(gid) == TRAINED else 0
+
+    def reuse_counts(self) -> dict[int, int]:
+        """Trained groups by number of uses, e.g. `{1: 90, 2: 10}` (10 groups were trained twice)."""
+        hist = Counter(self._uses.values())
+        once = self._counts[TRAINED] - len(self._uses)
+        return {**({1: once} if once else {}), **dict(sorted(hist.items()))}
+
+    @property
+    def reused(self) -> int:
+        """Handouts that were reuses of an already trained group."""
+        return self._reused
+
     def counts(self) -> dict[str, int]:
         """Number of groups in each state (every state listed, zeros included)."""
         return {s: self._counts[s] for s in STATES}
@@ -137,6 +165,7 @@ class Ledger:
             "step": dict(self._step),
             "reason": dict(self._reason),
             "reasons": dict(self._reasons),
+            "uses": dict(self._uses),
         }
 
     @classmethod
@@ -151,4 +180,6 @@ class Ledger:
         led._reason = dict(d.get("reason", {}))
         led._reasons = Counter(d.get("reasons", {}))
         led._counts = Counter(led._state.values())
+        led._uses = {k: int(v) for k, v in d.get("uses", {}).items()}
+        led._reused = sum(v - 1 for v in led._uses.values())
         return led

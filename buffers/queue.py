@@ -2,12 +2,22 @@
 
 Producers `put` completed groups (blocking while the buffer is full: backpressure, never a drop); the driver
 `get`s one batch of groups per train step. Transfers are batched (one call per many groups) because a round
-trip through an actor costs about 2 ms. Every group is tracked in the Ledger; `check_ledger()` proves that
-nothing was lost or trained twice. The buffer filter decides the order; staleness is checked at `get` against
-the version set by the driver after each publish, and `--stale-policy` handles what went stale.
+trip through an actor costs about 2 ms. Three forms, freely mixed: `put`/`get` (Sample objects, pickled by Ray),
+`put_encoded`/`get_encoded` (msgpack bytes the buffer never decodes, buffers/wire.py) and `put_stored`/
+`get_stored` (bodies in the Ray object store, only metadata through the actor, buffers/store.py: the fastest).
+Every group is tracked in the Ledger; `check_ledger()` proves that nothing was lost or trained twice. The buffer
+filter decides the order; staleness is checked at `get` against the version set by the driver after each publish,
+and `--stale-policy` handles what went stale.
+
+Bounds: `--async-buffer-size` groups, and optionally `--async-buffer-max-tokens` tokens queued. The token bound
+never blocks a group when the buffer is empty or when the waiting trainer lacks groups (else a batch of large
+groups could never form). Replay (`--max-reuse`) is described in buffers/replay.py, persistence in persist.py.
 
 `RolloutBuffer` is a plain class (usable directly under asyncio in tests); `make_buffer_actor` wraps it.
 All blocking methods are `async`, so a put blocked on a full buffer does not block `get` calls.
+Shutdown: `close()` wakes every waiter; blocked and later puts raise BufferClosed, gets drain what is queued and
+then raise. A caller cancelled mid-call (a producer task dying) leaves the buffer consistent: the groups put
+before the cancellation stay, a get's held groups go back in front.
 """
 
 from __future__ import annotations
@@ -16,11 +26,14 @@ import asyncio
 import time
 from typing import Any
 
-import msgspec
-
 from buffers.filters import load_buffer_filter
 from buffers.ledger import DROPPED_STALE, FAILED, FILTERED, IN_FLIGHT, PARTIAL, QUEUED, REGENERATING, TRAINED, Ledger
-from streamrl.types import Group, Sample, group_versions
+from buffers.metrics import BufferMetrics
+from buffers.replay import ReplayStore, Reuse
+from buffers.state import BufferStateMixin
+from buffers.store import StoreMixin
+from buffers.wire import Entry, join_groups, parse_batch
+from streamrl.types import Group
 
 MARKABLE = frozenset({IN_FLIGHT, PARTIAL, FILTERED, FAILED, DROPPED_STALE})  # states producers may set via mark()
 
@@ -29,7 +42,7 @@ class BufferClosed(RuntimeError):
     """The buffer was closed: a blocked or later put fails, a get that cannot be filled fails."""
 
 
-class RolloutBuffer:
+class RolloutBuffer(BufferStateMixin, StoreMixin):
     """Bounded FIFO (or filter-ordered) queue of groups with a ledger; see the module docstring."""
 
     def __init__(self, args: Any) -> None:
@@ -38,40 +51,85 @@ class RolloutBuffer:
         self.max_staleness = int(args.max_staleness)
         self.stale_policy = args.stale_policy
         self.group_size = int(args.n_samples_per_prompt)
-        if self.capacity < 1 or self.group_size < 1 or self.max_staleness < 0:
-            raise ValueError("need async_buffer_size >= 1, n_samples_per_prompt >= 1 and max_staleness >= 0")
+        self.max_tokens = getattr(args, "async_buffer_max_tokens", None)
+        max_reuse = int(getattr(args, "max_reuse", 1) or 1)
+        if self.capacity < 1 or self.group_size < 1 or self.max_staleness < 0 or max_reuse < 1:
+            raise ValueError("need async_buffer_size, n_samples_per_prompt, max_reuse >= 1 and max_staleness >= 0")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"async_buffer_max_tokens must be >= 1 (or None), got {self.max_tokens}")
         if self.stale_policy not in ("drop", "regenerate"):
             raise ValueError(f"stale_policy must be 'drop' or 'regenerate', got {self.stale_policy!r}")
         self._filter = load_buffer_filter(getattr(args, "buffer_filter_path", None))
-        self.groups: list[Group] = []
-        self._held: list[Group] = []  # fresh groups taken by the get in progress: still queued, still counted
-        self._versions: dict[str, tuple[int, int] | None] = {}  # group_id -> (min, max) token version
+        self._q: list[Entry] = []
+        self._held: list[Entry] = []  # fresh groups taken by the get in progress: still queued, still counted
+        self._tokens = 0  # tokens over _q and _held
+        self._want = 0  # groups the waiting get still lacks: the token bound yields to it
         self._regenerate: list[Group] = []
+        self._partials: list[Group] = []
+        self._replay = ReplayStore(max_reuse, self.capacity)
         self.ledger = Ledger()
+        self.metrics = BufferMetrics()
         self.version = 0
         self._closed = False
         self._cond = asyncio.Condition()
         self._get_lock = asyncio.Lock()  # one consumer at a time: held groups then never starve each other
-        self._m = {"put": 0, "got": 0, "put_blocked_s": 0.0, "get_wait_s": 0.0, "stale_sum": 0, "stale_max": 0}
+
+    @property
+    def groups(self) -> list[Group]:
+        """The queued groups (not those held by a get in progress), in queue order. A copy of the list."""
+        return [e.group for e in self._q]
 
     # -- producers ------------------------------------------------------------------------------------------
-    def _full(self) -> bool:
-        return len(self.groups) + len(self._held) >= self.capacity
+    def _fits(self, e: Entry) -> bool:
+        size = len(self._q) + len(self._held)
+        if size >= self.capacity:
+            return False
+        return (self.max_tokens is None or size == 0 or self._tokens + e.meta.ntokens <= self.max_tokens
+                or self._want > len(self._q))
 
-    def _validate(self, groups: list[Group]) -> list[str]:
-        gids: list[str] = []
-        for g in groups:
-            gid = g[0].group_id if g else ""
-            if len(g) != self.group_size:
-                raise ValueError(f"group {gid!r} has {len(g)} samples; n_samples_per_prompt is {self.group_size}")
-            if not gid or any(s.group_id != gid for s in g):
-                raise ValueError(f"group {gid!r}: every sample needs the same non-empty group_id")
-            if gid in gids:
-                raise ValueError(f"group {gid!r} appears twice in one put")
-            if gid in self.ledger:
-                self.ledger.check_move(gid, QUEUED)
-            gids.append(gid)
-        return gids
+    def _validate(self, entries: list[Entry]) -> None:
+        seen: set[str] = set()
+        stashed = {g[0].group_id for g in self._partials}
+        for e in entries:
+            m = e.meta
+            if m.size != self.group_size:
+                raise ValueError(f"group {m.gid!r} has {m.size} samples; n_samples_per_prompt is {self.group_size}")
+            if not m.gid:
+                raise ValueError("every sample of a group needs the same non-empty group_id")
+            if m.gid in seen:
+                raise ValueError(f"group {m.gid!r} appears twice in one put")
+            if m.gid in stashed:
+                raise ValueError(f"group {m.gid!r} is stashed as partial: take_partials() it first")
+            if m.gid in self.ledger:
+                self.ledger.check_move(m.gid, QUEUED)
+            seen.add(m.gid)
+
+    async def _put(self, entries: list[Entry], timeout: float | None) -> int:
+        self._validate(entries)
+        done = 0
+        try:
+            async with asyncio.timeout(timeout), self._cond:
+                for e in entries:
+                    if not self._closed and not self._fits(e):
+                        t0 = time.perf_counter()
+                        try:
+                            await self._cond.wait_for(lambda: self._closed or self._fits(e))  # noqa: B023
+                        finally:
+                            self.metrics.blocked("put_blocked_s", time.perf_counter() - t0)
+                    if self._closed:
+                        raise BufferClosed(f"buffer closed: {done} of {len(entries)} groups were put")
+                    if e.gid not in self.ledger:
+                        self.ledger.admit(e.gid)
+                    self.ledger.move(e.gid, QUEUED)
+                    self._q.append(e)
+                    self._tokens += e.meta.ntokens
+                    done += 1
+                    self.metrics.on_put(1, e.meta.size, e.meta.ntokens)
+                    self._cond.notify_all()
+        except TimeoutError:
+            raise TimeoutError(f"put: buffer full ({self.capacity} groups) for {timeout}s; "
+                               f"{done} of {len(entries)} groups were put") from None
+        return done
 
     async def put(self, groups: list[Group], timeout: float | None = None) -> int:
         """Append groups in order, waiting while the buffer is full; return how many were put.
@@ -80,31 +138,11 @@ class RolloutBuffer:
         before the one that timed out stay put), BufferClosed if the buffer is or gets closed, ValueError for a
         malformed group (nothing is put then).
         """
-        gids = self._validate(groups)
-        done = 0
-        try:
-            async with asyncio.timeout(timeout), self._cond:
-                for g, gid in zip(groups, gids, strict=True):
-                    if self._full() and not self._closed:
-                        t0 = time.perf_counter()
-                        try:
-                            await self._cond.wait_for(lambda: self._closed or not self._full())
-                        finally:
-                            self._m["put_blocked_s"] += time.perf_counter() - t0
-                    if self._closed:
-                        raise BufferClosed(f"buffer closed: {done} of {len(groups)} groups were put")
-                    if gid not in self.ledger:
-                        self.ledger.admit(gid)
-                    self.ledger.move(gid, QUEUED)
-                    self._versions[gid] = group_versions(g)
-                    self.groups.append(g)
-                    done += 1
-                    self._m["put"] += 1
-                    self._cond.notify_all()
-        except TimeoutError:
-            raise TimeoutError(f"put: buffer full ({self.capacity} groups) for {timeout}s; "
-                               f"{done} of {len(groups)} groups were put") from None
-        return done
+        return await self._put([Entry.of(g) for g in groups], timeout)
+
+    async def put_encoded(self, data: bytes, timeout: float | None = None) -> int:
+        """`put` for groups as bytes: `buffers.wire.encode_batch(groups)` (fastest) or `streamrl.types.encode`."""
+        return await self._put([Entry(m, raw=r) for m, r in parse_batch(data)], timeout)
 
     def admit(self, gids: list[str]) -> None:
         """Record groups taken from the data source (state in_flight). All or nothing."""
@@ -117,7 +155,7 @@ class RolloutBuffer:
         """Producer-side ledger moves: in_flight, partial, filtered, failed, dropped_stale (with a reason)."""
         if state not in MARKABLE:
             raise ValueError(f"mark: state {state!r} is set by the buffer itself; allowed: {sorted(MARKABLE)}")
-        if self.ledger.state(gid) in (QUEUED, REGENERATING):  # the buffer holds it: a move would desync the queue
+        if self.ledger.state(gid) in (QUEUED, REGENERATING) or any(g[0].group_id == gid for g in self._partials):
             raise ValueError(f"mark: group {gid!r} is {self.ledger.state(gid)} in the buffer")
         self.ledger.move(gid, state, reason=reason)
 
@@ -130,77 +168,127 @@ class RolloutBuffer:
         return out
 
     # -- trainer ----------------------------------------------------------------------------------------------
-    def _staleness(self, g: Group) -> int:
-        v = self._versions.get(g[0].group_id)
-        return 0 if v is None else self.version - v[0]
+    def _staleness(self, e: Entry) -> int:
+        # Clamped: the buffer learns of a publish after the engines do, so a token may be newer than `version`.
+        return 0 if e.meta.vmin is None else max(0, self.version - e.meta.vmin)
 
-    def _select(self, step: int, k: int) -> list[Group]:
-        before = list(self.groups)
-        sel = self._filter(self.args, step, self.groups, k)
-        # The slime contract: return at most k groups and pop exactly those. Anything else would lose or duplicate.
-        if len(sel) > k or sorted(map(id, sel + self.groups)) != sorted(map(id, before)):
-            self.groups = before
-            raise RuntimeError(f"buffer filter {self._filter.__name__} must pop the (at most {k}) groups it returns")
+    def _select(self, step: int, k: int) -> list[Entry]:
+        order = getattr(self._filter, "order", None)
+        if order is not None:  # a built-in: ordered on metadata, nothing is decoded
+            idx = order(self.args, step, [e.meta for e in self._q], k)
+            if len(idx) > k or len(set(idx)) != len(idx) or not all(0 <= i < len(self._q) for i in idx):
+                raise RuntimeError(f"buffer filter {self._filter.__name__} returned bad indices {idx[:8]}")
+            sel, chosen = [self._q[i] for i in idx], set(idx)
+            rest = [e for i, e in enumerate(self._q) if i not in chosen]
+        else:  # a user filter: the slime contract on real Samples
+            by_id = {id(e.group): e for e in self._q}
+            buffer = [e.group for e in self._q]
+            before = list(buffer)
+            out = self._filter(self.args, step, buffer, k)
+            # The slime contract: return at most k groups and pop exactly those. Anything else would lose or duplicate.
+            if len(out) > k or sorted(map(id, out + buffer)) != sorted(map(id, before)):
+                raise RuntimeError(f"buffer filter {self._filter.__name__} must pop the (at most {k}) groups it "
+                                   "returns")
+            sel, rest = [by_id[id(g)] for g in out], [by_id[id(g)] for g in buffer]
         if not sel and k:
-            raise RuntimeError(f"buffer filter {self._filter.__name__} returned no group from {len(before)} queued")
+            raise RuntimeError(f"buffer filter {self._filter.__name__} returned no group from {len(self._q)} queued")
+        self._q = rest
         return sel
 
-    def _retire_stale(self, g: Group, staleness: int) -> None:
-        gid, reason = g[0].group_id, f"staleness={staleness}"
-        self._versions.pop(gid, None)
+    def _retire_stale(self, e: Entry, staleness: int) -> None:
+        gid, reason = e.gid, f"staleness={staleness}"
+        self._tokens -= e.meta.ntokens
         if self.stale_policy == "drop":
             self.ledger.move(gid, DROPPED_STALE, reason=reason)
             return
+        g = e.group
         for s in g:
             s.reset_response()
         self.ledger.move(gid, REGENERATING, reason=reason)
         self._regenerate.append(g)
 
-    async def get(self, n: int, step: int, timeout: float | None = None) -> list[Group]:
-        """Take `n` fresh groups for train step `step`, in the filter's order; they are marked trained.
+    def _keep_fresh(self, entries: list[Entry]) -> list[Entry]:
+        """Retire the stale entries (stale policy), return the others."""
+        fresh = []
+        for e in entries:
+            st = self._staleness(e)
+            if st > self.max_staleness:
+                self._retire_stale(e, st)
+            else:
+                fresh.append(e)
+        return fresh
 
-        Waits until enough groups are queued. Selected groups staler than max_staleness follow the stale policy
-        and are replaced by more. Raises TimeoutError after `timeout` seconds and BufferClosed when the buffer
-        is closed with fewer than needed queued; in both cases the fresh groups already taken go back in front.
-        """
+    async def _take(self, n: int, step: int, timeout: float | None) -> list[Entry]:
+        """The batch for `get`/`get_encoded`: fresh groups (filter order), then reused ones; see `get`."""
         if not 1 <= n <= self.capacity:
             raise ValueError(f"get({n}): n must be in 1..async_buffer_size={self.capacity} (or it never fills)")
-        t0 = time.perf_counter()
+        reused: list[Reuse] = []
         try:
             async with asyncio.timeout(timeout), self._get_lock, self._cond:
                 try:
-                    while len(self._held) < n:
+                    while True:
+                        self._held = self._keep_fresh(self._held)  # a publish during a wait can age held groups
                         need = n - len(self._held)
-                        await self._cond.wait_for(lambda: self._closed or len(self.groups) >= need)  # noqa: B023
-                        if len(self.groups) < need:
-                            raise BufferClosed(f"buffer closed with {len(self.groups)} groups queued; get({n}) "
-                                               f"had {len(self._held)}")
-                        for g in self._select(step, need):
-                            st = self._staleness(g)
-                            if st > self.max_staleness:
-                                self._retire_stale(g, st)
-                            else:
-                                self._held.append(g)
-                        self._cond.notify_all()  # stale groups freed space for producers
+                        if need == 0:
+                            break
+                        spare = self._replay.eligible(self.version, self.max_staleness)
+                        if len(self._q) + spare < need:
+                            if self._closed:
+                                raise BufferClosed(f"buffer closed with {len(self._q)} groups queued; get({n}) "
+                                                   f"had {len(self._held)}")
+                            self._want = need
+                            self._cond.notify_all()  # producers held back only by the token bound may go on
+                            t0 = time.perf_counter()
+                            try:
+                                await self._cond.wait_for(
+                                    lambda: self._closed or len(self._q) + spare >= need)  # noqa: B023
+                            finally:
+                                self._want = 0
+                                self.metrics.blocked("get_wait_s", time.perf_counter() - t0)
+                        elif self._q:
+                            self._held += self._keep_fresh(self._select(step, min(need, len(self._q))))
+                            self._cond.notify_all()  # stale groups freed space for producers
+                        else:  # nothing fresh queued: reuse instead of waiting (buffers/replay.py)
+                            reused = self._replay.take(need, self.version, self.max_staleness)
+                            break
                 except BaseException:
-                    self.groups[:0] = self._held  # back in front, in order: nothing is lost on timeout/close
+                    self._replay.untake(reused)
+                    self._q[:0] = self._held  # back in front, in order: nothing is lost on timeout/close
                     self._held = []
                     raise
-                out, self._held = self._held, []
-                for g in out:
-                    st = self._staleness(g)
-                    self._m["stale_sum"] += st
-                    self._m["stale_max"] = max(self._m["stale_max"], st)
-                    self.ledger.move(g[0].group_id, TRAINED, step=step)
-                    self._versions.pop(g[0].group_id, None)
-                self._m["got"] += len(out)
-                return out
+                return self._commit(step, reused)
         except TimeoutError:
-            raise TimeoutError(f"get({n}): only {len(self.groups)} groups queued after {timeout}s") from None
-        finally:
-            self._m["get_wait_s"] += time.perf_counter() - t0
+            raise TimeoutError(f"get({n}): only {len(self._q)} groups queued after {timeout}s") from None
 
-    # -- driver, metrics, lifecycle ------------------------------------------------------------------------------
+    def _commit(self, step: int, reused: list[Reuse]) -> list[Entry]:
+        out, self._held = self._held + [r.entry for r in reused], []
+        for e in out[: len(out) - len(reused)]:
+            self.ledger.move(e.gid, TRAINED, step=step)
+            self._tokens -= e.meta.ntokens
+            self._replay.add(e)
+        for r in reused:
+            self.ledger.reuse(r.entry.gid)
+        self.metrics.on_get([self._staleness(e) for e in out], sum(e.meta.size for e in out), len(reused))
+        self._cond.notify_all()  # space freed: blocked producers go on
+        return out
+
+    async def get(self, n: int, step: int, timeout: float | None = None) -> list[Group]:
+        """Take `n` groups for train step `step`, in the filter's order; they are marked trained.
+
+        Waits until enough groups are queued. Selected groups staler than max_staleness follow the stale policy
+        and are replaced by more. With `--max-reuse R > 1`, when fewer fresh groups than needed are queued the
+        batch is topped up with already trained groups (used fewer than R times, still within the staleness
+        bound) instead of waiting. Raises TimeoutError after `timeout` seconds and BufferClosed when the buffer
+        is closed with fewer than needed; in both cases the fresh groups already taken go back in front.
+        """
+        return [e.group for e in await self._materialize(await self._take(n, step, timeout))]
+
+    async def get_encoded(self, n: int, step: int, timeout: float | None = None) -> bytes:
+        """`get`, as the msgpack of `list[list[Sample]]`: read it with `buffers.wire.decode_batch` (or
+        `streamrl.types.decode_groups`). Groups that arrived encoded are passed through without decoding."""
+        return join_groups([e.raw for e in await self._materialize(await self._take(n, step, timeout))])
+
+    # -- driver, lifecycle ---------------------------------------------------------------------------------------
     def set_version(self, v: int) -> None:
         """The policy version after a publish (never decreases)."""
         if v < self.version:
@@ -212,59 +300,12 @@ class RolloutBuffer:
 
     def size(self) -> int:
         """Groups queued (including those held by a get in progress)."""
-        return len(self.groups) + len(self._held)
-
-    def ledger_counts(self) -> dict[str, int]:
-        return self.ledger.counts()
-
-    def check_ledger(self) -> dict[str, int]:
-        """Raise AssertionError unless the ledger adds up and agrees with the queue and regenerate list."""
-        counts = self.ledger.check()
-        if counts[QUEUED] != self.size() or counts[REGENERATING] != len(self._regenerate):
-            raise AssertionError(f"ledger {counts} disagrees with {self.size()} queued and "
-                                 f"{len(self._regenerate)} regenerating groups")
-        return counts
-
-    def stats(self) -> dict[str, Any]:
-        """Queue size, ledger counts and reasons, staleness of handed-out groups, producer blocking time."""
-        m = self._m
-        return {
-            "size": self.size(), "capacity": self.capacity, "version": self.version, "closed": self._closed,
-            "admitted": self.ledger.admitted, "ledger": self.ledger.counts(), "reasons": self.ledger.reasons(),
-            "groups_put": m["put"], "groups_got": m["got"], "regenerate_pending": len(self._regenerate),
-            "staleness_mean": m["stale_sum"] / m["got"] if m["got"] else 0.0, "staleness_max": m["stale_max"],
-            "put_blocked_s": m["put_blocked_s"], "get_wait_s": m["get_wait_s"],
-        }
+        return len(self._q) + len(self._held)
 
     async def close(self) -> None:
         """Wake every waiter: blocked and later puts raise BufferClosed; gets drain what is queued, then raise."""
         self._closed = True
         async with self._cond:
-            self._cond.notify_all()
-
-    def state_dict(self) -> dict[str, Any]:
-        """Queued and regenerate groups (msgpack bytes), ledger, version and metrics, for checkpoints."""
-        return {
-            "groups": msgspec.msgpack.encode(self._held + self.groups),
-            "regenerate": msgspec.msgpack.encode(self._regenerate),
-            "ledger": self.ledger.to_dict(),
-            "version": self.version,
-            "metrics": dict(self._m),
-        }
-
-    async def load_state_dict(self, sd: dict[str, Any]) -> None:
-        """Restore a `state_dict` (replaces the queue, ledger and version) and check that it adds up."""
-        if self._get_lock.locked():
-            raise RuntimeError("load_state_dict while a get is in progress")
-        dec = msgspec.msgpack.Decoder(list[list[Sample]])
-        async with self._cond:
-            self.groups, self._held = dec.decode(sd["groups"]), []
-            self._regenerate = dec.decode(sd["regenerate"])
-            self._versions = {g[0].group_id: group_versions(g) for g in self.groups}
-            self.ledger = Ledger.from_dict(sd["ledger"])
-            self.version = int(sd["version"])
-            self._m.update(sd.get("metrics", {}))
-            self.check_ledger()
             self._cond.notify_all()
 
 

@@ -50,8 +50,7 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
     def start_eval(step: int):
         if not args.eval_prompt_data:
             return None, step
-        ref = c.manager.evaluate.remote(args.eval_prompt_data, args.n_samples_per_eval_prompt, args.eval_temperature)
-        return ref, step
+        return c.manager.evaluate.remote(step), step  # eval/<name>/reward, eval/reward, eval/version
 
     def publish(new_version: int) -> dict[str, float]:
         return sync_weights(
@@ -62,9 +61,8 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
         )
 
     try:
-        if args.eval_prompt_data:
-            first = ray.get(c.manager.evaluate.remote(args.eval_prompt_data, args.n_samples_per_eval_prompt,
-                                                      args.eval_temperature))
+        if args.eval_prompt_data and not args.skip_eval_before_train:
+            first = ray.get(c.manager.evaluate.remote(0))
             logger.log({"step": 0, **first})
             summary["eval_initial"] = first["eval/reward"]
             print(f"[streamrl] eval before training: reward {first['eval/reward']:.3f}", flush=True)
@@ -114,8 +112,7 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
         if eval_ref is not None:
             ray.get(eval_ref)
         if args.eval_prompt_data:
-            final = ray.get(c.manager.evaluate.remote(args.eval_prompt_data, args.n_samples_per_eval_prompt,
-                                                      args.eval_temperature))
+            final = ray.get(c.manager.evaluate.remote(total))
             logger.log({"step": total, **final})
             summary["eval_final"] = final["eval/reward"]
             print(f"[streamrl] eval after training: reward {final['eval/reward']:.3f}", flush=True)

@@ -1,7 +1,17 @@
-"""Start the moving parts as Ray actors: engines, buffer, producers (RolloutManager), trainer ranks.
+"""Start the moving parts as Ray actors: engines, router, buffer, producers (RolloutManager), trainer ranks.
 
 Ray starts a local cluster itself unless `--ray-address` is given. CPU counts are bookkeeping only on a laptop:
 actors ask for 0 CPUs and each sets its own torch thread count (`--engine-torch-threads`, `--train-torch-threads`).
+
+Engines: `--rollout-engine embedded` (the in-repo engine, CPU or GPU) or `sglang` (real SGLang servers,
+`streamrl/rollout/sglang/launcher.py`). Router (`args.router_mode`, set by validate):
+  * "local": streamrl starts sglang-router on 127.0.0.1 in front of the engines: always with SGLang engines, and
+    with embedded engines under `--use-router`. Producers post /generate to it;
+  * "external": `--sglang-router-ip/--sglang-router-port`: the engines register with that router (and leave it at
+    shutdown);
+  * "none" (embedded default): producers balance /generate over the engines themselves (fewest in flight).
+Abort, pause/continue and weight updates always go to every engine URL: routers do not proxy them.
+`args.sglang_router_ip/port` point at the router when there is one (slime plug-ins post there).
 """
 
 from __future__ import annotations
@@ -33,25 +43,66 @@ def init_ray(args: argparse.Namespace) -> None:
 @dataclass
 class Components:
     engines: list[Any]
-    engine_urls: list[str]
+    engine_urls: list[str]  # every worker: abort, pause, continue and weight sync go here
     buffer: Any
     manager: Any
     trainer: Any
+    router: Any = None  # the RouterProcess streamrl started (router_mode "local")
+    router_url: str | None = None  # where /generate goes (None: straight to the engines)
+
+
+def gpu_shares(args: argparse.Namespace) -> tuple[float, float]:
+    """(GPUs per engine, GPUs per trainer rank). With fewer GPUs than engines + ranks need (one GPU: the issue-8
+    setup), every process gets an equal fraction, so trainer and engines share the card as separate processes."""
+    import ray
+
+    total = ray.cluster_resources().get("GPU", 0)
+    if total == 0:
+        return 0.0, 0.0
+    world = args.actor_num_nodes * args.actor_num_gpus_per_node
+    need = args.rollout_num_engines * args.rollout_num_gpus_per_engine + world
+    if need <= total:
+        return float(args.rollout_num_gpus_per_engine), 1.0
+    frac = total / (args.rollout_num_engines + world)
+    return frac, frac
 
 
 def start_engines(args: argparse.Namespace) -> tuple[list[Any], list[str]]:
     import ray
 
+    if args.rollout_engine == "sglang":
+        from streamrl.rollout.sglang.launcher import start_sglang_engines
+
+        return start_sglang_engines(args)
     from streamrl.rollout.engine.actor import make_engine_actor
 
-    gpu = ray.cluster_resources().get("GPU", 0) > 0
-    cls = make_engine_actor(num_cpus=0, num_gpus=args.rollout_num_gpus_per_engine if gpu else 0)
+    engine_gpus, _ = gpu_shares(args)
+    cls = make_engine_actor(num_cpus=0, num_gpus=engine_gpus)
     env = {"env_vars": {"OMP_NUM_THREADS": str(args.engine_torch_threads)}}
-    engines = [cls.options(runtime_env=env).remote(args.hf_checkpoint, torch_threads=args.engine_torch_threads,
-                                                   device="cuda" if gpu else "cpu",
-                                                   max_running_requests=args.sglang_server_concurrency)
-               for _ in range(args.rollout_num_engines)]
+    gpu = engine_gpus > 0
+    engines = [cls.options(runtime_env=env).remote(
+        args.hf_checkpoint, torch_threads=args.engine_torch_threads, device="cuda" if gpu else "cpu",
+        max_running_requests=args.sglang_server_concurrency,
+        dtype=args.engine_dtype or ("bfloat16" if gpu else "float32"), max_context_len=args.engine_max_context_len)
+        for _ in range(args.rollout_num_engines)]
     return engines, ray.get([e.url.remote() for e in engines])
+
+
+def start_router(args: argparse.Namespace, urls: list[str]) -> tuple[Any, str | None]:
+    """(RouterProcess or None, router URL or None) per `args.router_mode`; sets args.sglang_router_ip/port."""
+    from streamrl.rollout.sglang import router as r
+
+    mode = getattr(args, "router_mode", "none")
+    if mode == "none":
+        return None, None
+    if mode == "external":
+        url = f"http://{args.sglang_router_ip}:{args.sglang_router_port}"
+        for u in urls:
+            r.add_worker(url, u, timeout=args.rollout_engine_startup_timeout)
+        return None, url
+    proc = r.start_router(args, urls, log_path=f"{args.run_dir}/router.log" if args.run_dir else None)
+    args.sglang_router_ip, args.sglang_router_port = proc.host, proc.port
+    return proc, proc.url
 
 
 def build(args: argparse.Namespace) -> Components:
@@ -63,11 +114,12 @@ def build(args: argparse.Namespace) -> Components:
 
     init_ray(args)
     engines, urls = start_engines(args)
+    router, router_url = start_router(args, urls)
     buffer = make_buffer_actor(args)
-    manager = ray.remote(num_cpus=0, max_concurrency=1000)(RolloutManager).remote(args, buffer, urls)
+    manager = ray.remote(num_cpus=0, max_concurrency=1000)(RolloutManager).remote(args, buffer, urls, router_url)
     trainer = TrainerGroup(args)
     ray.get(manager.get_stats.remote())  # surface constructor errors (bad data, bad plug-in path) now
-    return Components(engines, urls, buffer, manager, trainer)
+    return Components(engines, urls, buffer, manager, trainer, router, router_url)
 
 
 def shutdown(c: Components) -> None:
@@ -78,6 +130,16 @@ def shutdown(c: Components) -> None:
     except Exception:  # the manager may already be gone; shutting down regardless
         pass
     c.trainer.shutdown()
+    if c.router is not None:
+        c.router.stop()
+    elif c.router_url:  # an external router: leave it without our (soon dead) engines
+        from streamrl.rollout.sglang.router import remove_worker
+
+        for u in c.engine_urls:
+            try:
+                remove_worker(c.router_url, u, timeout=30)
+            except Exception:  # best effort: the router may be gone
+                pass
     for e in c.engines:
         try:
             ray.get(e.shutdown.remote(), timeout=10)

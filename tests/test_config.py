@@ -17,6 +17,20 @@ SLIME_FLAGS = [
     "--buffer-filter-path", "--custom-rm-path", "--actor-num-nodes", "--actor-num-gpus-per-node",
     "--rollout-num-gpus", "--rollout-num-gpus-per-engine", "--colocate", "--tensor-model-parallel-size",
     "--loss-type", "--use-wandb", "--check-weight-update-equal",
+    # rollout plug-ins, SGLang, router, eval (issue 7)
+    "--rollout-engine", "--rollout-function-path", "--custom-generate-function-path", "--group-rm",
+    "--dynamic-sampling-filter-path", "--over-sampling-batch-size", "--rollout-sample-filter-path",
+    "--data-source-path", "--eval-prompt-data", "--n-samples-per-eval-prompt", "--eval-interval",
+    "--eval-temperature", "--eval-max-response-len", "--skip-eval-before-train", "--eval-function-path",
+    "--sglang-router-ip", "--sglang-router-port", "--sglang-router-request-timeout-secs", "--sglang-server-concurrency",
+    "--sglang-mem-fraction-static", "--sglang-context-length", "--sglang-log-level", "--router-policy",
+    "--router-balance-abs-threshold",
+    # RL math (issue 5)
+    "--disable-grpo-std-normalization", "--disable-rewards-normalization", "--normalize-advantages", "--gamma",
+    "--lambd", "--kl-coef", "--value-clip", "--num-critic-only-steps", "--use-opd", "--opd-kl-coef",
+    "--opd-teacher-load", "--custom-advantage-function-path", "--custom-loss-function-path",
+    "--calculate-per-token-loss", "--eps-clip-c", "--kl-loss-type", "--entropy-coef", "--custom-tis-function-path",
+    "--use-rollout-logprobs", "--true-on-policy-mode",
 ]
 
 
@@ -61,3 +75,38 @@ def test_help_is_fast_and_imports_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "--update-weights-interval" in out
     assert "HEAVY []" in out
+
+
+@pytest.mark.parametrize(
+    "overrides, flags",
+    [
+        ({"kl_coef": 0.1, "advantage_estimator": "ppo", "use_kl_loss": True, "kl_loss_coef": 0.1},
+         ["--kl-coef", "--use-kl-loss"]),
+        ({"kl_coef": 0.1}, ["--kl-coef", "--use-kl-loss"]),  # grpo ignores reward shaping: say so
+        ({"disable_tis": True}, ["--max-staleness", "--use-tis", "--use-rollout-logprobs",
+                                 "--allow-uncorrected-offpolicy"]),
+        ({"advantage_estimator": "reinforce_plus_plus"}, ["--normalize-advantages"]),
+        ({"use_opd": True}, ["--opd-teacher-load"]),
+        ({"loss_type": "custom_loss"}, ["--custom-loss-function-path"]),
+        ({"calculate_per_token_loss": True, "loss_normalizer_constant": 64.0},
+         ["--calculate-per-token-loss", "--loss-normalizer-constant"]),
+        ({"eps_clip_c": 1.0}, ["--eps-clip-c"]),
+        ({"true_on_policy_mode": True}, ["--sglang-server-concurrency"]),
+        ({"true_on_policy_mode": True, "sglang_server_concurrency": 1, "engine_torch_threads": 2},
+         ["--engine-torch-threads", "--train-torch-threads"]),
+        ({"num_critic_only_steps": 2}, ["--advantage-estimator"]),
+    ],
+)
+def test_algo_combinations_name_the_flags(overrides, flags):
+    with pytest.raises(ConfigError) as e:
+        default_args(**overrides)
+    assert all(f in str(e.value) for f in flags), str(e.value)
+
+
+def test_offpolicy_correction_defaults():
+    a = default_args()
+    assert a.use_tis and a.max_staleness > 0  # streamrl corrects by default (slime: --use-tis is opt-in)
+    assert default_args(disable_tis=True, max_staleness=0).use_tis is False
+    assert default_args(disable_tis=True, allow_uncorrected_offpolicy=True).use_tis is False
+    b = default_args(use_rollout_logprobs=True)  # the other correction; TIS's ratio would be 1
+    assert b.use_rollout_logprobs and not b.use_tis

@@ -1,37 +1,74 @@
-"""Pure RL math on tensors: advantages, per-token losses, reductions and token log-probs (torch only).
+"""Pure RL math on tensors: advantages, per-token losses, off-policy weights, reductions and token log-probs.
 
-Nothing here knows about Ray, processes or distributed training; see `losses.py` for how the trainer reduces the
-per-token loss so that micro-batching and data-parallel splitting give the same gradient.
+Nothing here knows about Ray, processes or distributed training (a cross-rank sum, where one is needed, is passed
+in as a function). See `reduce.py` for why the gradient does not depend on micro-batching or data-parallel
+splitting, `offpolicy.py` for the behaviour-policy correction, and `streamrl/train/loss.py` for how the trainer
+assembles the three-policy objective from these pieces.
 """
 
-from streamrl.algos.advantages import expand_to_tokens, grpo_advantages
+from streamrl.algos.advantages import (
+    discounted_returns,
+    expand_to_tokens,
+    gae,
+    grpo_advantages,
+    kl_shaped_rewards,
+    last_token_onehot,
+    masked_whiten,
+    opd_advantages,
+    reinforce_pp_baseline,
+)
 from streamrl.algos.logprobs import ResponseLogProbs, entropy_from_logits, response_log_probs, token_log_probs
 from streamrl.algos.losses import (
+    cispo_loss,
+    gspo_log_ratio,
     kl_estimate,
-    masked_mean,
-    masked_sample_mean_sum,
-    masked_token_sum,
+    pg_loss,
     policy_loss,
     ppo_clip_loss,
-    reduce_metrics,
     sft_loss,
     tis_weights,
+    value_loss,
 )
+from streamrl.algos.offpolicy import (
+    BUILTIN_TIS_FUNCTIONS,
+    call_tis_function,
+    icepop_function,
+    importance_weights,
+    vanilla_tis_function,
+)
+from streamrl.algos.reduce import LossReducer, masked_mean, masked_sample_mean_sum, masked_token_sum, reduce_metrics
 
 __all__ = [
+    "BUILTIN_TIS_FUNCTIONS",
+    "LossReducer",
     "ResponseLogProbs",
+    "call_tis_function",
+    "cispo_loss",
+    "discounted_returns",
     "entropy_from_logits",
     "expand_to_tokens",
+    "gae",
     "grpo_advantages",
+    "gspo_log_ratio",
+    "icepop_function",
+    "importance_weights",
     "kl_estimate",
+    "kl_shaped_rewards",
+    "last_token_onehot",
     "masked_mean",
     "masked_sample_mean_sum",
     "masked_token_sum",
+    "masked_whiten",
+    "opd_advantages",
+    "pg_loss",
     "policy_loss",
     "ppo_clip_loss",
     "reduce_metrics",
+    "reinforce_pp_baseline",
     "response_log_probs",
     "sft_loss",
     "tis_weights",
     "token_log_probs",
+    "value_loss",
+    "vanilla_tis_function",
 ]

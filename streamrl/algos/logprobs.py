@@ -58,24 +58,20 @@ def _model_device(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
-def response_log_probs(
-    model: Any,
-    batch_tokens: list[list[int]],
-    prompt_lengths: list[int],
-    response_lengths: list[int],
-    temperature: float = 1.0,
-    pad_id: int = 0,
-    with_entropy: bool = False,
-) -> ResponseLogProbs:
-    """Score the response tokens of B (prompt + response) sequences in one padded forward pass.
+class PackedResponses(NamedTuple):
+    """Right-padded model inputs for B (prompt + response) sequences and where their response tokens are."""
 
-    The sequences are right-padded with `pad_id` to the longest one and run as
-    `model(input_ids, attention_mask=...)` (attention_mask 1 on real tokens; right padding leaves the positions and
-    the causal context of the real tokens unchanged). For sample i with prompt length p and response length r,
-    log_probs[i, j] = log softmax(logits[i, p−1+j] / T)[tokens[i][p+j]] for j < r, and 0 for j ≥ r.
-    The model may return an object with `.logits` or the logits tensor itself. Gradients flow when the caller
-    has grad enabled (trainer: ℓθ), and not under `torch.no_grad()` (ℓold, ℓref).
-    """
+    input_ids: Tensor  # [B, Lmax]
+    attention_mask: Tensor  # [B, Lmax], 1 on real tokens
+    positions: Tensor  # [B, Rmax]: index of the logit (or hidden state) that predicts each response token
+    targets: Tensor  # [B, Rmax]: the response tokens (clamped to a real token where padded)
+    mask: Tensor  # [B, Rmax] bool, True for the r_i real response tokens of sample i
+
+
+def pack_responses(
+    batch_tokens: list[list[int]], prompt_lengths: list[int], response_lengths: list[int], pad_id: int = 0
+) -> PackedResponses:
+    """Validate and right-pad; response token j of sample i (prompt length p) is predicted at position p−1+j."""
     b = len(batch_tokens)
     if not (len(prompt_lengths) == len(response_lengths) == b) or b == 0:
         raise ValueError(
@@ -88,7 +84,6 @@ def response_log_probs(
                 f"sample {i}: need prompt_length >= 1 and len(tokens) == prompt + response, got "
                 f"len={len(toks)}, prompt={p}, response={r}"
             )
-    device = _model_device(model)
     lmax = max(len(t) for t in batch_tokens)
     rmax = max(max(response_lengths), 1)
     input_ids = torch.full((b, lmax), pad_id, dtype=torch.long)
@@ -96,21 +91,53 @@ def response_log_probs(
     for i, toks in enumerate(batch_tokens):
         input_ids[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
         attention_mask[i, : len(toks)] = 1
-    # positions of the logits that predict each response token, and the tokens they predict (clamped where padded)
     p_t = torch.tensor(prompt_lengths, dtype=torch.long).unsqueeze(1)
     r_t = torch.tensor(response_lengths, dtype=torch.long).unsqueeze(1)
     j = torch.arange(rmax, dtype=torch.long).unsqueeze(0)
     mask = j < r_t
-    logit_pos = torch.where(mask, p_t - 1 + j, torch.zeros_like(j))
-    target_pos = torch.where(mask, p_t + j, torch.zeros_like(j))
-    targets = input_ids.gather(1, target_pos)
+    pos = torch.where(mask, p_t - 1 + j, torch.zeros_like(j))
+    targets = input_ids.gather(1, torch.where(mask, p_t + j, torch.zeros_like(j)))
+    return PackedResponses(input_ids, attention_mask, pos, targets, mask)
 
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    out = model(input_ids=input_ids, attention_mask=attention_mask)
+
+def gather_positions(x: Tensor, positions: Tensor) -> Tensor:
+    """x[b, positions[b, j], ...] for [B, L, ...] x and [B, R] positions -> [B, R, ...]."""
+    idx = positions.to(x.device)
+    if x.dim() == 2:
+        return x.gather(1, idx)
+    return x.gather(1, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))
+
+
+def response_log_probs(
+    model: Any,
+    batch_tokens: list[list[int]],
+    prompt_lengths: list[int],
+    response_lengths: list[int],
+    temperature: float = 1.0,
+    pad_id: int = 0,
+    with_entropy: bool = False,
+    entropy_grad: bool = True,
+) -> ResponseLogProbs:
+    """Score the response tokens of B (prompt + response) sequences in one padded forward pass.
+
+    The sequences are right-padded with `pad_id` to the longest one and run as
+    `model(input_ids, attention_mask=...)` (attention_mask 1 on real tokens; right padding leaves the positions and
+    the causal context of the real tokens unchanged). For sample i with prompt length p and response length r,
+    log_probs[i, j] = log softmax(logits[i, p−1+j] / T)[tokens[i][p+j]] for j < r, and 0 for j ≥ r.
+    The model may return an object with `.logits` or the logits tensor itself. Gradients flow when the caller
+    has grad enabled (trainer: ℓθ), and not under `torch.no_grad()` (ℓold, ℓref). `entropy_grad=False` computes
+    the entropy outside the autograd graph (a metric only: no [B, R, V] activations kept for backward).
+    """
+    packed = pack_responses(batch_tokens, prompt_lengths, response_lengths, pad_id)
+    device = _model_device(model)
+    out = model(input_ids=packed.input_ids.to(device), attention_mask=packed.attention_mask.to(device))
     logits = out.logits if hasattr(out, "logits") else out  # [B, Lmax, V]
-    v = logits.shape[-1]
-    logit_pos, targets, mask = logit_pos.to(logits.device), targets.to(logits.device), mask.to(logits.device)
-    resp_logits = logits.gather(1, logit_pos.unsqueeze(-1).expand(b, rmax, v))  # [B, Rmax, V]
+    resp_logits = gather_positions(logits, packed.positions)  # [B, Rmax, V]
+    targets, mask = packed.targets.to(logits.device), packed.mask.to(logits.device)
     lp = token_log_probs(resp_logits, targets, temperature).masked_fill(~mask, 0.0)
-    ent = entropy_from_logits(resp_logits, temperature).masked_fill(~mask, 0.0) if with_entropy else None
+    ent = None
+    if with_entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            src = resp_logits if entropy_grad else resp_logits.detach()
+            ent = entropy_from_logits(src, temperature).masked_fill(~mask, 0.0)
     return ResponseLogProbs(lp, mask.to(lp.dtype), ent)

@@ -1,19 +1,12 @@
-"""Per-token RL losses (PPO clip, KL, TIS, entropy) and the reductions that turn them into a scalar.
+"""Per-token RL losses: PPO clip (asymmetric, dual clip), GSPO, CISPO, KL, entropy, value loss, SFT.
 
-Notation per response token t of sample i: ℓθ current log-prob (with grad), ℓold proximal log-prob recomputed by the
-trainer at the start of the step, ℓroll behaviour log-prob recorded by the engine, ℓref reference-model log-prob,
-m mask, A advantage. Everything here is elementwise over [B, T] (or any shape) except the reductions.
+Notation per response token t of sample i: ℓθ current log-prob (with grad), ℓold proximal log-prob (recomputed by
+the trainer), ℓroll behaviour log-prob recorded by the engine, ℓref reference-model log-prob, m loss mask,
+A advantage. Everything here is elementwise over [B, T] and returns per-token tensors; `reduce.py` turns them into
+the scalar whose gradient is independent of micro-batching and data-parallel splitting.
 
-How the trainer reduces (slime's default "sample mean of token means"):
-
-    global batch: N samples, split over W data-parallel ranks and micro-batches on each rank.
-    per micro-batch:  loss_mb = masked_sample_mean_sum(L, m) / N × W        (per-sample token mean, summed)
-    backward on each loss_mb (gradients accumulate), then FSDP averages gradients over the W ranks (÷W).
-
-Because masked_sample_mean_sum is a plain sum over samples of per-sample quantities, the accumulated gradient is
-∇ (1/N) Σ_i mean_t(L_i) whatever the micro-batch size and the number of ranks (tests check this). With
-`masked_token_sum` instead (per-token mode), divide by the global number of unmasked tokens instead of N.
-Metrics are reduced the same way: `reduce_metrics` gives per-micro-batch sums; add them up and divide by N.
+The decoupled three-policy objective (behaviour µ, proximal π_old, current π_θ) that the trainer assembles from
+these pieces is documented in `streamrl/train/loss.py`.
 """
 
 from __future__ import annotations
@@ -23,29 +16,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from streamrl.algos.reduce import masked_mean, masked_sample_mean_sum
+
 KLKind = Literal["k1", "k2", "k3", "low_var_kl"]
-
-
-def masked_sample_mean_sum(values: Tensor, mask: Tensor) -> Tensor:
-    """Σ_i ( Σ_t v[i,t]·m[i,t] / max(Σ_t m[i,t], 1) ): per-sample token mean, summed over samples. [B, T] -> scalar.
-
-    A sample with an all-zero mask contributes 0. The caller divides by the global number of samples.
-    """
-    m = mask.to(values.dtype)
-    return ((values * m).sum(-1) / m.sum(-1).clamp(min=1.0)).sum()
-
-
-def masked_token_sum(values: Tensor, mask: Tensor) -> Tensor:
-    """Σ_{i,t} v[i,t]·m[i,t] (per-token mode). The caller divides by the global number of unmasked tokens."""
-    return (values * mask.to(values.dtype)).sum()
-
-
-def masked_mean(values: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Σ v·m / max(Σ m, 1) over all elements (plain mean when mask is None). For logging, not for losses."""
-    if mask is None:
-        return values.mean()
-    m = mask.to(values.dtype)
-    return (values * m).sum() / m.sum().clamp(min=1.0)
+PGKind = Literal["ppo", "gspo", "cispo"]
 
 
 def kl_estimate(log_probs: Tensor, ref_log_probs: Tensor, kind: KLKind = "low_var_kl") -> Tensor:
@@ -64,29 +38,8 @@ def kl_estimate(log_probs: Tensor, ref_log_probs: Tensor, kind: KLKind = "low_va
     raise ValueError(f"unknown KL estimator {kind!r}: expected k1, k2, k3 or low_var_kl")
 
 
-def tis_weights(
-    old_log_probs: Tensor,
-    rollout_log_probs: Tensor,
-    clip_high: float,
-    clip_low: float = 0.0,
-    mask: Tensor | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Truncated importance weights w = clamp(exp(ℓold − ℓroll), clip_low, clip_high), detached.
-
-    Corrects for sampling from the behaviour policy (engine, possibly stale weights) instead of the proximal π_old.
-    Metrics (masked token means, detached scalars): `tis` = mean raw ratio exp(ℓold − ℓroll) (as slime logs it),
-    `tis_clipfrac` = fraction of tokens whose ratio was clipped, `tis_abs` = mean |ratio − 1|.
-    On-policy (ℓold == ℓroll) every weight is exactly 1.
-    """
-    with torch.no_grad():
-        ratio = torch.exp(old_log_probs.detach() - rollout_log_probs.detach())
-        w = ratio.clamp(min=clip_low, max=clip_high)
-        metrics = {
-            "tis": masked_mean(ratio, mask),
-            "tis_clipfrac": masked_mean((w != ratio).to(ratio.dtype), mask),
-            "tis_abs": masked_mean((ratio - 1).abs(), mask),
-        }
-    return w, metrics
+def _per_token(advantages: Tensor, like: Tensor) -> Tensor:
+    return advantages.unsqueeze(-1) if advantages.dim() == like.dim() - 1 else advantages
 
 
 def ppo_clip_loss(
@@ -95,21 +48,99 @@ def ppo_clip_loss(
     advantages: Tensor,
     eps_clip: float,
     eps_clip_high: float | None = None,
+    eps_clip_c: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-token PPO clipped surrogate (to minimise) and clip indicator.
 
     ρ = exp(ℓθ − ℓold);  L = max(−ρ·A, −clip(ρ, 1−ε, 1+ε_high)·A);  clipfrac = 1 where the clipped term is larger
-    (i.e. where the gradient is cut). ε_high defaults to ε (DAPO clip-higher sets it larger). `advantages` may be
-    per token (same shape) or per sample ([B] against [B, T]).
+    (i.e. where the gradient is cut). ε_high defaults to ε (DAPO clip-higher sets it larger).
+    Dual clip (`eps_clip_c` = c > 1, Ye et al. 2020): for A < 0, L = min(L, −c·A), bounding the loss of a token
+    whose ratio exploded. `advantages` may be per token (same shape) or per sample ([B] against [B, T]).
     """
     if eps_clip_high is None:
         eps_clip_high = eps_clip
-    if advantages.dim() == log_probs.dim() - 1:
-        advantages = advantages.unsqueeze(-1)
+    advantages = _per_token(advantages, log_probs)
     ratio = torch.exp(log_probs - old_log_probs)
     unclipped = -ratio * advantages
     clipped = -ratio.clamp(1.0 - eps_clip, 1.0 + eps_clip_high) * advantages
-    return torch.maximum(unclipped, clipped), (clipped > unclipped).to(log_probs.dtype)
+    loss = torch.maximum(unclipped, clipped)
+    clipfrac = (clipped > unclipped).to(log_probs.dtype)
+    if eps_clip_c is not None:
+        if eps_clip_c <= 1.0:
+            raise ValueError(f"dual clip needs eps_clip_c > 1, got {eps_clip_c}")
+        loss = torch.where(advantages < 0, torch.minimum(loss, -eps_clip_c * advantages), loss)
+    return loss, clipfrac
+
+
+def gspo_log_ratio(log_probs: Tensor, old_log_probs: Tensor, mask: Tensor) -> Tensor:
+    """GSPO sequence-level log-ratio s_i = Σ_t (ℓθ − ℓold)·m / max(Σ_t m, 1), broadcast to the sample's tokens.
+
+    exp(s_i) is the geometric mean of the token ratios (Zheng et al. 2025). Gradients flow through every token of
+    the sample. Feeding ℓold + s (instead of ℓθ) to `ppo_clip_loss` gives the GSPO loss (slime's compute_gspo_kl).
+    """
+    m = mask.to(log_probs.dtype)
+    s = ((log_probs - old_log_probs) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    return s.expand_as(log_probs)
+
+
+def cispo_loss(
+    log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, eps_clip: float, eps_clip_high: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """CISPO (MiniMax-M1): L = −sg(clip(ρ, 1−ε, 1+ε_high))·A·ℓθ, clipfrac = 1 where the ratio was clipped.
+
+    The clipped ratio is a detached weight, so every token keeps a gradient A·w·∇ℓθ (PPO zeroes clipped tokens).
+    Canonical CISPO is one-sided: pass ε ≥ 1 to disable the lower bound.
+    """
+    if eps_clip_high is None:
+        eps_clip_high = eps_clip
+    advantages = _per_token(advantages, log_probs)
+    ratio = torch.exp(log_probs - old_log_probs).detach()
+    w = ratio.clamp(1.0 - eps_clip, 1.0 + eps_clip_high)
+    return -w * advantages * log_probs, (w != ratio).to(log_probs.dtype)
+
+
+def pg_loss(
+    kind: PGKind,
+    log_probs: Tensor,
+    old_log_probs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    eps_clip: float = 0.2,
+    eps_clip_high: float | None = None,
+    eps_clip_c: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The policy-gradient term of `kind` (ppo = GRPO/PPO clip, gspo, cispo): (loss, clipfrac, ppo_kl) per token.
+
+    ppo_kl = ℓold − ℓθ per token (for gspo: −s_i, the sequence-level value each token is clipped with).
+    """
+    if kind == "gspo":
+        s = gspo_log_ratio(log_probs, old_log_probs, mask)
+        loss, clip = ppo_clip_loss(old_log_probs.detach() + s, old_log_probs.detach(), advantages, eps_clip,
+                                   eps_clip_high, eps_clip_c)
+        return loss, clip, -s.detach()
+    if kind == "cispo":
+        loss, clip = cispo_loss(log_probs, old_log_probs, advantages, eps_clip, eps_clip_high)
+    elif kind == "ppo":
+        loss, clip = ppo_clip_loss(log_probs, old_log_probs, advantages, eps_clip, eps_clip_high, eps_clip_c)
+    else:
+        raise ValueError(f"unknown policy loss {kind!r}: expected ppo, gspo or cispo")
+    return loss, clip, (old_log_probs - log_probs).detach()
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, value_clip: float | None = 0.2
+               ) -> tuple[Tensor, Tensor]:
+    """Clipped value loss (critic, --value-clip ε_v): L = max((V − R)², (V_clip − R)²), clipfrac where V_clip wins.
+
+    V_clip = V_old + clamp(V − V_old, −ε_v, ε_v); V_old is the critic's value before this step's update (detached).
+    `value_clip=None` gives the plain squared error.
+    """
+    surr = (values - returns).square()
+    if value_clip is None:
+        return surr, torch.zeros_like(surr)
+    v_clip = old_values + (values - old_values).clamp(-value_clip, value_clip)
+    surr_clip = (v_clip - returns).square()
+    return torch.maximum(surr, surr_clip), (surr_clip > surr).to(values.dtype)
 
 
 def policy_loss(
@@ -117,8 +148,11 @@ def policy_loss(
     old_log_probs: Tensor,
     advantages: Tensor,
     *,
+    kind: PGKind = "ppo",
+    mask: Tensor | None = None,
     eps_clip: float = 0.2,
     eps_clip_high: float | None = None,
+    eps_clip_c: float | None = None,
     tis_weights: Tensor | None = None,
     ref_log_probs: Tensor | None = None,
     kl_loss_coef: float = 0.0,
@@ -126,19 +160,22 @@ def policy_loss(
     entropy: Tensor | None = None,
     entropy_coef: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-token policy loss  L = w·L_ppo(ℓθ, ℓold, A) + β·KL(ℓθ, ℓref) − c_H·H.
+    """Per-token policy loss  L = w·L_pg(ℓθ, ℓold, A) + β·KL(ℓθ, ℓref) − c_H·H.
 
-    w: TIS weights (from `tis_weights`, detached; omitted = 1); the KL term only when `ref_log_probs` is given
-    (β = kl_loss_coef, estimator kl_loss_type); the entropy bonus only when `entropy` (token entropy of the
-    temperature-scaled logits, with grad) is given (c_H = entropy_coef). Reduce L with `masked_sample_mean_sum`.
+    L_pg from `pg_loss(kind)` (GSPO needs `mask`; default all ones); w: TIS weights (detached; omitted = 1); the KL
+    term only when `ref_log_probs` is given (β = kl_loss_coef, estimator kl_loss_type); the entropy bonus only when
+    `entropy` (token entropy of the temperature-scaled logits, with grad) is given (c_H = entropy_coef).
     Metrics are detached per-token tensors (reduce them with `reduce_metrics`): pg_loss (after TIS), pg_clipfrac,
     ppo_kl = ℓold − ℓθ, and kl_loss / entropy when those terms are present.
     """
-    pg, clipfrac = ppo_clip_loss(log_probs, old_log_probs, advantages, eps_clip, eps_clip_high)
+    if mask is None:
+        mask = torch.ones_like(log_probs)
+    pg, clipfrac, ppo_kl = pg_loss(kind, log_probs, old_log_probs, advantages, mask, eps_clip=eps_clip,
+                                   eps_clip_high=eps_clip_high, eps_clip_c=eps_clip_c)
     if tis_weights is not None:
         pg = pg * tis_weights.detach()
     loss = pg
-    metrics = {"pg_loss": pg.detach(), "pg_clipfrac": clipfrac, "ppo_kl": (old_log_probs - log_probs).detach()}
+    metrics = {"pg_loss": pg.detach(), "pg_clipfrac": clipfrac, "ppo_kl": ppo_kl}
     if ref_log_probs is not None:
         kl = kl_estimate(log_probs, ref_log_probs, kl_loss_type)
         loss = loss + kl_loss_coef * kl
@@ -152,15 +189,30 @@ def policy_loss(
 def sft_loss(log_probs: Tensor, mask: Tensor) -> Tensor:
     """−Σ_i mean_t ℓ[i,t] over masked tokens (negative log-likelihood, per-sample token mean summed over samples).
 
-    Same reduction as the policy loss: the caller divides by the global number of samples (× world size).
+    Per token it is just −ℓ; the trainer reduces −ℓ like every other loss (`reduce.LossReducer`).
     """
     return -masked_sample_mean_sum(log_probs, mask)
 
 
-def reduce_metrics(metrics: dict[str, Tensor], mask: Tensor) -> dict[str, Tensor]:
-    """{name: masked_sample_mean_sum(value, mask)} for per-token metric tensors, detached.
+def tis_weights(
+    old_log_probs: Tensor,
+    rollout_log_probs: Tensor,
+    clip_high: float,
+    clip_low: float = 0.0,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Token-level truncated importance weights w = clamp(exp(ℓold − ℓroll), clip_low, clip_high), detached.
 
-    Summing these over micro-batches and ranks and dividing by the global number of samples gives the sample mean
-    of token means, consistent with the loss.
+    The simplest case of `offpolicy.importance_weights` (level token, mode truncate), kept for its metrics as
+    scalars: `tis` = mean raw ratio, `tis_clipfrac` = fraction of clipped tokens, `tis_abs` = mean |ratio − 1|.
+    On-policy (ℓold == ℓroll) every weight is exactly 1.
     """
-    return {k: masked_sample_mean_sum(v.detach(), mask) for k, v in metrics.items()}
+    with torch.no_grad():
+        ratio = torch.exp(old_log_probs.detach() - rollout_log_probs.detach())
+        w = ratio.clamp(min=clip_low, max=clip_high)
+        metrics = {
+            "tis": masked_mean(ratio, mask),
+            "tis_clipfrac": masked_mean((w != ratio).to(ratio.dtype), mask),
+            "tis_abs": masked_mean((ratio - 1).abs(), mask),
+        }
+    return w, metrics

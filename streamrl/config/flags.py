@@ -28,6 +28,19 @@ class ClusterConfig:
     train_backend: str = F("fsdp", "Training backend.", choices=["fsdp", "megatron"])
     rollout_engine: str = F("embedded", "Inference engine.", choices=["embedded", "sglang"])
     engine_torch_threads: int = F(1, "torch threads per embedded engine process (CPU).")
+    engine_dtype: str | None = F(None, "Embedded engine weights dtype (default: bfloat16 on GPU, float32 on CPU).")
+    engine_max_context_len: int = F(1024, "Embedded engine KV cache length per request (GPU slot cache).")
+    update_weight_transport: str = F("auto", "Weight sync transport: auto (CUDA IPC when trainer and engines share "
+                                     "a GPU host, else HTTP tensors), http, ipc, disk.",
+                                     choices=["auto", "http", "ipc", "disk"])
+    use_router: bool = F(False, "Put sglang-router in front of the embedded engines (always on with --rollout-engine "
+                                "sglang unless --sglang-router-ip is given); without it producers balance requests.")
+    sglang_router_ip: str | None = F(None, "Use this external sglang-router (engines register with it) instead of "
+                                           "starting one.")
+    sglang_router_port: int | None = F(None, "Port of the external router (with --sglang-router-ip).")
+    sglang_router_request_timeout_secs: int = F(14400, "Request timeout of the router streamrl starts.")
+    rollout_engine_startup_timeout: float = F(900.0, "Seconds to wait for an SGLang server (or the router) to "
+                                                     "answer /health before failing with its last log lines.")
     train_torch_threads: int = F(1, "torch threads per trainer rank (CPU).")
     seed: int = F(1234, "Random seed.")
 
@@ -42,10 +55,17 @@ class DataConfig:
     rollout_shuffle: bool = F(False, "Shuffle prompts (per epoch).")
     rollout_seed: int = F(42, "Seed for prompt shuffling.")
     rollout_max_prompt_len: int | None = F(None, "Skip prompts longer than this many tokens (counted).")
-    eval_prompt_data: str | None = F(None, "JSONL file of held-out eval prompts.")
+    eval_prompt_data: list[str] | None = F(None, "Eval datasets as `name path [name path ...]` (a single path is "
+                                                 "named after its file); repeatable.", nargs="+", action="extend")
     eval_interval: int | None = F(None, "Evaluate every this many train steps.")
     n_samples_per_eval_prompt: int = F(1, "Samples per eval prompt.")
     eval_temperature: float | None = F(None, "Eval sampling temperature (default: rollout temperature).")
+    eval_max_response_len: int | None = F(None, "Eval max new tokens (default: --rollout-max-response-len).")
+    skip_eval_before_train: bool = F(False, "Do not evaluate before the first train step.")
+    eval_function_path: str | None = F(None, "slime `generate_rollout(args, rollout_id, data_source, evaluation=True)` "
+                                             "for eval (default: --rollout-function-path if set, else built-in).")
+    data_source_path: str | None = F(None, "slime data source class `cls(args)` with get_samples(n) -> groups "
+                                           "(default: --prompt-data).")
 
 
 @dataclass
@@ -68,6 +88,19 @@ class RolloutConfig:
     rm_type: str | None = F(None, "Built-in rule reward (default: each sample's metadata['rm_type']).")
     reward_key: str | None = F(None, "Key of a dict reward to train on.")
     custom_generate_function_path: str | None = F(None, "`async def generate(args, sample, sampling_params)`.")
+    rollout_function_path: str | None = F(None, "slime `generate_rollout(args, rollout_id, data_source, evaluation)`: "
+                                                "replaces the streaming producers by rollout-sized batches.")
+    group_rm: bool = F(False, "--custom-rm-path is `async def rm(args, samples) -> list[float]`, once per group.")
+    rm_timeout: float | None = F(None, "Seconds a reward call may take; then the sample is FAILED.")
+    dynamic_sampling_filter_path: str | None = F(None, "`fn(args, group) -> DynamicFilterOutput | bool`; dropped "
+                                                       "groups are `filtered` in the ledger (built-in: "
+                                                       "check_reward_nonzero_std).")
+    over_sampling_batch_size: int | None = F(None, "Groups per submission of a batch rollout (>= "
+                                                   "--rollout-batch-size; default equal).")
+    rollout_sample_filter_path: str | None = F(None, "`fn(args, groups)` setting sample.remove_sample before "
+                                                     "training.")
+    rollout_stream: bool = F(False, "Generate with stream=true (one request per sample): the sample follows every "
+                                    "cumulative chunk, so an abort keeps a coherent prefix.")
 
 
 @dataclass
@@ -76,24 +109,66 @@ class BufferConfig:
     update_weights_interval: int = F(1, "Publish weights to the engines every this many train steps.")
     max_staleness: int = F(1, "Largest allowed policy lag (versions) of a trained group's oldest token.")
     stale_policy: str = F("regenerate", "What to do with a group that went stale.", choices=["drop", "regenerate"])
-    buffer_filter_path: str | None = F(None, "`buffer_filter(args, rollout_id, buffer, num_samples)` (slime).")
+    buffer_filter_path: str | None = F(None, "`buffer_filter(args, rollout_id, buffer, num_samples)` (slime), or a "
+                                       "built-in: fifo (pop_first), lifo, freshest_first, oldest_version_first, "
+                                       "prioritized.")
+    buffer_priority: str = F("reward_std", "Score of the prioritized buffer filter.",
+                             choices=["reward_std", "abs_advantage", "recency"])
+    async_buffer_max_tokens: int | None = F(None, "Also bound the tokens (prompt + response) queued in the buffer.")
+    max_reuse: int = F(1, "Times a group may be trained (replay, within --max-staleness); 1 = no reuse.")
 
 
 @dataclass
 class AlgoConfig:
-    advantage_estimator: str = F("grpo", "Advantage estimator.", choices=["grpo"])
+    advantage_estimator: str = F("grpo", "Advantage estimator.", choices=[
+        "grpo", "gspo", "cispo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo",
+        "on_policy_distillation"])
     disable_grpo_std_normalization: bool = F(False, "GRPO: subtract the group mean only.")
     disable_rewards_normalization: bool = F(False, "Use raw rewards as advantages.")
-    loss_type: str = F("policy_loss", "Loss.", choices=["policy_loss", "sft_loss"])
+    normalize_advantages: bool = F(False, "Whiten advantages over all tokens of the step (required by REINFORCE++).")
+    gamma: float = F(1.0, "Discount (reinforce_plus_plus returns, PPO GAE).")
+    lambd: float = F(1.0, "GAE lambda (ppo).")
+    kl_coef: float = F(0.0, "KL reward shaping -kl_coef*KL(pi_old||pi_ref) per token (ppo, reinforce_plus_plus*).")
+    value_clip: float = F(0.2, "PPO critic: clip the value update to +-value_clip around the old value.")
+    critic_lr: float | None = F(None, "PPO critic learning rate (default --lr).")
+    num_critic_only_steps: int = F(0, "PPO: train only the critic for the first this many steps.")
+    use_opd: bool = F(False, "On-policy distillation: A -= opd_kl_coef*(logp_student - logp_teacher).")
+    opd_kl_coef: float = F(1.0, "On-policy distillation coefficient.")
+    opd_teacher_load: str | None = F(None, "HF checkpoint of the distillation teacher (loaded in the trainer).")
+    custom_advantage_function_path: str | None = F(
+        None, "`fn(args, rollout_data)` filling rollout_data['advantages'] and ['returns'] (per-sample tensors).")
+    loss_type: str = F("policy_loss", "Loss.", choices=["policy_loss", "sft_loss", "custom_loss"])
+    custom_loss_function_path: str | None = F(
+        None, "`fn(args, batch, reduce) -> (loss, metrics)` for --loss-type custom_loss (see streamrl/train/loss.py).")
+    calculate_per_token_loss: bool = F(False, "Reduce the loss as a token mean over the whole step (all ranks).")
+    loss_normalizer_constant: float | None = F(
+        None, "Dr. GRPO: divide each sample's token-sum loss by this constant (e.g. the max response length).")
     eps_clip: float = F(0.2, "PPO clip range.")
     eps_clip_high: float | None = F(None, "Upper clip range (DAPO clip-higher); default --eps-clip.")
+    eps_clip_c: float | None = F(None, "Dual-clip PPO: bound the loss of negative-advantage tokens by c*|A| (c > 1).")
     use_kl_loss: bool = F(False, "Add a KL penalty to a frozen reference model.")
     kl_loss_coef: float = F(0.0, "KL loss coefficient.")
     kl_loss_type: str = F("low_var_kl", "KL estimator.", choices=["k1", "k2", "k3", "low_var_kl"])
     entropy_coef: float = F(0.0, "Entropy bonus coefficient.")
-    use_tis: bool = F(False, "Truncated importance sampling: weight tokens by clip(pi_old / pi_rollout).")
+    use_tis: bool = F(True, "Importance-weight tokens by pi_old / pi_rollout. ON by default in streamrl "
+                            "(slime: off); --disable-tis turns it off.")
+    disable_tis: bool = F(False, "Turn TIS off (async training then needs --use-rollout-logprobs or "
+                                 "--allow-uncorrected-offpolicy).")
     tis_clip: float = F(2.0, "TIS upper clip.")
     tis_clip_low: float = F(0.0, "TIS lower clip.")
+    tis_level: str = F("token", "Importance ratio per token, per sequence (product) or geometric mean.",
+                       choices=["token", "sequence", "geometric"])
+    tis_mode: str = F("truncate", "truncate: clamp the ratio; mask: drop tokens outside [--tis-clip-low, "
+                                  "--tis-clip] (IcePop at token level).", choices=["truncate", "mask"])
+    custom_tis_function_path: str | None = F(
+        None, "slime TIS plug-in `fn(args, *, pg_loss, train_log_probs, rollout_log_probs, loss_masks, ...)`; "
+              "built-ins: vanilla, icepop.")
+    use_rollout_logprobs: bool = F(False, "Use the engine's log-probs as pi_old: PPO clips against the behaviour "
+                                          "policy (replaces TIS; the better correction under high staleness, see "
+                                          "scripts/bench/offpolicy.py).")
+    allow_uncorrected_offpolicy: bool = F(False, "Allow --max-staleness > 0 with no off-policy correction.")
+    true_on_policy_mode: bool = F(False, "Recompute pi_old exactly as the embedded engine decodes (bit-identical "
+                                         "on CPU fp32 when the engine runs one request at a time).")
 
 
 @dataclass

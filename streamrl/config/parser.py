@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
             if is_list:
                 meta.setdefault("nargs", "*")
             group.add_argument(flag, type=typ, default=f.default, help=help_text, **meta)
+    from streamrl.config.passthrough import add_passthrough_args
+
+    add_passthrough_args(parser)  # --sglang-<flag>, --router-<flag> (snapshot or installed package)
     return parser
 
 
@@ -70,8 +73,9 @@ def validate(args: argparse.Namespace) -> None:
         )
     if args.train_backend == "megatron":
         raise ConfigError("--train-backend megatron is not available yet in this build; use --train-backend fsdp.")
-    if args.rollout_engine == "sglang":
-        raise ConfigError("--rollout-engine sglang is not available yet in this build; use --rollout-engine embedded.")
+    from streamrl.config.rollout_rules import validate_rollout
+
+    validate_rollout(args, ConfigError)  # engines, router, passthrough, plug-ins, eval datasets
     if args.rollout_temperature <= 0:
         raise ConfigError("--rollout-temperature must be > 0 (the trainer divides logits by it).")
     if args.eps_clip_high is None:
@@ -110,6 +114,10 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError("--mask-offpolicy-in-partial-rollout needs --partial-rollout.")
     if args.max_staleness < 0:
         raise ConfigError("--max-staleness must be >= 0.")
+    if args.max_reuse < 1:
+        raise ConfigError("--max-reuse must be >= 1 (1 = every group is trained once).")
+    if args.async_buffer_max_tokens is not None and args.async_buffer_max_tokens < 1:
+        raise ConfigError("--async-buffer-max-tokens must be >= 1 (leave it unset for no token bound).")
     if args.update_weights_interval < 1:
         raise ConfigError("--update-weights-interval must be >= 1.")
     if args.loss_type == "sft_loss":  # the SFT loop reads data directly: no buffer, no rollout
@@ -125,8 +133,64 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError("--use-kl-loss needs --kl-loss-coef > 0.")
     if args.use_tis and args.tis_clip_low > args.tis_clip:
         raise ConfigError("--tis-clip-low must be <= --tis-clip.")
+    validate_algo(args)
     if args.num_rollout is None and args.num_epoch is None:
         args.num_rollout = 10
+
+
+def validate_algo(args: argparse.Namespace) -> None:
+    """RL-math rules (issue 5): estimators, loss reductions, off-policy correction.
+
+    Off-policy correction is ON by default (`use_tis` defaults to True, unlike slime): with --max-staleness > 0 the
+    data comes from older policies, and training on it without a correction is refused unless
+    --allow-uncorrected-offpolicy. --use-rollout-logprobs is the other correction (PPO anchored at the behaviour
+    policy); it replaces TIS, whose ratio would then be 1.
+    """
+    if args.disable_tis or args.use_rollout_logprobs:
+        args.use_tis = False
+    est = args.advantage_estimator
+    if args.kl_coef < 0 or args.kl_loss_coef < 0:
+        raise ConfigError("--kl-coef and --kl-loss-coef must be >= 0.")
+    if args.kl_coef > 0 and args.use_kl_loss:
+        raise ConfigError("--kl-coef (KL reward shaping) and --use-kl-loss/--kl-loss-coef (KL loss) are mutually "
+                          "exclusive: keep one of them.")
+    if args.kl_coef > 0 and est not in ("ppo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"):
+        raise ConfigError(f"--kl-coef shapes token rewards only for --advantage-estimator ppo, reinforce_plus_plus "
+                          f"and reinforce_plus_plus_baseline, not {est}; use --use-kl-loss --kl-loss-coef instead.")
+    if est in ("reinforce_plus_plus", "reinforce_plus_plus_baseline") and not args.normalize_advantages:
+        raise ConfigError(f"--advantage-estimator {est} needs --normalize-advantages (its returns are whitened).")
+    if not (0.0 <= args.gamma <= 1.0 and 0.0 <= args.lambd <= 1.0):
+        raise ConfigError("--gamma and --lambd must be in [0, 1].")
+    if est == "ppo" and args.value_clip <= 0:
+        raise ConfigError("--value-clip must be > 0.")
+    if args.num_critic_only_steps and est != "ppo":
+        raise ConfigError("--num-critic-only-steps needs --advantage-estimator ppo (the only one with a critic).")
+    if (args.use_opd or est == "on_policy_distillation") and not args.opd_teacher_load:
+        raise ConfigError("on-policy distillation (--use-opd or --advantage-estimator on_policy_distillation) "
+                          "needs --opd-teacher-load (an HF checkpoint of the teacher).")
+    if args.loss_type == "custom_loss" and not args.custom_loss_function_path:
+        raise ConfigError("--loss-type custom_loss needs --custom-loss-function-path.")
+    if args.calculate_per_token_loss and args.loss_normalizer_constant is not None:
+        raise ConfigError("--calculate-per-token-loss and --loss-normalizer-constant are mutually exclusive.")
+    if args.loss_normalizer_constant is not None and args.loss_normalizer_constant <= 0:
+        raise ConfigError("--loss-normalizer-constant must be > 0.")
+    if args.eps_clip_c is not None and args.eps_clip_c <= 1.0:
+        raise ConfigError("--eps-clip-c (dual clip) must be > 1.")
+    if args.custom_tis_function_path and not args.use_tis:
+        raise ConfigError("--custom-tis-function-path needs TIS on (drop --disable-tis / --use-rollout-logprobs).")
+    if args.true_on_policy_mode and args.sglang_server_concurrency != 1:
+        raise ConfigError("--true-on-policy-mode needs --sglang-server-concurrency 1: the trainer can replay an "
+                          "engine's numerics only for requests decoded alone (see streamrl/train/onpolicy.py).")
+    if args.true_on_policy_mode and args.engine_torch_threads != args.train_torch_threads:
+        raise ConfigError("--true-on-policy-mode needs --engine-torch-threads == --train-torch-threads (the CPU "
+                          "kernels' summation order depends on the thread count).")
+    if args.max_staleness > 0 and not (args.use_tis or args.use_rollout_logprobs) \
+            and not args.allow_uncorrected_offpolicy:
+        raise ConfigError(
+            f"--max-staleness {args.max_staleness} trains on data from older policies, but no off-policy correction "
+            "is on (--disable-tis): keep --use-tis, or pass --use-rollout-logprobs, or --max-staleness 0, or force "
+            "it with --allow-uncorrected-offpolicy."
+        )
 
 
 def steps_total(args: argparse.Namespace, num_prompts: int | None = None) -> int:

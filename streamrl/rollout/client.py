@@ -1,10 +1,21 @@
 """One async HTTP client for every engine kind (embedded or SGLang, direct or behind sglang-router).
 
-Requests go to the engine with the fewest requests in flight from this client (a router URL is just a single
-"engine"). Connection failures are retried; an engine that keeps failing raises `EngineError` naming it.
+    client = EngineClient(worker_urls, router_url=None)
+    out = await client.generate(payload)                   # router if any, else the least busy worker
+    async for chunk in client.generate_stream(payload): ...  # cumulative SSE events ("stream": true)
+    await client.abort(); await client.pause(); await client.resume()   # every worker (routers don't proxy these)
+    await client.weight_versions(); await client.health(url); await client.loads(url); await client.wait_idle()
+
+Retries (bounded, exponential backoff): a connection error before the request was sent is retried for every call;
+a broken connection or a 5xx after sending is retried only for idempotent calls (GETs, abort, pause, continue), never
+for `/generate` (it would generate twice). After the last attempt `EngineError` names the URL, path and cause.
 """
 
 from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import httpx
@@ -14,51 +25,200 @@ class EngineError(RuntimeError):
     """An engine could not serve a request (the message names the engine URL)."""
 
 
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)  # the request never left: always safe to retry
+_BROKEN = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadTimeout, httpx.PoolTimeout)
+
+
 class EngineClient:
-    def __init__(self, urls: list[str], max_connections: int = 256, retries: int = 5, retry_wait: float = 1.0):
-        if not urls:
-            raise ValueError("EngineClient needs at least one engine URL")
+    def __init__(self, urls: list[str], router_url: str | None = None, max_connections: int = 256, retries: int = 4,
+                 retry_wait: float = 0.25, max_retry_wait: float = 4.0, timeout: float | None = None,
+                 connect_timeout: float = 10.0):
+        if not urls and not router_url:
+            raise ValueError("EngineClient needs at least one engine URL or a router URL")
         self.urls = list(urls)
+        self.router_url = router_url
         self.in_flight = {u: 0 for u in self.urls}
-        self.retries, self.retry_wait = retries, retry_wait
+        self.retries, self.retry_wait, self.max_retry_wait = retries, retry_wait, max_retry_wait
         # No keep-alive: with a hundred-odd concurrent requests httpcore's pool of reused connections is several
         # times slower than fresh loopback connections, and stalls for seconds (scripts/bench/http_client.py).
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=0)
-        self.http = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(None, connect=10.0))
+        self.http = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout, connect=connect_timeout))
+
+    # --- workers ----------------------------------------------------------------------------------------------
+    def add_worker(self, url: str) -> None:
+        if url not in self.in_flight:
+            self.urls.append(url)
+            self.in_flight[url] = 0
+
+    def remove_worker(self, url: str) -> None:
+        if url in self.in_flight:
+            self.urls.remove(url)
+            del self.in_flight[url]
+
+    async def refresh_workers(self) -> list[str]:
+        """Take the worker list from the router (`GET /workers`): an external router may gain or lose engines."""
+        if not self.router_url:
+            return list(self.urls)
+        body = await self._request("GET", self.router_url, "/workers", idempotent=True)
+        urls = [w["url"] for w in body.get("workers", [])]
+        for u in urls:
+            self.add_worker(u)
+        for u in [u for u in self.urls if u not in urls]:
+            self.remove_worker(u)
+        return list(self.urls)
 
     def _pick(self) -> str:
+        if self.router_url:
+            return self.router_url
+        if not self.urls:
+            raise EngineError("no engine to send /generate to (every worker was removed)")
         return min(self.urls, key=lambda u: self.in_flight[u])
 
-    async def generate(self, payload: dict) -> dict:
-        """POST /generate; returns SGLang's response dict (`text`, `output_ids`, `meta_info`)."""
+    # --- the request loop -------------------------------------------------------------------------------------
+    async def _backoff(self, attempt: int) -> None:
+        await anyio.sleep(min(self.max_retry_wait, self.retry_wait * 2**attempt))
+
+    async def _request(self, method: str, url: str, path: str, body: Any = None, *, idempotent: bool,
+                       timeout: float | None = None) -> Any:
+        """Send with bounded retries; returns the decoded JSON body (None when empty)."""
+        last: BaseException | str | None = None
+        kw: dict[str, Any] = {"json": body} if body is not None else {}
+        if timeout is not None:
+            kw["timeout"] = timeout
+        for attempt in range(self.retries + 1):
+            if attempt:
+                await self._backoff(attempt - 1)
+            try:
+                r = await self.http.request(method, url + path, **kw)
+            except _NOT_SENT as e:
+                last = e
+                continue
+            except _BROKEN as e:
+                if not idempotent:
+                    raise EngineError(f"engine {url}: {method} {path} failed after sending: {e!r} (not retried: "
+                                      f"not idempotent)") from e
+                last = e
+                continue
+            if r.status_code >= 500 and idempotent:
+                last = f"HTTP {r.status_code}: {r.text[:200]}"
+                continue
+            if not r.is_success:
+                raise EngineError(f"engine {url}: {method} {path} -> HTTP {r.status_code}: {r.text[:300]}")
+            return r.json() if r.content.strip() else None
+        raise EngineError(f"engine {url}: {method} {path} failed {self.retries + 1} times; last error: {last!r}")
+
+    # --- generation -------------------------------------------------------------------------------------------
+    async def generate(self, payload: dict, timeout: float | None = None) -> Any:
+        """POST /generate; SGLang's response dict (`text`, `output_ids`, `meta_info`), or a list for a batch."""
         url = self._pick()
-        self.in_flight[url] += 1
+        self.in_flight[url] = self.in_flight.get(url, 0) + 1
+        try:
+            return await self._request("POST", url, "/generate", payload, idempotent=False, timeout=timeout)
+        finally:
+            if url in self.in_flight:
+                self.in_flight[url] -= 1
+
+    async def generate_stream(self, payload: dict) -> AsyncIterator[dict]:
+        """POST /generate with `"stream": true`; yields SGLang's cumulative events (each holds all output so far).
+
+        A streamed error event (HTTP 200 with `{"error": ...}`) raises EngineError. If the connection breaks
+        mid-stream the exception propagates: the caller keeps the last event as a coherent prefix.
+        """
+        url = self._pick()
+        self.in_flight[url] = self.in_flight.get(url, 0) + 1
         try:
             for attempt in range(self.retries + 1):
+                if attempt:
+                    await self._backoff(attempt - 1)
                 try:
-                    r = await self.http.post(url + "/generate", json=payload)
-                except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as e:
+                    async with self.http.stream("POST", url + "/generate", json={**payload, "stream": True}) as r:
+                        if not r.is_success:
+                            await r.aread()
+                            raise EngineError(f"engine {url}: POST /generate (stream) -> HTTP {r.status_code}: "
+                                              f"{r.text[:300]}")
+                        async for line in r.aiter_lines():
+                            if not line.startswith("data:"):
+                                continue
+                            data = line[5:].strip()
+                            if data == "[DONE]":
+                                return
+                            event = json.loads(data)
+                            if isinstance(event, dict) and "error" in event:
+                                raise EngineError(f"engine {url}: streamed error: {str(event['error'])[:300]}")
+                            yield event
+                    return
+                except _NOT_SENT as e:
                     if attempt == self.retries:
-                        raise EngineError(f"engine {url}: /generate failed {self.retries + 1} times: {e!r}") from e
-                    await anyio.sleep(self.retry_wait)
-                    continue
-                if r.status_code != 200:
-                    raise EngineError(f"engine {url}: /generate -> HTTP {r.status_code}: {r.text[:300]}")
-                return r.json()
+                        raise EngineError(f"engine {url}: POST /generate (stream) failed {attempt + 1} times: "
+                                          f"{e!r}") from e
         finally:
-            self.in_flight[url] -= 1
-        raise AssertionError("unreachable")
+            if url in self.in_flight:
+                self.in_flight[url] -= 1
 
-    async def post_all(self, path: str, body: dict) -> None:
-        """POST `body` to `path` on every engine (abort, pause, continue are not proxied by routers)."""
+    # --- control: every worker --------------------------------------------------------------------------------
+    async def post_all(self, path: str, body: dict, idempotent: bool = True) -> None:
+        """POST `body` to `path` on every worker (abort, pause, continue are not proxied by routers)."""
+        errors: list[str] = []
+
+        async def one(u: str) -> None:
+            try:
+                await self._request("POST", u, path, body, idempotent=idempotent)
+            except EngineError as e:  # every worker is tried; one error names all that failed
+                errors.append(str(e))
+
         async with anyio.create_task_group() as tg:
-            for url in self.urls:
-                tg.start_soon(self._post, url, path, body)
+            for url in list(self.urls):
+                tg.start_soon(one, url)
+        if errors:
+            raise EngineError("; ".join(errors))
 
-    async def _post(self, url: str, path: str, body: dict) -> None:
-        r = await self.http.post(url + path, json=body)
-        if r.status_code != 200:
-            raise EngineError(f"engine {url}: POST {path} -> HTTP {r.status_code}: {r.text[:300]}")
+    async def abort(self, rid: str | None = None) -> None:
+        """Abort one request (`rid`) or everything in flight on every worker; aborted requests return prefixes."""
+        await self.post_all("/abort_request", {"rid": rid} if rid else {"abort_all": True})
+
+    async def pause(self, mode: str = "abort") -> None:
+        await self.post_all("/pause_generation", {"mode": mode})
+
+    async def resume(self) -> None:
+        await self.post_all("/continue_generation", {})
+
+    async def weight_versions(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+
+        async def one(u: str) -> None:
+            out[u] = str((await self._request("GET", u, "/get_weight_version", idempotent=True))["weight_version"])
+
+        async with anyio.create_task_group() as tg:
+            for url in list(self.urls):
+                tg.start_soon(one, url)
+        return out
+
+    async def health(self, url: str | None = None) -> bool:
+        """True when `url` (default: the router, else every worker) answers /health with 2xx."""
+        targets = [url] if url else ([self.router_url] if self.router_url else list(self.urls))
+        try:
+            for u in targets:
+                r = await self.http.get(u + "/health", timeout=10.0)
+                if not r.is_success:
+                    return False
+        except httpx.TransportError:
+            return False
+        return True
+
+    async def loads(self, url: str) -> dict[str, int]:
+        """Running and waiting requests of one worker (`GET /v1/loads?include=core`, summed over DP ranks)."""
+        body = await self._request("GET", url, "/v1/loads?include=core", idempotent=True)
+        ranks = body.get("loads") or [body]
+        return {k: sum(int(r.get(k, 0)) for r in ranks) for k in ("num_running_reqs", "num_waiting_reqs")}
+
+    async def wait_idle(self, timeout: float = 60.0, poll: float = 0.1) -> None:
+        """Wait until no worker runs or queues a request (slime polls this after `abort_all`)."""
+        with anyio.fail_after(timeout):
+            while True:
+                loads = [await self.loads(u) for u in list(self.urls)]
+                if all(sum(x.values()) == 0 for x in loads):
+                    return
+                await anyio.sleep(poll)  # polling a condition
 
     async def aclose(self) -> None:
         await self.http.aclose()

@@ -1,84 +1,116 @@
 """RolloutManager: the producers (a Ray async actor). Keeps groups in flight, generates, scores, puts groups.
 
     data source ──> admit (pacing: in flight < limit, admitted < (v+K+1)·N·B) ──> one task per group
-    group task:  every sample: /generate ... (abort -> partial: resubmit prompt+prefix; the engine holds it while
-                 paused) ... reward ──> buffer.put([group])   (blocks while the buffer is full: backpressure)
+    group task:  generate (batched /generate per group, or per sample: custom function / streaming) ... abort ->
+                 partial: resubmit prompt+prefix ... reward ... dynamic filter ... buffer.put([group])
 
 A group goes to the buffer as soon as its own samples are scored, never waiting for a batch. Every group taken
-from the data source is admitted in the buffer's ledger; failures (engine or reward errors) are recorded there
-with their reason.
+from the data source is admitted in the buffer's ledger and ends in exactly one state: queued, partial (stopped),
+failed (engine error, or a reward that raised / timed out: those samples are FAILED with `reward_error` in their
+metadata), or filtered (dynamic sampling, with the filter's reason). Failed and filtered groups give their
+admission slot back, so filtering over-samples continuously instead of stalling the pacing bound.
+
+With `--rollout-function-path` the producers instead call slime's `generate_rollout(args, rollout_id,
+data_source)` once per rollout (`rollout_batch_size` groups), in a worker thread, whenever pacing allows a whole
+rollout; its groups are scored if they carry no reward and queued (`batch_rollout.py`).
+
+Requests: `/generate` goes to the router when there is one, else to the least busy engine; abort goes to every
+engine (routers do not proxy it).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import time
-import uuid
 from typing import Any
 
 import anyio
 
 from buffers.admission import admission_limit, groups_per_step
 from streamrl.rollout.client import EngineClient, EngineError
+from streamrl.rollout.generate import generate, generate_group, generate_streaming, register_client, set_endpoints
 from streamrl.types import Group, Sample, Status
+
+logger = logging.getLogger("streamrl.rollout")
 
 
 class RolloutManager:
-    def __init__(self, args: argparse.Namespace, buffer: Any, engine_urls: list[str]):
+    def __init__(self, args: argparse.Namespace, buffer: Any, engine_urls: list[str], router_url: str | None = None):
         from transformers import AutoTokenizer
 
-        from streamrl.data import PromptSource, load_prompts
-        from streamrl.rollout.rewards import load_reward_fn
+        from streamrl.plugins import load_function
+        from streamrl.rollout.filters import load_dynamic_filter, load_sample_filter
+        from streamrl.rollout.rewards import load_group_reward_fn, load_reward_fn
 
         self.args, self.buffer = args, buffer
-        self.client = EngineClient(engine_urls, max_connections=args.sglang_server_concurrency * len(engine_urls))
+        n_targets = max(1, len(engine_urls))
+        self.client = EngineClient(engine_urls, router_url=router_url,
+                                   max_connections=args.sglang_server_concurrency * n_targets)
+        set_endpoints(engine_urls, router_url)
         self.tokenizer = AutoTokenizer.from_pretrained(args.hf_checkpoint)
-        records, self.skipped = load_prompts(
-            args.prompt_data, args.input_key, args.label_key, args.metadata_key, tokenizer=self.tokenizer,
-            apply_chat_template=args.apply_chat_template, max_prompt_len=args.rollout_max_prompt_len)
-        if not records:
-            raise ValueError(f"--prompt-data {args.prompt_data}: no usable prompts (skipped: {self.skipped[:3]})")
-        self.source = PromptSource(records, args.n_samples_per_prompt, rollout_shuffle=args.rollout_shuffle,
-                                   rollout_seed=args.rollout_seed, max_epochs=args.num_epoch)
-        self.reward_fn = load_reward_fn(args)
+        from streamrl.rollout.sources import make_source
+
+        self.source, self.skipped = make_source(args, self.tokenizer)
+        self.reward_fn = None if args.group_rm else load_reward_fn(args)
+        self.group_reward_fn = load_group_reward_fn(args) if args.group_rm else None
+        self.dynamic_filter = load_dynamic_filter(args.dynamic_sampling_filter_path)
+        self.sample_filter = load_sample_filter(args.rollout_sample_filter_path)
         self.generate_fn = None
         if args.custom_generate_function_path:
-            from streamrl.plugins import load_function
-
             self.generate_fn = load_function(args.custom_generate_function_path, what="--custom-generate-function-path")
+        self.rollout_fn = None
+        if args.rollout_function_path:
+            self.rollout_fn = load_function(args.rollout_function_path, what="--rollout-function-path")
+        self._sample_fns: dict[str, Any] = {}  # per-sample metadata["generate_function_path"], loaded once
         self.version = 0
         self.admitted = 0
         self.in_flight = 0
         self.stopping = False
         self.exhausted = False
         self.partials: list[Group] = []  # groups cut off by stop(), kept for a checkpoint/resume
-        self.stats = {"groups_done": 0, "groups_failed": 0, "samples_done": 0, "tokens_generated": 0,
-                      "partial_resumes": 0, "aborted_regenerated": 0, "wasted_tokens": 0,
-                      "regenerated_groups": 0}
+        self.failed: list[Group] = []  # the last groups that failed (samples carry their errors), for inspection
+        self.stats: dict[str, Any] = {
+            "groups_done": 0, "groups_failed": 0, "samples_done": 0, "tokens_generated": 0, "partial_resumes": 0,
+            "aborted_regenerated": 0, "wasted_tokens": 0, "regenerated_groups": 0, "reward_failures": 0,
+            "groups_filtered": 0, "filter_reasons": {}, "rollouts": 0}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._errors: list[str] = []
+        self._eval_cache: dict[str, list] = {}
         self.fatal: str | None = None
 
     # --- control (called by the driver) ---------------------------------------------------------------------
     async def start(self) -> None:
+        register_client(self.client)
         self._task = asyncio.get_running_loop().create_task(self._produce())
 
     async def set_version(self, version: int) -> None:
         self.version = version
         self._wake.set()
 
+    async def add_engine(self, url: str) -> None:
+        """A new engine for abort/pause fan-out (and for /generate when there is no router)."""
+        self.client.add_worker(url)
+
+    async def remove_engine(self, url: str) -> None:
+        self.client.remove_worker(url)
+
     async def get_stats(self) -> dict[str, Any]:
-        return {**self.stats, "in_flight": self.in_flight, "admitted": self.admitted, "version": self.version,
-                "exhausted": self.exhausted, "fatal": self.fatal, "errors": list(self._errors[-5:]),
-                "skipped_prompts": len(self.skipped)}
+        return {**self.stats, "filter_reasons": dict(self.stats["filter_reasons"]), "in_flight": self.in_flight,
+                "admitted": self.admitted, "version": self.version, "exhausted": self.exhausted, "fatal": self.fatal,
+                "errors": list(self._errors[-5:]), "skipped_prompts": len(self.skipped)}
+
+    async def get_failed(self, n: int = 8) -> list[Group]:
+        """The last `n` failed groups (FAILED samples carry `metadata["reward_error"]`)."""
+        return self.failed[-n:]
 
     async def stop(self) -> dict[str, Any]:
         """Stop admitting, abort in-flight requests and wait for every group task to settle."""
         self.stopping = True
         self._wake.set()
-        await self.client.post_all("/abort_request", {"abort_all": True})
+        await self.client.abort()
         if self._task is not None:
             with anyio.fail_after(60):
                 await self._task
@@ -90,19 +122,31 @@ class RolloutManager:
     # --- the producer loop ----------------------------------------------------------------------------------
     async def _produce(self) -> None:
         try:
-            await self._produce_loop()
+            if self.rollout_fn is not None:
+                from streamrl.rollout.batch_rollout import produce_rollouts
+
+                await produce_rollouts(self)
+            else:
+                await self._produce_loop()
         except BaseException:  # surfaced to the driver through get_stats()["fatal"]
             import traceback
 
             self.fatal = traceback.format_exc()
             raise
 
+    def _pace(self) -> int:
+        a = self.args
+        return admission_limit(self.version, a.max_staleness, a.update_weights_interval, groups_per_step(a))
+
     def _admissible(self) -> int:
         """How many groups may start now (in-flight cap and the staleness pacing bound)."""
-        a = self.args
-        cap = a.rollout_max_groups_in_flight - self.in_flight
-        pace = admission_limit(self.version, a.max_staleness, a.update_weights_interval, groups_per_step(a))
-        return max(0, min(cap, pace - self.admitted))
+        cap = self.args.rollout_max_groups_in_flight - self.in_flight
+        return max(0, min(cap, self._pace() - self.admitted))
+
+    async def _wait_wake(self) -> None:
+        self._wake.clear()
+        with anyio.move_on_after(0.5):
+            await self._wake.wait()
 
     async def _produce_loop(self) -> None:
         last_regen_check = 0.0
@@ -110,9 +154,7 @@ class RolloutManager:
             while not self.stopping:
                 k = self._admissible()
                 if k == 0:
-                    self._wake.clear()
-                    with anyio.move_on_after(0.5):
-                        await self._wake.wait()
+                    await self._wait_wake()
                     continue
                 groups: list[Group] = []
                 if time.monotonic() - last_regen_check > 0.5:  # stale groups sent back by the buffer (rare)
@@ -138,25 +180,51 @@ class RolloutManager:
                 self.partials.append(group)
                 await self.buffer.mark.remote(gid, "partial", "stopped")
                 return
-            for s in group:
-                s.response = self.tokenizer.decode(s.tokens[s.prompt_length:], skip_special_tokens=True)
-                try:
-                    s.reward = await self.reward_fn(self.args, s)
-                except Exception as e:  # a user's reward function: record the group as failed, with the reason
-                    raise RewardError(f"reward function failed on sample {s.index} ({gid}): {e!r}") from e
-            self.stats["groups_done"] += 1
-            self.stats["samples_done"] += len(group)
-            if not await self._queue(group):
-                self.partials.append(group)
-                await self.buffer.mark.remote(gid, "partial", "stopped before queued")
-        except* (EngineError, RewardError) as eg:
-            reason = "; ".join(str(e) for e in eg.exceptions)[:500]
-            self._errors.append(reason)
-            self.stats["groups_failed"] += 1
-            await self.buffer.mark.remote(gid, "failed", reason)
+            await self.finish_group(group)
+        except* EngineError as eg:
+            await self._drop(group, "failed", "; ".join(str(e) for e in eg.exceptions)[:500])
         finally:
             self.in_flight -= 1
             self._wake.set()
+
+    async def finish_group(self, group: Group) -> bool:
+        """Decode, score, filter and queue a generated group; True if it reached the buffer."""
+        from streamrl.rollout.filters import call_dynamic_filter
+        from streamrl.rollout.rewards import score_group
+
+        for s in group:
+            s.response = self.tokenizer.decode(s.tokens[s.prompt_length:], skip_special_tokens=True)
+        errors = await score_group(self.args, group, self.reward_fn, self.group_reward_fn)
+        if errors:  # counted, logged and kept in the ledger; never silently dropped, never fatal
+            self.stats["reward_failures"] += sum(s.status == Status.FAILED for s in group)
+            logger.warning("reward failed in group %s: %s", group[0].group_id, "; ".join(errors)[:500])
+            await self._drop(group, "failed", "reward: " + "; ".join(errors)[:480])
+            return False
+        if self.dynamic_filter is not None:
+            keep, reason = await call_dynamic_filter(self.dynamic_filter, self.args, group)
+            if not keep:
+                reasons = self.stats["filter_reasons"]
+                reasons[reason] = reasons.get(reason, 0) + 1
+                await self._drop(group, "filtered", reason)
+                return False
+        if self.sample_filter is not None:  # marks samples remove_sample=True (left out of the loss)
+            self.sample_filter(self.args, [group])
+        self.stats["groups_done"] += 1
+        self.stats["samples_done"] += len(group)
+        if not await self._queue(group):
+            self.partials.append(group)
+            await self.buffer.mark.remote(group[0].group_id, "partial", "stopped before queued")
+            return False
+        return True
+
+    async def _drop(self, group: Group, state: str, reason: str) -> None:
+        """Record a group that will not be trained (failed / filtered); its admission slot goes back."""
+        self.stats["groups_failed" if state == "failed" else "groups_filtered"] += 1
+        if state == "failed":
+            self._errors.append(reason)
+            self.failed = (self.failed + [group])[-32:]
+        self.admitted -= 1
+        await self.buffer.mark.remote(group[0].group_id, state, reason)
 
     async def _queue(self, group: Group) -> bool:
         """Put a finished group, waiting while the buffer is full; False if the job stopped meanwhile."""
@@ -187,44 +255,50 @@ class RolloutManager:
                 remaining = a.rollout_max_response_len
         return remaining
 
+    def sample_fn(self, s: Sample) -> Any:
+        """The per-sample generate function for `s`, or None for the batched built-in."""
+        path = s.metadata.get("generate_function_path")
+        if path:
+            if path not in self._sample_fns:
+                from streamrl.plugins import load_function
+
+                self._sample_fns[path] = load_function(path, what=f"sample {s.index} generate_function_path")
+            return self._sample_fns[path]
+        if self.generate_fn is not None:
+            return self.generate_fn
+        if self.args.rollout_stream:
+            return lambda a, sample, params: generate_streaming(a, sample, params, client=self.client)
+        return None
+
     async def _generate_group(self, group: Group) -> None:
-        """Generate every unfinished sample of the group in one batched /generate per round (SGLang batch input:
-        one HTTP request per group instead of one per sample); aborted samples go round again (partial rollout)."""
-        if self.generate_fn is not None:  # slime's per-sample contract: async generate(args, sample, params)
-            async with anyio.create_task_group() as tg:
-                for s in group:
-                    tg.start_soon(self._custom_generate, s)
-            return
+        """Generate every unfinished sample: one batched /generate per round for built-in samples, the per-sample
+        contract `async generate(args, sample, params)` for the others; aborted samples go round again."""
         while True:
-            todo = [s for s in group if s.status not in (Status.COMPLETED, Status.TRUNCATED)]
+            todo = [s for s in group if s.status in (Status.PENDING, Status.ABORTED)]
             if not todo or (self.stopping and any(s.status == Status.ABORTED for s in todo)):
                 return
             budgets = [self._prepare(s) for s in todo]
-            todo = [s for s, b in zip(todo, budgets, strict=True) if b > 0]
-            if not todo:
-                continue
-            t0 = time.time()
-            outs = await self.client.generate({
-                "input_ids": [s.tokens for s in todo], "return_logprob": True,
-                "sampling_params": [self.sampling_params(b) for b in budgets if b > 0],
-                "rid": [uuid.uuid4().hex for _ in todo]})
-            for s, out in zip(todo, outs, strict=True):
-                meta = out["meta_info"]
-                pairs = meta.get("output_token_logprobs") or []
-                s.append_response_tokens(tokens=[int(p[1]) for p in pairs], log_probs=[float(p[0]) for p in pairs],
-                                         version=int(meta["weight_version"]),
-                                         finish_reason=meta["finish_reason"]["type"])
-                self.stats["tokens_generated"] += len(pairs)
-                s.metadata["generation_time"] = s.metadata.get("generation_time", 0.0) + time.time() - t0
+            todo = [(s, b) for s, b in zip(todo, budgets, strict=True) if b > 0]
+            batched = [(s, b) for s, b in todo if self.sample_fn(s) is None]
+            custom = [(s, b) for s, b in todo if self.sample_fn(s) is not None]
+            async with anyio.create_task_group() as tg:
+                if batched:
+                    tg.start_soon(self._batched, [s for s, _ in batched], [b for _, b in batched])
+                for s, b in custom:
+                    tg.start_soon(self._custom, s, b)
 
-    async def _custom_generate(self, s: Sample) -> None:
-        while s.status not in (Status.COMPLETED, Status.TRUNCATED):
-            if self.stopping and s.status == Status.ABORTED:
-                return
-            remaining = self._prepare(s)
-            if remaining == 0:
-                return
-            await self.generate_fn(self.args, s, self.sampling_params(remaining))
+    async def _batched(self, samples: list[Sample], budgets: list[int]) -> None:
+        self.stats["tokens_generated"] += await generate_group(self.client, samples,
+                                                               [self.sampling_params(b) for b in budgets])
+
+    async def _custom(self, s: Sample, budget: int) -> None:
+        before = s.response_length
+        out = await self.sample_fn(s)(self.args, s, self.sampling_params(budget))
+        if out is not None and out is not s:
+            raise EngineError(f"custom generate returned a different Sample object for sample {s.index}")
+        self.stats["tokens_generated"] += max(0, s.response_length - before)
+        if s.status == Status.PENDING:  # a function that neither finished nor aborted the sample: stop it there
+            s.status = Status.COMPLETED
 
     def sampling_params(self, max_new_tokens: int, temperature: float | None = None) -> dict[str, Any]:
         a = self.args
@@ -236,37 +310,12 @@ class RolloutManager:
         return params
 
     # --- evaluation -----------------------------------------------------------------------------------------
-    async def evaluate(self, path: str, n: int, temperature: float) -> dict[str, float]:
-        """Mean reward on held-out prompts, generated by the engines' current weights (alongside training).
+    async def evaluate(self, step: int = 0) -> dict[str, float]:
+        """Eval metrics per dataset (`eval/<name>/reward`, ...) and `eval/reward`, tagged with the weight version
+        they measured; runs alongside training (see `evaluation.py`)."""
+        from streamrl.rollout.evaluation import evaluate
 
-        An eval request cut by a weight sync restarts from its prompt, so each eval sample comes from one version;
-        the versions seen are reported.
-        """
-        from streamrl.data import load_prompts
-
-        records, _ = load_prompts(path, self.args.input_key, self.args.label_key, self.args.metadata_key,
-                                  tokenizer=self.tokenizer, apply_chat_template=self.args.apply_chat_template)
-        results: list[tuple[float, int]] = []
-
-        async def one(rec) -> None:
-            while True:
-                out = await self.client.generate({
-                    "input_ids": rec.prompt_ids, "return_logprob": False,
-                    "sampling_params": self.sampling_params(self.args.rollout_max_response_len, temperature)})
-                if out["meta_info"]["finish_reason"]["type"] != "abort":
-                    break
-            s = Sample(prompt=rec.prompt, label=rec.label, metadata=dict(rec.metadata))
-            s.response = self.tokenizer.decode(out["output_ids"], skip_special_tokens=True)
-            results.append((await self.reward_fn(self.args, s), int(out["meta_info"]["weight_version"])))
-
-        async with anyio.create_task_group() as tg:
-            for rec in records:
-                for _ in range(n):
-                    tg.start_soon(one, rec)
-        versions = [v for _, v in results]
-        return {"eval/reward": sum(r for r, _ in results) / len(results), "eval/n": float(len(results)),
-                "eval/version_min": float(min(versions)), "eval/version_max": float(max(versions))}
+        return await evaluate(self, step)
 
 
-class RewardError(RuntimeError):
-    """A reward function raised; the group is recorded as failed with this message."""
+__all__ = ["RolloutManager", "generate"]

@@ -1,5 +1,6 @@
 """Reward functions: slime's `--custom-rm-path` contract `async def rm(args, sample) -> float`, and built-ins.
 
+`score_group` turns reward failures (an exception or `--rm-timeout`) into FAILED samples instead of errors.
 Built-in `rule`: exact match against `sample.label` for the synthetic tasks (`streamrl.tasks`); the task comes from
 `--rm-type` or the sample's `metadata["rm_type"]`.
 """
@@ -10,8 +11,10 @@ import argparse
 import inspect
 from collections.abc import Awaitable, Callable
 
+import anyio
+
 from streamrl.tasks import TASKS, exact_match_reward
-from streamrl.types import Sample
+from streamrl.types import Sample, Status
 
 RewardFn = Callable[[argparse.Namespace, Sample], Awaitable[float] | float]
 
@@ -38,3 +41,72 @@ def load_reward_fn(args: argparse.Namespace) -> Callable[[argparse.Namespace, Sa
         return await out if inspect.isawaitable(out) else out
 
     return call
+
+
+def load_group_reward_fn(args: argparse.Namespace) -> Callable[[argparse.Namespace, list[Sample]], Awaitable[list]]:
+    """--group-rm: --custom-rm-path is `async def rm(args, samples) -> list[float]` (one call per group)."""
+    from streamrl.plugins import load_function
+
+    fn = load_function(args.custom_rm_path, what="--custom-rm-path (--group-rm)")
+
+    async def call(a: argparse.Namespace, samples: list[Sample]) -> list:
+        out = fn(a, samples)
+        out = await out if inspect.isawaitable(out) else out
+        if not isinstance(out, list | tuple) or len(out) != len(samples):
+            raise TypeError(f"group reward returned {type(out).__name__} of length "
+                            f"{len(out) if hasattr(out, '__len__') else '?'} for {len(samples)} samples")
+        return list(out)
+
+    return call
+
+
+async def _timed(coro: Awaitable, timeout: float | None):
+    if timeout is None:
+        return await coro
+    with anyio.fail_after(timeout):
+        return await coro
+
+
+def _fail(sample: Sample, error: str) -> None:
+    sample.status = Status.FAILED
+    sample.metadata["reward_error"] = error
+
+
+async def score_group(args: argparse.Namespace, group: list[Sample], reward_fn: Callable | None,
+                      group_fn: Callable | None = None) -> list[str]:
+    """Set `reward` on every sample; returns the errors (empty when all succeeded).
+
+    A reward call that raises or runs past `--rm-timeout` marks its sample FAILED with the error in
+    `metadata["reward_error"]` (with --group-rm every sample of the group); the others keep their rewards. Samples
+    that already carry a reward (set by a custom generate function) are not scored again.
+    """
+    timeout = getattr(args, "rm_timeout", None)
+    todo = [s for s in group if s.reward is None]
+    errors: list[str] = []
+
+    def describe(e: BaseException) -> str:
+        return f"reward timed out after {timeout}s" if isinstance(e, TimeoutError) else f"reward raised {e!r}"
+
+    if group_fn is not None and todo:
+        try:
+            rewards = await _timed(group_fn(args, todo), timeout)
+            for s, r in zip(todo, rewards, strict=True):
+                s.reward = r
+        except Exception as e:  # the user's function: recorded on the samples, never raised
+            msg = describe(e)
+            for s in todo:
+                _fail(s, msg)
+            errors.append(f"group {group[0].group_id}: {msg}")
+        return errors
+
+    async def one(s: Sample) -> None:
+        try:
+            s.reward = await _timed(reward_fn(args, s), timeout)
+        except Exception as e:  # the user's function: recorded on the sample, never raised
+            _fail(s, describe(e))
+            errors.append(f"sample {s.index} ({s.group_id}): {describe(e)}")
+
+    async with anyio.create_task_group() as tg:
+        for s in todo:
+            tg.start_soon(one, s)
+    return errors

@@ -1,14 +1,14 @@
-"""One FSDP2 training rank (a Ray actor): loads the HF model, shards it with `fully_shard`, trains, publishes weights.
+"""One FSDP2 training rank (a Ray actor): loads the HF model(s), shards them with `fully_shard`, trains, publishes.
 
-Each rank owns an equal contiguous slice of the step's batch and runs it in micro-batches. The loss of a
-micro-batch is `masked_sample_mean_sum(L, m) / global_batch_size * world` so that, after FSDP averages gradients
-over ranks, the step's gradient is that of the mean over samples of per-sample token means (slime's reduction),
-whatever the micro-batch size or the number of ranks.
+Each rank owns an equal contiguous slice of the step's batch and runs it in micro-batches (`step.py`). Every loss
+is a sum divided by GLOBAL constants (`streamrl/algos/reduce.py`), and each rank backpropagates loss·W, so after
+FSDP averages gradients over the W ranks the step's gradient is that of the whole batch, whatever the
+micro-batch size or the number of ranks. The objective (behaviour µ / proximal π_old / current π_θ) is documented
+in `streamrl/train/loss.py`.
 
-Three policies (DESIGN.md): behaviour ℓroll comes with the batch; the proximal ℓold is the trainer's own log-prob at
-the start of the step. With one optimizer step per batch the trainer's weights have not moved yet when each
-micro-batch is first run, so ℓold is the detached ℓθ of that same forward (as slime's `can_reuse_log_probs`): one
-forward instead of two, and the PPO ratio is exactly 1 at that point while TIS corrects ℓold / ℓroll.
+Models on a rank: the policy (FSDP), a frozen reference (--use-kl-loss or --kl-coef), a frozen distillation
+teacher (--use-opd, --opd-teacher-load) and, for --advantage-estimator ppo, the critic (FSDP, own optimizer,
+`critic.py`). Frozen models are kept whole on every rank (small models; sharding them is future work).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ class FSDPTrainRank:
 
     def __init__(self, args: argparse.Namespace, rank: int, world: int):
         self.args, self.rank, self.world = args, rank, world
-        self.model = self.ref_model = self.opt = None
+        self.model = self.ref_model = self.teacher = self.critic = self.opt = self.critic_opt = None
+        self.steps_done = 0
 
     def master_address(self) -> tuple[str, int]:
         import socket
@@ -47,111 +48,130 @@ class FSDPTrainRank:
         torch.set_num_threads(max(1, args.train_torch_threads))
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        if cuda:  # TF32 matmuls for the fp32 master weights (as Megatron/slime train in mixed precision)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         dist.init_process_group("nccl" if cuda else "gloo", rank=self.rank, world_size=self.world)
         mesh = init_device_mesh(self.device.type, (self.world,))
+
+        def shard(m, layers):
+            for layer in layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(m, mesh=mesh)
+            return m
+
+        def frozen(path):
+            m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            return m.to(self.device).eval().requires_grad_(False)
+
         model = AutoModelForCausalLM.from_pretrained(args.hf_checkpoint, dtype=torch.float32).to(self.device)
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        self.model = model
+        self.model = shard(model, model.model.layers)
         self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                      betas=(args.adam_beta1, args.adam_beta2))
-        if args.use_kl_loss:  # frozen reference, kept whole on every rank (small models; sharding it is future work)
-            self.ref_model = AutoModelForCausalLM.from_pretrained(args.hf_checkpoint, dtype=torch.float32)
-            self.ref_model.to(self.device).eval().requires_grad_(False)
+        if args.use_kl_loss or args.kl_coef > 0:
+            self.ref_model = frozen(args.hf_checkpoint)
+        if args.use_opd or args.advantage_estimator == "on_policy_distillation":
+            self.teacher = frozen(args.opd_teacher_load)
+        if args.advantage_estimator == "ppo":
+            from streamrl.train.critic import ValueModel
+
+            critic = ValueModel.from_pretrained(args.hf_checkpoint).to(self.device)
+            self.critic = shard(critic, critic.backbone.layers)
+            self.critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr or args.lr,
+                                                weight_decay=args.weight_decay,
+                                                betas=(args.adam_beta1, args.adam_beta2))
         self.pad_id = model.config.pad_token_id or 0
+        self.runner = self._runner()
         return {"rank": self.rank, "device": str(self.device), "params": sum(p.numel() for p in model.parameters())}
 
+    def _runner(self):
+        import torch.distributed as dist
+
+        from streamrl.algos import BUILTIN_TIS_FUNCTIONS
+        from streamrl.plugins import load_function
+        from streamrl.train.onpolicy import engine_replay_log_probs
+        from streamrl.train.step import StepRunner
+
+        a = self.args
+
+        def all_reduce(t):
+            t = t.clone()
+            dist.all_reduce(t)
+            return t
+
+        def plug(spec, what, builtins=None):
+            return load_function(spec, builtins, what) if spec else None
+
+        return StepRunner(
+            a, self.model, ref_model=self.ref_model, teacher=self.teacher, critic=self.critic, pad_id=self.pad_id,
+            world=self.world, all_reduce=all_reduce,
+            tis_fn=plug(a.custom_tis_function_path, "--custom-tis-function-path", BUILTIN_TIS_FUNCTIONS),
+            custom_loss_fn=plug(a.custom_loss_function_path, "--custom-loss-function-path"),
+            custom_adv_fn=plug(a.custom_advantage_function_path, "--custom-advantage-function-path"),
+            replay_fn=engine_replay_log_probs,
+        )
+
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One optimizer step on this rank's slice of `batch`; returns metrics averaged over the global batch."""
+        """One optimizer step on this rank's slice of `batch`; returns metrics of the global batch.
+
+        Keys: loss, pg_loss, pg_clipfrac, ppo_kl, entropy, tis (mean π_old/µ), tis_clipfrac, tis_abs,
+        tis_rejected_frac, train_rollout_logprob_abs_diff (mean |ℓtrainer − ℓroll|), kl_loss (with --use-kl-loss),
+        value_loss / value_clipfrac / values / returns (ppo), staleness_hist/k, grad_norm, train_time.
+        """
         import torch
         import torch.distributed as dist
 
-        from streamrl.algos import masked_sample_mean_sum, policy_loss, reduce_metrics, sft_loss, tis_weights
+        from streamrl.train.step import micro_batches, staleness_histogram
 
-        args, t0 = self.args, time.time()
-        local = batch.shard(self.rank, self.world)
-        n_global, mbs = len(batch), args.micro_batch_size
-        scale = self.world / n_global
+        args, t0, runner = self.args, time.time(), self.runner
+        mbs = micro_batches(batch.shard(self.rank, self.world), args.micro_batch_size, self.device)
+        runner.prepare(mbs)
+        runner.compute_advantages(mbs)
+        reduce = runner.reducer(mbs, len(batch))
+        sums: dict[str, torch.Tensor] = {}
+        result: dict[str, float] = {}
+        if self.critic is not None:
+            self.critic.train()
+            self.critic_opt.zero_grad(set_to_none=True)
+            sums.update(runner.critic_backward(mbs, reduce))
+            result["critic_grad_norm"] = _norm(torch.nn.utils.clip_grad_norm_(self.critic.parameters(),
+                                                                             args.clip_grad))
+            self.critic_opt.step()
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
-        sums: dict[str, torch.Tensor] = {}
-        for start in range(0, len(local), mbs):
-            mb = slice(start, start + mbs)
-            toks, plen, rlen = local.tokens[mb], local.prompt_lengths[mb], local.response_lengths[mb]
-            out = self._log_probs(self.model, toks, plen, rlen, with_entropy=args.entropy_coef > 0)
-            mask = self._pad(local.loss_masks[mb], out.mask) * out.mask
-            if args.loss_type == "sft_loss":
-                loss = sft_loss(out.log_probs, mask)
-                metrics = {"logp": out.log_probs.detach()}
-            else:
-                old = out.log_probs.detach()
-                roll = self._pad(local.rollout_log_probs[mb], out.mask)
-                weights, tis_m = (tis_weights(old, roll, args.tis_clip, args.tis_clip_low, mask)
-                                  if args.use_tis else (None, {}))
-                ref = None
-                if self.ref_model is not None:
-                    with torch.no_grad():
-                        ref = self._log_probs(self.ref_model, toks, plen, rlen).log_probs
-                adv = torch.tensor(local.advantages[mb], dtype=out.log_probs.dtype, device=out.log_probs.device)
-                per_tok, metrics = policy_loss(
-                    out.log_probs, old, adv, eps_clip=args.eps_clip, eps_clip_high=args.eps_clip_high,
-                    tis_weights=weights, ref_log_probs=ref, kl_loss_coef=args.kl_loss_coef,
-                    kl_loss_type=args.kl_loss_type, entropy=out.entropy, entropy_coef=args.entropy_coef,
-                )
-                metrics["rollout_logprob_abs_diff"] = (old - roll).abs()
-                if args.use_tis:
-                    metrics["tis_weight"] = weights
-                loss = masked_sample_mean_sum(per_tok, mask)
-                _ = tis_m  # token-mean TIS stats are recomputed per sample through `metrics` for consistency
-            (loss * scale).backward()
-            for k, v in reduce_metrics(metrics, mask).items():
-                sums[k] = sums.get(k, 0.0) + v
-            sums["loss"] = sums.get("loss", 0.0) + loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
-        self.opt.step()
+        sums.update(runner.actor_backward(mbs, reduce))
+        result["grad_norm"] = _norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad))
+        if self.steps_done >= args.num_critic_only_steps:
+            self.opt.step()
+        self.steps_done += 1
         names = sorted(sums)
-        vec = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) for k in names])
+        vec = torch.stack([sums[k].to(self.device) for k in names])
         dist.all_reduce(vec)
-        result = {k: float(v) / n_global for k, v in zip(names, vec.tolist(), strict=True)}
-        result["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        result.update({k: float(v) for k, v in zip(names, vec.tolist(), strict=True)})
+        result.update(staleness_histogram(batch.staleness, args.max_staleness))
         result["train_time"] = time.time() - t0
         return result
 
-    def _log_probs(self, model, toks, plen, rlen, with_entropy: bool = False):
-        from streamrl.algos import response_log_probs
-
-        return response_log_probs(model, toks, plen, rlen, temperature=self.args.rollout_temperature,
-                                  pad_id=self.pad_id, with_entropy=with_entropy)
-
-    @staticmethod
-    def _pad(rows: list[list[float]], like):
-        import torch
-
-        out = torch.zeros_like(like)
-        for i, row in enumerate(rows):
-            out[i, : len(row)] = torch.tensor(row, dtype=like.dtype)
-        return out
-
-    def full_named_parameters(self) -> list[tuple[str, Any]] | None:
+    def full_named_parameters(self, keep_on_device: bool = False) -> list[tuple[str, Any]] | None:
         """Gather every parameter in full (collective on all ranks); rank 0 gets CPU tensors, others None."""
         gathered = []
         for name, p in self.model.named_parameters():
             t = p.full_tensor() if hasattr(p, "full_tensor") else p.data
             if self.rank == 0:
-                gathered.append((name, t.detach().to("cpu", copy=True)))
+                gathered.append((name, t.detach() if keep_on_device else t.detach().to("cpu", copy=True)))
         return gathered if self.rank == 0 else None
 
     def publish_weights(self, engine_urls: list[str], version: int) -> dict[str, float]:
-        """Gather the full weights and push them to every engine's `/update_weights_from_tensor` (rank 0 sends)."""
-        from streamrl.sync.http_tensor import push_named_tensors
+        """Gather the full weights and push them to every engine by `--update-weight-transport` (rank 0 sends)."""
+        from streamrl.sync.select import push, resolve
 
         t0 = time.time()
-        named = self.full_named_parameters()
+        transport = resolve(self.args, self.device.type == "cuda")
+        named = self.full_named_parameters(keep_on_device=transport == "ipc")
         if self.rank != 0:
             return {}
-        stats = push_named_tensors(engine_urls, named, version, self.args.update_weight_buffer_size)
+        stats = push(self.args, transport, engine_urls, named, version)
         stats["sync_gather_time"] = stats["sync_start"] - t0
         return stats
 
@@ -170,3 +190,7 @@ class FSDPTrainRank:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _norm(x) -> float:
+    return float(x.full_tensor() if hasattr(x, "full_tensor") else x)

@@ -16,8 +16,10 @@ class TrainerGroup:
 
         self.args = args
         self.world = args.actor_num_nodes * args.actor_num_gpus_per_node
-        use_gpu = _has_gpus()
-        opts = {"num_gpus": 1, "num_cpus": 0} if use_gpu else {"num_cpus": 0}
+        from streamrl.launch import gpu_shares
+
+        share = gpu_shares(args)[1]
+        opts = {"num_gpus": share, "num_cpus": 0} if share else {"num_cpus": 0}
         env = {"env_vars": {"OMP_NUM_THREADS": str(args.train_torch_threads), "TOKENIZERS_PARALLELISM": "false"}}
         cls = ray.remote(**opts)(FSDPTrainRank)
         self.ranks = [cls.options(runtime_env=env).remote(args, r, self.world) for r in range(self.world)]
@@ -52,9 +54,3 @@ class TrainerGroup:
         finally:
             for r in self.ranks:
                 ray.kill(r)
-
-
-def _has_gpus() -> bool:
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) > 0

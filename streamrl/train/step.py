@@ -1,0 +1,242 @@
+"""One training step on one data-parallel rank, without torch.distributed: the FSDP actor (fsdp.py) supplies the
+models and a cross-rank `all_reduce`; tests run several "ranks" in threads with an in-process all_reduce.
+
+    split into micro-batches ─> prepare (no grad: ℓold, ℓref, ℓteacher, V_old, when needed up front)
+      ─> advantages (per token; whitening and the token count are all-reduced over ranks)
+      ─> actor: per micro-batch forward ℓθ, loss (loss.py), backward(loss·W)     ─> critic: same with the value loss
+
+Why ℓold is computed up front only sometimes: with one optimizer step per batch the weights have not moved when a
+micro-batch is first run, so ℓold equals the detached ℓθ of that same forward (slime's can_reuse_log_probs): one
+forward instead of two. Estimators that need ℓold to BUILD the advantages (KL shaping, on-policy distillation, a
+custom advantage function) and `--true-on-policy-mode` compute it first, in the same micro-batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from streamrl.algos import (
+    LossReducer,
+    discounted_returns,
+    expand_to_tokens,
+    gae,
+    kl_estimate,
+    kl_shaped_rewards,
+    masked_whiten,
+    opd_advantages,
+    reinforce_pp_baseline,
+    response_log_probs,
+)
+from streamrl.train.batch import TrainBatch
+from streamrl.train.loss import MicroBatch, actor_loss, critic_loss
+
+AllReduce = Callable[[Tensor], Tensor]
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+def _pad(rows: list[list[float]] | list[list[int]], b: int, t: int) -> Tensor:
+    out = torch.zeros(b, t)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out
+
+
+def micro_batches(local: TrainBatch, size: int, device: torch.device | str | None = None) -> list[MicroBatch]:
+    """Contiguous micro-batches of `size` samples as padded tensors (T = the micro-batch's longest response)."""
+    out: list[MicroBatch] = []
+    for s in range(0, len(local), size):
+        sl = slice(s, s + size)
+        rlen = local.response_lengths[sl]
+        b, t = len(rlen), max(max(rlen), 1)
+        resp = (torch.arange(t).unsqueeze(0) < torch.tensor(rlen).unsqueeze(1)).float()
+        tok_adv = local.token_advantages[sl] if local.token_advantages is not None else None
+        out.append(MicroBatch(
+            tokens=local.tokens[sl], prompt_lengths=local.prompt_lengths[sl], response_lengths=rlen, resp_mask=resp,
+            mask=_pad(local.loss_masks[sl], b, t) * resp, rollout_log_probs=_pad(local.rollout_log_probs[sl], b, t),
+            sample_advantages=torch.tensor(local.advantages[sl], dtype=torch.float32),
+            rewards=torch.tensor(local.rewards[sl], dtype=torch.float32),
+            token_advantages=_pad(tok_adv, b, t) * resp if tok_adv is not None else None,
+        ))
+    if device is not None:
+        for mb in out:
+            for k, v in vars(mb).items():
+                if isinstance(v, Tensor):
+                    setattr(mb, k, v.to(device))
+    return out
+
+
+class StepRunner:
+    """Holds the models of one rank and runs the parts of a step; see the module docstring."""
+
+    def __init__(self, args: argparse.Namespace, model: Any, *, ref_model: Any = None, teacher: Any = None,
+                 critic: Any = None, pad_id: int = 0, world: int = 1, all_reduce: AllReduce = _identity,
+                 tis_fn: Any = None, custom_loss_fn: Any = None, custom_adv_fn: Any = None,
+                 replay_fn: Callable[..., Tensor] | None = None):
+        self.args, self.model, self.ref_model, self.teacher, self.critic = args, model, ref_model, teacher, critic
+        self.pad_id, self.world, self.all_reduce = pad_id, world, all_reduce
+        self.tis_fn, self.custom_loss_fn, self.custom_adv_fn, self.replay_fn = (tis_fn, custom_loss_fn,
+                                                                                custom_adv_fn, replay_fn)
+
+    # ------------------------------------------------------------------ helpers
+    def log_probs(self, model: Any, mb: MicroBatch, with_entropy: bool = False, entropy_grad: bool = True):
+        return response_log_probs(model, mb.tokens, mb.prompt_lengths, mb.response_lengths,
+                                  temperature=self.args.rollout_temperature, pad_id=self.pad_id,
+                                  with_entropy=with_entropy, entropy_grad=entropy_grad)
+
+    def needs_old_up_front(self) -> bool:
+        a = self.args
+        return bool(a.true_on_policy_mode or a.kl_coef > 0 or a.use_opd or self.custom_adv_fn is not None
+                    or a.advantage_estimator == "on_policy_distillation")
+
+    def reducer(self, mbs: list[MicroBatch], num_samples: int) -> LossReducer:
+        """The reduction of this step; the token count is all-reduced over ranks before any loss is computed."""
+        a = self.args
+        if a.calculate_per_token_loss:
+            ntok = self.all_reduce(torch.stack([mb.mask.sum() for mb in mbs]).sum().double().reshape(1))
+            return LossReducer("token_mean", num_samples, float(ntok.item()))
+        if a.loss_normalizer_constant is not None:
+            return LossReducer("constant", num_samples, constant=a.loss_normalizer_constant)
+        return LossReducer("sample_mean", num_samples)
+
+    # ------------------------------------------------------------------ prepare + advantages
+    def prepare(self, mbs: list[MicroBatch]) -> None:
+        """No-grad forwards whose results the advantages or the loss need before the actor's micro-batch loop."""
+        a = self.args
+        with torch.no_grad():
+            for mb in mbs:
+                if a.true_on_policy_mode and self.replay_fn is not None:
+                    mb.trainer_log_probs = self.replay_fn(self.model, mb.tokens, mb.prompt_lengths,
+                                                          mb.response_lengths, a.rollout_temperature
+                                                          ).to(mb.mask.device)
+                elif self.needs_old_up_front():
+                    mb.trainer_log_probs = self.log_probs(self.model, mb).log_probs
+                if a.use_rollout_logprobs:
+                    mb.old_log_probs = mb.rollout_log_probs
+                elif mb.trainer_log_probs is not None:
+                    mb.old_log_probs = mb.trainer_log_probs
+                if self.ref_model is not None:
+                    mb.ref_log_probs = self.log_probs(self.ref_model, mb).log_probs
+                if self.teacher is not None:
+                    mb.teacher_log_probs = self.log_probs(self.teacher, mb).log_probs
+                if self.critic is not None:
+                    from streamrl.train.critic import response_values
+
+                    mb.values = response_values(self.critic, mb.tokens, mb.prompt_lengths, mb.response_lengths,
+                                                self.pad_id)[0]
+
+    def compute_advantages(self, mbs: list[MicroBatch]) -> None:
+        """Per-token advantages (and returns) for every micro-batch of this rank, per --advantage-estimator."""
+        a = self.args
+        if self.custom_adv_fn is not None:
+            return self._custom_advantages(mbs)
+        est = a.advantage_estimator
+        for mb in mbs:
+            kl = None
+            if a.kl_coef > 0:
+                kl = kl_estimate(mb.old_log_probs, mb.ref_log_probs, a.kl_loss_type) * mb.mask
+            if mb.token_advantages is not None:
+                adv = mb.token_advantages * mb.mask
+            elif est in ("grpo", "gspo", "cispo"):
+                adv = expand_to_tokens(mb.sample_advantages, mb.mask)
+            elif est == "reinforce_plus_plus_baseline":
+                adv = reinforce_pp_baseline(mb.sample_advantages, mb.mask, kl, a.kl_coef)
+            elif est == "reinforce_plus_plus":
+                rho = kl_shaped_rewards(mb.sample_advantages, mb.mask, kl, a.kl_coef)
+                adv = discounted_returns(rho, mb.resp_mask, a.gamma) * mb.mask
+            elif est == "ppo":
+                rho = kl_shaped_rewards(mb.sample_advantages, mb.mask, kl, a.kl_coef)
+                adv, mb.returns = gae(rho, mb.values, mb.resp_mask, a.gamma, a.lambd)
+            elif est == "on_policy_distillation":
+                adv = torch.zeros_like(mb.mask)
+            else:
+                raise ValueError(f"unknown advantage estimator {est!r}")
+            if a.use_opd or est == "on_policy_distillation":
+                adv = opd_advantages(adv, mb.old_log_probs, mb.teacher_log_probs, a.opd_kl_coef, mb.mask)
+            mb.advantages = adv
+            if mb.returns is None:
+                mb.returns = adv
+        if a.normalize_advantages:
+            self._whiten(mbs)
+
+    def _whiten(self, mbs: list[MicroBatch]) -> None:
+        t = max(mb.mask.shape[1] for mb in mbs)
+        pad = [(0, t - mb.mask.shape[1]) for mb in mbs]
+        adv = torch.cat([torch.nn.functional.pad(mb.advantages, p) for mb, p in zip(mbs, pad, strict=True)])
+        mask = torch.cat([torch.nn.functional.pad(mb.mask, p) for mb, p in zip(mbs, pad, strict=True)])
+        white = masked_whiten(adv, mask, self.all_reduce)
+        for mb, chunk in zip(mbs, white.split([len(mb) for mb in mbs]), strict=True):
+            mb.advantages = chunk[:, : mb.mask.shape[1]]
+
+    def _custom_advantages(self, mbs: list[MicroBatch]) -> None:
+        """slime's `fn(args, rollout_data)`: per-sample [r_i] tensors in, rollout_data['advantages'/'returns'] out."""
+        from streamrl.algos.offpolicy import to_list, to_padded
+
+        def lists(key: str) -> list[Tensor] | None:
+            xs = [getattr(mb, key) for mb in mbs]
+            if any(x is None for x in xs):
+                return None
+            return [row for mb, x in zip(mbs, xs, strict=True) for row in to_list(x, mb.response_lengths)]
+
+        rlen = [r for mb in mbs for r in mb.response_lengths]
+        data = {
+            "tokens": [torch.tensor(t) for mb in mbs for t in mb.tokens], "response_lengths": rlen,
+            "total_lengths": [len(t) for mb in mbs for t in mb.tokens], "loss_masks": lists("mask"),
+            "rewards": [float(x) for mb in mbs for x in mb.sample_advantages],
+            "raw_reward": [float(x) for mb in mbs for x in mb.rewards], "log_probs": lists("old_log_probs"),
+            "rollout_log_probs": lists("rollout_log_probs"), "ref_log_probs": lists("ref_log_probs"),
+            "teacher_log_probs": lists("teacher_log_probs"), "values": lists("values"),
+        }
+        self.custom_adv_fn(self.args, data)
+        offset = 0
+        for mb in mbs:
+            n = len(mb)
+            for key, dst in (("advantages", "advantages"), ("returns", "returns")):
+                rows = data[key][offset : offset + n]
+                setattr(mb, dst, to_padded(torch.cat([torch.as_tensor(r, dtype=torch.float32) for r in rows]),
+                                           mb.response_lengths, mb.mask) * mb.mask)
+            offset += n
+
+    # ------------------------------------------------------------------ backward passes
+    def actor_backward(self, mbs: list[MicroBatch], reduce: LossReducer) -> dict[str, Tensor]:
+        """Forward ℓθ and backward loss·W for every micro-batch (gradients accumulate); returns metric sums."""
+        sums: dict[str, Tensor] = {}
+        coef = self.args.entropy_coef
+        for mb in mbs:
+            out = self.log_probs(self.model, mb, with_entropy=True, entropy_grad=bool(coef))
+            loss, metrics = actor_loss(self.args, mb, out.log_probs, out.entropy, reduce, self.tis_fn,
+                                       self.custom_loss_fn)
+            (loss * self.world).backward()
+            _accumulate(sums, metrics)
+        return sums
+
+    def critic_backward(self, mbs: list[MicroBatch], reduce: LossReducer) -> dict[str, Tensor]:
+        from streamrl.train.critic import response_values
+
+        sums: dict[str, Tensor] = {}
+        for mb in mbs:
+            values, _ = response_values(self.critic, mb.tokens, mb.prompt_lengths, mb.response_lengths, self.pad_id)
+            loss, metrics = critic_loss(self.args, mb, values, reduce)
+            (loss * self.world).backward()
+            _accumulate(sums, metrics)
+        return sums
+
+
+def _accumulate(sums: dict[str, Tensor], metrics: dict[str, Tensor]) -> None:
+    for k, v in metrics.items():
+        v = v.detach().double().reshape(())
+        sums[k] = sums[k] + v if k in sums else v
+
+
+def staleness_histogram(staleness: list[int], max_staleness: int) -> dict[str, float]:
+    """{"staleness_hist/k": fraction of the step's samples whose oldest token is k versions old}, k = 0..max."""
+    top = max([max_staleness, *staleness]) if staleness else max_staleness
+    n = max(len(staleness), 1)
+    return {f"staleness_hist/{k}": sum(s == k for s in staleness) / n for k in range(top + 1)}

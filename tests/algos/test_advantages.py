@@ -1,0 +1,119 @@
+"""Advantage estimators against hand-computed numbers: REINFORCE++ (+baseline), GAE, whitening, OPD, driver side."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from streamrl.algos import (
+    discounted_returns,
+    gae,
+    kl_shaped_rewards,
+    last_token_onehot,
+    masked_whiten,
+    opd_advantages,
+    reinforce_pp_baseline,
+)
+from streamrl.config import default_args
+from streamrl.train.batch import build_train_batch, sample_advantages
+from streamrl.types import Sample
+
+T = torch.tensor
+
+
+def test_last_token_skips_tool_tokens_and_empty_samples():
+    mask = T([[1, 1, 0, 1], [1, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]])
+    assert last_token_onehot(mask).tolist() == [[0, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+
+
+def test_reinforce_plus_plus_returns_by_hand():
+    # sample 0: response of 4 tokens, token 2 is a tool token (mask 0); sample 1: 2 tokens + padding
+    mask = T([[1.0, 1, 0, 1], [1, 1, 0, 0]])
+    resp = T([[1.0, 1, 1, 1], [1, 1, 0, 0]])
+    kl = T([[0.1, 0.2, 0.3, 0.4], [0.5, 0.5, 7.0, 7.0]])
+    rho = kl_shaped_rewards(T([1.0, 0.0]), mask, kl, kl_coef=0.5)
+    # ρ = −0.5·KL·m, plus the reward on the last trainable token
+    torch.testing.assert_close(rho, T([[-0.05, -0.1, 0.0, 0.8], [-0.25, -0.25, 0.0, 0.0]]))
+    g = discounted_returns(rho, resp, gamma=0.9)
+    # G_3 = .8, G_2 = .9·.8, G_1 = −.1 + .9·.72, G_0 = −.05 + .9·.548 ; G_1 = −.25, G_0 = −.25 + .9·(−.25)
+    torch.testing.assert_close(g, T([[0.4432, 0.548, 0.72, 0.8], [-0.475, -0.25, 0.0, 0.0]]))
+    # γ = 1 and no KL: every token gets the outcome reward
+    torch.testing.assert_close(discounted_returns(kl_shaped_rewards(T([1.0, 0.0]), mask), resp), resp * T([[1.0], [0]]))
+
+
+def test_reinforce_plus_plus_baseline_by_hand():
+    out = reinforce_pp_baseline(T([0.5, -0.5]), T([[1.0, 1], [1, 0]]), T([[0.2, 0.4], [0.6, 0.8]]), kl_coef=0.5)
+    torch.testing.assert_close(out, T([[0.4, 0.3], [-0.8, 0.0]]))  # −0.5 − 0.5·0.6
+
+
+def test_gae_by_hand_and_padding_ignored():
+    rho = T([[0.0, 0.0, 1.0], [0.0, -1.0, 5.0]])
+    values = T([[0.5, 0.6, 0.7], [0.2, 0.1, 9.0]])  # sample 1 has 2 response tokens: 5.0 and 9.0 are padding junk
+    resp = T([[1.0, 1, 1], [1, 1, 0]])
+    adv, ret = gae(rho, values, resp, gamma=0.9, lambd=0.8)
+    # δ = [.04, .03, .3], A_t = δ_t + .72·A_{t+1}; δ = [−.11, −1.1]
+    torch.testing.assert_close(adv, T([[0.21712, 0.246, 0.3], [-0.902, -1.1, 0.0]]))
+    torch.testing.assert_close(ret, T([[0.71712, 0.846, 1.0], [-0.702, -1.0, 0.0]]))
+    # γ = λ = 1: Monte-Carlo return minus the value
+    adv1, _ = gae(rho, values, resp)
+    torch.testing.assert_close(adv1, T([[0.5, 0.4, 0.3], [-1.2, -1.1, 0.0]]))
+
+
+def test_whitening_by_hand_and_across_ranks():
+    v = T([[1.0, 2, 3], [4, 0, 9]])
+    m = T([[1.0, 1, 1], [1, 0, 0]])
+    std = math.sqrt(5 / 3 + 1e-8)  # tokens 1,2,3,4: mean 2.5, unbiased variance 5/3
+    expected = T([[-1.5, -0.5, 0.5], [1.5, 0, 0]]) / std
+    torch.testing.assert_close(masked_whiten(v, m), expected)
+    # two ranks, one row each: the all-reduced statistics give the same result on each rank's rows
+    stats = [torch.stack([(r * k).sum(), (r * r * k).sum(), k.sum()]).double() for r, k in zip(v, m, strict=True)]
+    total = stats[0] + stats[1]
+    for i in range(2):
+        torch.testing.assert_close(masked_whiten(v[i : i + 1], m[i : i + 1], lambda s: total), expected[i : i + 1])
+    with pytest.raises(ValueError):
+        masked_whiten(v, torch.zeros_like(m))
+
+
+def test_opd_by_hand():
+    out = opd_advantages(T([[1.0, 1.0, 1.0]]), T([[-1.0, -2.0, -3.0]]), T([[-1.5, -1.0, 0.0]]), 0.5, T([[1.0, 1, 0]]))
+    torch.testing.assert_close(out, T([[0.75, 1.5, 0.0]]))
+
+
+@pytest.mark.parametrize(
+    "estimator, extra, expected",
+    [
+        ("grpo", {}, [0.5, -1.5, 0.5, 0.5, -0.5, -0.5, -0.5, 1.5]),
+        ("gspo", {"disable_grpo_std_normalization": True}, [0.25, -0.75, 0.25, 0.25, -0.25, -0.25, -0.25, 0.75]),
+        ("reinforce_plus_plus_baseline", {"normalize_advantages": True},
+         [0.25, -0.75, 0.25, 0.25, -0.25, -0.25, -0.25, 0.75]),
+        ("reinforce_plus_plus", {"normalize_advantages": True}, [1, 0, 1, 1, 0, 0, 0, 1]),
+        ("ppo", {}, [1, 0, 1, 1, 0, 0, 0, 1]),
+        ("on_policy_distillation", {"opd_teacher_load": "t"}, [0] * 8),
+        ("cispo", {"disable_rewards_normalization": True}, [1, 0, 1, 1, 0, 0, 0, 1]),
+    ],
+)
+def test_driver_side_advantages_per_estimator(estimator, extra, expected):
+    args = default_args(advantage_estimator=estimator, n_samples_per_prompt=4, **extra)
+    out = sample_advantages(args, [1.0, 0, 1, 1, 0, 0, 0, 1])
+    torch.testing.assert_close(T(out), T(expected, dtype=torch.float32), atol=1e-5, rtol=0)
+
+
+def test_batch_keeps_behaviour_logprobs_of_partial_rollouts_and_masks_removed_samples():
+    """A resumed partial rollout mixes versions: every token keeps the log-prob of the weights that sampled it."""
+    a = Sample(tokens=[5, 6], reward=1.0)
+    a.append_response_tokens(tokens=[7, 8], log_probs=[-0.1, -0.2], version=3, finish_reason="abort")
+    a.append_response_tokens(tokens=[9], log_probs=None, version=4, trainable=False)  # tool output
+    a.append_response_tokens(tokens=[10, 11], log_probs=[-0.3, -0.4], version=4, finish_reason="stop")
+    b = Sample(tokens=[5, 6], reward=0.0, remove_sample=True)
+    b.append_response_tokens(tokens=[7], log_probs=[-0.5], version=5, finish_reason="stop")
+    args = default_args(n_samples_per_prompt=2, rollout_batch_size=1)
+    batch = build_train_batch(args, [[a, b]], version=5, eos_id=2)
+    assert batch.rollout_log_probs == [[-0.1, -0.2, 0.0, -0.3, -0.4], [-0.5]]
+    assert batch.loss_masks == [[1, 1, 0, 1, 1], [0]]
+    assert batch.staleness == [2, 0]
+    assert batch.prompt_lengths == [2, 2] and batch.response_lengths == [5, 1]
+    assert batch.advantages == pytest.approx([0.5 / (math.sqrt(0.5) + 1e-6), -0.5 / (math.sqrt(0.5) + 1e-6)])
+    half = batch.shard(1, 2)
+    assert half.tokens == [b.tokens] and half.token_advantages is None

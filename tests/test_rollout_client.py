@@ -1,0 +1,82 @@
+"""EngineClient: bounded retries (only where safe), errors that name the URL, streaming, worker list changes."""
+
+import socket
+import threading
+
+import anyio
+import pytest
+
+from streamrl.rollout.client import EngineClient, EngineError
+
+
+class Hangup:
+    """A TCP server that accepts each connection, reads the request and closes without answering."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            conn.recv(65536)
+            conn.close()
+
+
+def closed_port_url():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"http://127.0.0.1:{port}"
+
+
+def test_connection_refused_is_retried_then_names_the_url():
+    url = closed_port_url()
+    client = EngineClient([url], retries=2, retry_wait=0.001)
+    with pytest.raises(EngineError, match=rf"{url}: POST /generate failed 3 times.*ConnectError"):
+        anyio.run(client.generate, {"input_ids": [1]})
+
+
+def test_generate_is_not_retried_after_sending_but_idempotent_calls_are():
+    srv = Hangup()
+    client = EngineClient([srv.url], retries=2, retry_wait=0.001)
+    with pytest.raises(EngineError, match="not retried: not idempotent"):
+        anyio.run(client.generate, {"input_ids": [1]})
+    assert srv.accepted == 1  # generating twice would waste (or duplicate) a sample
+    with pytest.raises(EngineError, match=rf"{srv.url}: POST /abort_request failed 3 times"):
+        anyio.run(client.abort)
+    assert srv.accepted == 1 + 3
+    srv.sock.close()
+
+
+def test_streaming_weight_versions_loads_and_workers(tiny_ckpt):
+    from streamrl.rollout.engine.actor import EmbeddedEngine
+
+    with EmbeddedEngine(tiny_ckpt, weight_version="4") as eng:
+        async def run():
+            client = EngineClient([eng.url])
+            events = [e async for e in client.generate_stream({
+                "input_ids": [5, 6], "return_logprob": True,
+                "sampling_params": {"max_new_tokens": 3, "temperature": 0.0, "ignore_eos": True}})]
+            assert [len(e["output_ids"]) for e in events][-1] == 3
+            assert await client.weight_versions() == {eng.url: "4"}
+            assert await client.loads(eng.url) == {"num_running_reqs": 0, "num_waiting_reqs": 0}
+            assert await client.health() and not await client.health(closed_port_url())
+            await client.wait_idle(timeout=10)
+            client.remove_worker(eng.url)
+            with pytest.raises(EngineError, match="no engine"):
+                await client.generate({"input_ids": [1]})
+            client.add_worker(eng.url)
+            assert (await client.generate({"input_ids": [5], "sampling_params": {"max_new_tokens": 1}}))["meta_info"]
+            await client.aclose()
+
+        anyio.run(run)

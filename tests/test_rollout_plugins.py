@@ -1,0 +1,155 @@
+"""Producers with slime's plug-ins: reward failures, group RM, dynamic sampling, rollout functions, data sources,
+eval datasets, and plug-in paths that name what failed. One in-process embedded engine; no Ray."""
+
+import inspect
+import json
+
+import anyio
+import pytest
+
+from buffers.queue import RolloutBuffer
+from streamrl.config import default_args
+from streamrl.rollout.manager import RolloutManager
+from streamrl.types import Status
+
+P = "tests/plugins/rollout_plugins.py:"
+
+
+class Local:
+    """`actor.method.remote(...)` over a plain object, awaitable like a Ray ObjectRef."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __getattr__(self, name):
+        fn = getattr(self.obj, name)
+
+        class Method:
+            @staticmethod
+            def remote(*a, **kw):
+                out = fn(*a, **kw)
+                if inspect.isawaitable(out):
+                    return out
+
+                async def done():
+                    return out
+
+                return done()
+
+        return Method
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_ckpt):
+    from streamrl.rollout.engine.actor import EmbeddedEngine
+
+    with EmbeddedEngine(tiny_ckpt, max_running_requests=32) as eng:
+        yield eng.url
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"input": f"sort:{d}=", "label": "".join(sorted(d)),
+                                        "metadata": {"rm_type": "sort"}}) + "\n" for d in ("321", "54", "9", "87")))
+    return str(path)
+
+
+def make(tiny_ckpt, prompts, engine, **kw):
+    kw = {"hf_checkpoint": tiny_ckpt, "prompt_data": prompts, "label_key": "label", "n_samples_per_prompt": 2,
+          "rollout_batch_size": 2, "rollout_max_response_len": 4, "async_buffer_size": 8, "num_epoch": 1,
+          "max_staleness": 4, **kw}  # pacing never holds the 4 prompts back: the run ends when they settle
+    args = default_args(**kw)
+    buf = RolloutBuffer(args)
+    return RolloutManager(args, Local(buf), [engine]), buf
+
+
+def run_to_end(mgr):
+    async def go():
+        await mgr.start()
+        await mgr._task  # num_epoch=1: the producers stop once every prompt's group settled
+        await mgr.close()
+
+    anyio.run(go)
+    return mgr
+
+
+def test_reward_exception_marks_samples_failed_and_keeps_the_ledger(tiny_ckpt, prompts, engine):
+    mgr, buf = make(tiny_ckpt, prompts, engine, custom_rm_path=P + "fails_on_first_group")
+    run_to_end(mgr)
+    assert buf.ledger.counts()["failed"] == 1 and buf.ledger.counts()["queued"] == 3 and buf.check_ledger()
+    assert mgr.stats["reward_failures"] == 2 and mgr.stats["groups_failed"] == 1
+    (group,) = mgr.failed
+    assert all(s.status == Status.FAILED and "grader crashed" in s.metadata["reward_error"] for s in group)
+    assert "reward" in buf.ledger.reason(group[0].group_id)
+
+
+def test_reward_timeout_marks_samples_failed(tiny_ckpt, prompts, engine):
+    mgr, buf = make(tiny_ckpt, prompts, engine, custom_rm_path=P + "hangs_on_second_group", rm_timeout=0.5)
+    run_to_end(mgr)
+    assert buf.ledger.counts()["failed"] == 1 and buf.ledger.counts()["queued"] == 3
+    assert all("timed out after 0.5s" in s.metadata["reward_error"] for s in mgr.failed[0])
+
+
+def test_group_rm_and_dynamic_filter(tiny_ckpt, prompts, engine):
+    mgr, buf = make(tiny_ckpt, prompts, engine, custom_rm_path=P + "group_rank", group_rm=True,
+                    dynamic_sampling_filter_path="check_reward_nonzero_std")
+    run_to_end(mgr)
+    assert buf.ledger.counts()["queued"] == 4
+    assert all([s.reward for s in g] == [0.0, 1.0] for g in buf.groups)
+    mgr, buf = make(tiny_ckpt, prompts, engine, custom_rm_path=P + "constant",
+                    dynamic_sampling_filter_path="check_reward_nonzero_std")
+    run_to_end(mgr)
+    assert buf.ledger.counts()["filtered"] == 4 and buf.ledger.reasons() and buf.check_ledger()
+    assert mgr.stats["filter_reasons"] == {"zero_std_1.0": 4} and mgr.admitted == 0  # slots given back
+
+
+def test_data_source_plugin_and_per_sample_generate_function(tiny_ckpt, prompts, engine):
+    mgr, buf = make(tiny_ckpt, prompts, engine, data_source_path=P + "TwoGroups", custom_rm_path=P + "constant")
+    run_to_end(mgr)
+    assert sorted(g[0].group_id for g in buf.groups) == ["ds-0", "ds-1"]
+    assert all(s.metadata["generated_by"] == "tagged_generate" and s.tokens[:3] for g in buf.groups for s in g)
+
+
+def test_rollout_function_keeps_the_ledger_exact(tiny_ckpt, prompts, engine):
+    mgr, buf = make(tiny_ckpt, prompts, engine, rollout_function_path="examples/sync_rollout/rollout.py:"
+                    "generate_rollout", over_sampling_batch_size=3, custom_rm_path=P + "constant", num_epoch=None,
+                    max_staleness=1)
+
+    async def go():
+        await mgr.start()
+        while mgr.stats["rollouts"] < 2:  # then pacing (version 0, 4 groups) holds the third rollout back
+            assert mgr.fatal is None, mgr.fatal
+            await anyio.sleep(0.05)  # polling a condition
+        await mgr.stop()
+        await mgr.close()
+
+    anyio.run(go)
+    counts = buf.ledger.counts()
+    assert counts["queued"] == 4 and counts["partial"] == 1 and buf.check_ledger()  # the surplus went back
+    assert all(s.reward == 1.0 and s.response_length > 0 for g in buf.groups for s in g)
+
+
+def test_eval_per_dataset_with_weight_version(tiny_ckpt, prompts, engine, tmp_path):
+    mgr, _ = make(tiny_ckpt, prompts, engine, eval_prompt_data=["a", prompts, "b", prompts],
+                  n_samples_per_eval_prompt=2, eval_max_response_len=3, custom_rm_path=P + "constant")
+    mgr.version = 3
+    m = anyio.run(mgr.evaluate, 7)
+    assert m["eval/a/reward"] == m["eval/b/reward"] == m["eval/reward"] == 1.0 and m["eval/a/n"] == 8
+    assert m["eval/version"] == 3.0 and m["eval/version_min"] == m["eval/version_max"] == 0.0  # engine: version 0
+    args = default_args(eval_prompt_data=[prompts])
+    assert args.eval_datasets == [("p", prompts)] and args.eval_max_response_len == args.rollout_max_response_len
+
+
+@pytest.mark.parametrize("flag, spec, message", [
+    ("custom_rm_path", "no_such_module:rm", "module 'no_such_module' not found"),
+    ("dynamic_sampling_filter_path", P + "nope", "has no function 'nope'"),
+    ("rollout_function_path", "missing/file.py:fn", "does not exist"),
+    ("custom_generate_function_path", "streamrl.rollout.generate:nope", "has no function 'nope'"),
+    ("data_source_path", "tests/plugins/rollout_plugins.py:Nope", "has no function 'Nope'"),
+    ("rollout_sample_filter_path", "notaspec", "unknown --rollout-sample-filter-path"),
+])
+def test_wrong_plugin_paths_name_what_failed(tiny_ckpt, prompts, engine, flag, spec, message):
+    with pytest.raises(ValueError, match=message) as e:
+        make(tiny_ckpt, prompts, engine, **{flag: spec})
+    assert "--" + flag.replace("_", "-") in str(e.value)

@@ -1,0 +1,123 @@
+"""The real sglang-router (the `sglang-router` package) in front of two embedded engines on CPU.
+
+The engines report different weight versions ("0" and "7"), so every response says which worker served it.
+"""
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+pytest.importorskip("sglang_router")
+
+from streamrl.config import default_args  # noqa: E402
+from streamrl.rollout.client import EngineClient  # noqa: E402
+from streamrl.rollout.sglang.router import add_worker, list_workers, remove_worker, start_router  # noqa: E402
+
+GREEDY = {"max_new_tokens": 3, "temperature": 0.0}
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_ckpt, tmp_path_factory):
+    from streamrl.rollout.engine.actor import EmbeddedEngine
+
+    e1 = EmbeddedEngine(tiny_ckpt, weight_version="0").start()
+    e2 = EmbeddedEngine(tiny_ckpt, weight_version="7").start()
+    args = default_args(use_router=True, router_policy="round_robin", rollout_engine_startup_timeout=60)
+    router = start_router(args, [e1.url], log_path=str(tmp_path_factory.mktemp("router") / "router.log"))
+    try:
+        yield router.url, e1, e2
+    finally:
+        router.stop()
+        e1.stop()
+        e2.stop()
+
+
+def served_by(router_url, n):
+    with httpx.Client(timeout=60) as c:
+        return [c.post(router_url + "/generate", json={"input_ids": [5, 6, 7], "sampling_params": GREEDY}).json()
+                ["meta_info"]["weight_version"] for _ in range(n)]
+
+
+def test_add_and_remove_worker_at_run_time(cluster):
+    url, e1, e2 = cluster
+    assert set(served_by(url, 4)) == {"0"}
+    add_worker(url, e2.url, timeout=60)
+    assert {w["url"] for w in list_workers(url)} == {e1.url, e2.url}
+    assert set(served_by(url, 6)) == {"0", "7"}  # round robin over both engines
+    remove_worker(url, e2.url, timeout=60)
+    assert set(served_by(url, 4)) == {"0"}
+
+
+def test_batched_generate_through_the_router(cluster):
+    url, _, _ = cluster
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    outs = httpx.post(url + "/generate", json={"input_ids": prompts, "sampling_params": GREEDY,
+                                               "return_logprob": True}, timeout=60).json()
+    assert [o["meta_info"]["prompt_tokens"] for o in outs] == [3, 2, 4]
+    assert all(len(o["meta_info"]["output_token_logprobs"]) == len(o["output_ids"]) for o in outs)
+    # What the router's schema refuses (so producers send one sampling_params dict and no rid list):
+    bad = httpx.post(url + "/generate", json={"input_ids": prompts, "sampling_params": [GREEDY] * 3}, timeout=60)
+    assert bad.status_code == 422
+    # and what it does not proxy: abort goes to each worker
+    assert httpx.post(url + "/abort_request", json={"abort_all": True}).status_code == 404
+
+
+def test_abort_reaches_a_request_routed_through_the_router(cluster):
+    url, e1, _ = cluster
+    httpx.post(e1.url + "/pause_generation", json={"mode": "in_place"}).raise_for_status()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(lambda: httpx.post(url + "/generate", timeout=60, json={
+                "input_ids": [5, 6, 7], "return_logprob": True,
+                "sampling_params": {"max_new_tokens": 100, "temperature": 0.0, "ignore_eos": True}}).json())
+            while e1.scheduler.load()["num_running_reqs"] + e1.scheduler.load()["num_waiting_reqs"] == 0:
+                assert not fut.done(), fut.result()  # polling until the routed request reached the worker
+            client = EngineClient([e1.url], router_url=url)
+            asyncio.run(client.abort())  # to the workers, not the router
+            out = fut.result(timeout=60)
+    finally:
+        httpx.post(e1.url + "/continue_generation", json={})
+    assert out["meta_info"]["finish_reason"]["type"] == "abort"
+    assert len(out["output_ids"]) < 100
+
+
+def test_streamed_abort_through_the_router_keeps_a_coherent_prefix(cluster, tiny_ckpt):
+    from streamrl.rollout.generate import apply_output, generate_streaming
+    from streamrl.types import Sample, Status
+
+    url, e1, _ = cluster
+    args = default_args(hf_checkpoint=tiny_ckpt)
+
+    async def run():
+        client = EngineClient([e1.url], router_url=url)
+        sample = Sample(tokens=[5, 6, 7])
+        params = {"max_new_tokens": 100, "temperature": 0.0, "ignore_eos": True}
+        seen, aborted = [], False
+
+        async def first_tokens_then_abort():
+            nonlocal aborted
+            async for event in client.generate_stream({"input_ids": [5, 6, 7], "sampling_params": params,
+                                                           "return_logprob": True}):
+                seen.append(event)
+                if event["output_ids"] and not aborted:
+                    aborted = True
+                    await client.pause("in_place")  # freeze it mid-generation, then abort: deterministic
+                    await client.abort()
+                    await client.resume()
+
+        await first_tokens_then_abort()
+        await client.resume()
+        last = seen[-1]
+        assert last["meta_info"]["finish_reason"]["type"] == "abort"
+        assert 0 < len(last["output_ids"]) < 100
+        apply_output(sample, last)  # what generate_streaming keeps when its stream is aborted
+        prefix = list(sample.tokens)
+        assert sample.status == Status.ABORTED and sample.response_length == len(last["output_ids"])
+        await generate_streaming(args, sample, {**params, "max_new_tokens": 2}, client=client)  # resume
+        assert sample.status == Status.TRUNCATED and sample.tokens[: len(prefix)] == prefix
+        assert sample.response_length == len(last["output_ids"]) + 2 and len(sample.weight_versions) == 2
+        await client.aclose()
+
+    asyncio.run(run())
