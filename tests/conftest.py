@@ -25,3 +25,19 @@ def sort_data(tmp_path_factory):
     return str(write_task_jsonl(d / "train.jsonl", "sort", 400, seed=0)), str(
         write_task_jsonl(d / "eval.jsonl", "sort", 16, seed=1)
     )
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests run only where CUDA is available (scripts/gpu/check.sh runs them on a GPU)."""
+    import importlib.util
+
+    cuda = False
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if not cuda:
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
