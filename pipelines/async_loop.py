@@ -39,7 +39,10 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
     records, _ = load_prompts(args.prompt_data, args.input_key, args.label_key, args.metadata_key)
     total = steps_total(args, len(records))
     run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-    logger = MetricsLogger(args, run_dir, total)
+    from pipelines.checkpoint import latest_meta, load_checkpoint, save_checkpoint, saved_weight_diff
+
+    resume = latest_meta(args.load) if args.load else None
+    logger = MetricsLogger(args, run_dir, total, resume_offset=resume and resume["metrics_offset"])
     c = build(args)
     eos = _eos_id(args.hf_checkpoint)
     b, n_int = groups_per_step(args), args.update_weights_interval
@@ -61,14 +64,24 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
         )
 
     try:
-        if args.eval_prompt_data and not args.skip_eval_before_train:
+        start_step = 0
+        if args.load:  # trainer, buffer + ledger, producers; then the engines get the trainer's weights as v
+            resume = load_checkpoint(c, args.load)
+            start_step, version = resume["step"], resume["version"]
+            last_sync = publish(version)
+            summary["resumed_from"] = resume
+            if args.check_weight_update_equal:
+                summary["resume_weight_check"] = {"trainer_vs_checkpoint": saved_weight_diff(c, resume["dir"]),
+                                                  "engines_vs_trainer": _weight_diff(c)}
+            print(f"[streamrl] resumed from {resume['dir']}: step {start_step}, version {version}", flush=True)
+        if args.eval_prompt_data and not args.skip_eval_before_train and not args.load:
             first = ray.get(c.manager.evaluate.remote(0))
             logger.log({"step": 0, **first})
             summary["eval_initial"] = first["eval/reward"]
             print(f"[streamrl] eval before training: reward {first['eval/reward']:.3f}", flush=True)
         ray.get(c.manager.start.remote())
         t_start = time.time()
-        for step in range(total):
+        for step in range(start_step, total):
             t0 = time.time()
             groups = _get_batch(c, b, step)
             wait_total += time.time() - t0
@@ -101,6 +114,8 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
             logger.log({k: v for k, v in record.items() if k != "eval/reward"})
             if (step + 1) % args.log_interval == 0 or step + 1 == total:
                 print(logger.status_line(record), flush=True)
+            if args.save_interval and (step + 1) % args.save_interval == 0 and step + 1 < total:
+                save_checkpoint(c, args.save, step + 1, version, logger.position())
         summary["wall_time"] = time.time() - t_start
         summary["trainer_wait_frac"] = wait_total / summary["wall_time"]
         if total % n_int:  # the engines serve the final weights for the final eval
@@ -111,6 +126,8 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
         summary["manager"] = ray.get(c.manager.stop.remote())
         if eval_ref is not None:
             ray.get(eval_ref)
+        if args.save_interval:  # the final one also keeps the groups cut off by the stop (as partials)
+            summary["checkpoint"] = str(save_checkpoint(c, args.save, total, version, logger.position()))
         if args.eval_prompt_data:
             final = ray.get(c.manager.evaluate.remote(total))
             logger.log({"step": total, **final})

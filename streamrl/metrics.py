@@ -14,10 +14,18 @@ from typing import Any
 
 
 class MetricsLogger:
-    def __init__(self, args: argparse.Namespace, run_dir: Path, total_steps: int):
+    def __init__(self, args: argparse.Namespace, run_dir: Path, total_steps: int, resume_offset: int | None = None):
+        """`resume_offset`: continue metrics.jsonl from this byte offset (a checkpoint's `position()`), dropping
+        rows logged after it; None starts a fresh file."""
         self.args, self.run_dir, self.total = args, run_dir, total_steps
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.file = (run_dir / "metrics.jsonl").open("w")
+        path = run_dir / "metrics.jsonl"
+        if resume_offset is not None and path.exists():
+            with path.open("r+b") as f:
+                f.truncate(min(resume_offset, f.seek(0, 2)))
+            self.file = path.open("a")
+        else:
+            self.file = path.open("w")
         self.t0 = time.time()
         self.wandb = None
         if args.use_wandb:
@@ -32,6 +40,10 @@ class MetricsLogger:
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if isinstance(v, int | float)}, step=record.get("step"))
+
+    def position(self) -> int:
+        """Byte offset of the next row in metrics.jsonl (saved by checkpoints)."""
+        return self.file.tell()
 
     def status_line(self, m: dict[str, Any]) -> str:
         step = m["step"]

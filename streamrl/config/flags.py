@@ -183,7 +183,11 @@ class TrainConfig:
     clip_grad: float = F(1.0, "Gradient norm clip.")
     tensor_model_parallel_size: int = F(1, "Megatron tensor parallel size.")
     pipeline_model_parallel_size: int = F(1, "Megatron pipeline parallel size.")
-    save: str | None = F(None, "Directory to save the final HF model to.")
+    save: str | None = F(None, "Directory to save the final HF model to; with --save-interval also the checkpoint "
+                               "directory (<save>/step_<k>/, `latest` names the newest).")
+    save_interval: int | None = F(None, "Write a resumable checkpoint to --save every this many train steps (and "
+                                        "at the end).")
+    load: str | None = F(None, "Resume from the latest checkpoint in this directory (written by --save-interval).")
     update_weight_buffer_size: int = F(512 * 1024**2, "Bytes per weight-sync bucket.")
     check_weight_update_equal: bool = F(False, "After the last sync, check engine weights equal the trainer's.")
 

@@ -78,6 +78,8 @@ def validate(args: argparse.Namespace) -> None:
     validate_rollout(args, ConfigError)  # engines, router, passthrough, plug-ins, eval datasets
     if args.rollout_temperature <= 0:
         raise ConfigError("--rollout-temperature must be > 0 (the trainer divides logits by it).")
+    if args.save_interval is not None and (args.save_interval < 1 or not args.save):
+        raise ConfigError("--save-interval needs --save DIR (the checkpoint directory) and must be >= 1.")
     if args.eps_clip_high is None:
         args.eps_clip_high = args.eps_clip
     if args.eval_temperature is None:

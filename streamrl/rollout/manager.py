@@ -70,6 +70,10 @@ class RolloutManager:
         self.stopping = False
         self.exhausted = False
         self.partials: list[Group] = []  # groups cut off by stop(), kept for a checkpoint/resume
+        self._live: dict[str, Group] = {}  # groups in flight, by id (a checkpoint copies them)
+        self._admit_lock = asyncio.Lock()  # held from taking groups to starting them: checkpoints wait for it
+        self._paused = False  # admission paused by a checkpoint
+        self._resume_partials = False  # a restored checkpoint stashed groups in the buffer: take those first
         self.failed: list[Group] = []  # the last groups that failed (samples carry their errors), for inspection
         self.stats: dict[str, Any] = {
             "groups_done": 0, "groups_failed": 0, "samples_done": 0, "tokens_generated": 0, "partial_resumes": 0,
@@ -119,6 +123,32 @@ class RolloutManager:
     async def close(self) -> None:
         await self.client.aclose()
 
+    # --- checkpoints (pipelines/checkpoint.py) ---------------------------------------------------------------
+    async def checkpoint_state(self) -> dict[str, Any]:
+        """Pause admission and return the source cursor, copies of the in-flight groups with their responses
+        reset (generation goes on) and the groups cut off by stop(). Call `resume_admission` afterwards."""
+        import copy
+
+        async with self._admit_lock:
+            self._paused = True
+            live = copy.deepcopy(list(self._live.values()))
+        for g in live:
+            for smp in g:
+                smp.reset_response()
+        state = getattr(self.source, "state_dict", None)
+        return {"source": state() if callable(state) else None, "live": live, "partials": list(self.partials)}
+
+    async def resume_admission(self) -> None:
+        self._paused = False
+        self._wake.set()
+
+    async def restore(self, source_state: dict[str, Any] | None, admitted: int, stashed: bool) -> None:
+        """Continue from a checkpoint (before `start`): data cursor, admission count, and whether the buffer holds
+        stashed groups (partials, groups to regenerate) that the producers take before new prompts."""
+        if source_state is not None:
+            self.source.load_state_dict(source_state)
+        self.admitted, self._resume_partials = admitted, stashed
+
     # --- the producer loop ----------------------------------------------------------------------------------
     async def _produce(self) -> None:
         try:
@@ -139,7 +169,9 @@ class RolloutManager:
         return admission_limit(self.version, a.max_staleness, a.update_weights_interval, groups_per_step(a))
 
     def _admissible(self) -> int:
-        """How many groups may start now (in-flight cap and the staleness pacing bound)."""
+        """How many groups may start now (in-flight cap and the staleness pacing bound; 0 while paused)."""
+        if self._paused:
+            return 0
         cap = self.args.rollout_max_groups_in_flight - self.in_flight
         return max(0, min(cap, self._pace() - self.admitted))
 
@@ -156,18 +188,26 @@ class RolloutManager:
                 if k == 0:
                     await self._wait_wake()
                     continue
-                groups: list[Group] = []
-                if time.monotonic() - last_regen_check > 0.5:  # stale groups sent back by the buffer (rare)
-                    last_regen_check = time.monotonic()
-                    groups = await self.buffer.take_regenerate.remote(k)
-                    self.stats["regenerated_groups"] += len(groups)
-                new = [g for g in (self.source.next_group() for _ in range(k - len(groups))) if g is not None]
-                if new:  # one ledger call for the whole batch of admissions
-                    await self.buffer.admit.remote([g[0].group_id for g in new])
-                for group in groups + new:
-                    self.admitted += 1
-                    self.in_flight += 1
-                    tg.start_soon(self._run_group, group)
+                async with self._admit_lock:
+                    if self._admissible() < k:  # a checkpoint paused admission meanwhile
+                        continue
+                    groups: list[Group] = []
+                    if self._resume_partials:  # stashed by a restored checkpoint: resumed before new prompts
+                        groups = await self.buffer.take_partials.remote(k)
+                        self._resume_partials = len(groups) == k
+                    if time.monotonic() - last_regen_check > 0.5:  # stale groups sent back by the buffer (rare)
+                        last_regen_check = time.monotonic()
+                        regen = await self.buffer.take_regenerate.remote(k - len(groups))
+                        self.stats["regenerated_groups"] += len(regen)
+                        groups += regen
+                    new = [g for g in (self.source.next_group() for _ in range(k - len(groups))) if g is not None]
+                    if new:  # one ledger call for the whole batch of admissions
+                        await self.buffer.admit.remote([g[0].group_id for g in new])
+                    for group in groups + new:
+                        self.admitted += 1
+                        self.in_flight += 1
+                        self._live[group[0].group_id] = group
+                        tg.start_soon(self._run_group, group)
                 if len(groups) + len(new) < k:
                     self.exhausted = True
                     break
@@ -184,6 +224,7 @@ class RolloutManager:
         except* EngineError as eg:
             await self._drop(group, "failed", "; ".join(str(e) for e in eg.exceptions)[:500])
         finally:
+            self._live.pop(gid, None)
             self.in_flight -= 1
             self._wake.set()
 

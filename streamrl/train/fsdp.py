@@ -185,6 +185,35 @@ class FSDPTrainRank:
             model.save_pretrained(path)
             AutoTokenizer.from_pretrained(self.args.hf_checkpoint).save_pretrained(path)
 
+    def save_state(self, path: str) -> None:
+        """Write model + optimizer (and critic) as full state dicts to `path` (collective; rank 0 writes, via a
+        temp file and a rename). Loadable on any number of ranks by `load_state`."""
+        import torch
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state: dict[str, Any] = {"steps_done": self.steps_done}
+        for key, model, opt in (("policy", self.model, self.opt), ("critic", self.critic, self.critic_opt)):
+            if model is not None:
+                state[key], state[key + "_optim"] = get_state_dict(model, opt, options=opts)
+        if self.rank == 0:
+            tmp = f"{path}.tmp"
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+
+    def load_state(self, path: str) -> None:
+        """Restore what `save_state` wrote (every rank reads the file and keeps its own shards)."""
+        import torch
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        opts = StateDictOptions(full_state_dict=True)
+        for key, model, opt in (("policy", self.model, self.opt), ("critic", self.critic, self.critic_opt)):
+            if model is not None:
+                set_state_dict(model, opt, model_state_dict=state[key], optim_state_dict=state[key + "_optim"],
+                               options=opts)
+        self.steps_done = int(state["steps_done"])
+
     def shutdown(self) -> None:
         import torch.distributed as dist
 

@@ -46,6 +46,13 @@ class TrainerGroup:
     def save_hf(self, path: str) -> None:
         self._all("save_hf", path)
 
+    def save_state(self, path: str) -> None:
+        """Model + optimizer state to one file (see FSDPTrainRank.save_state)."""
+        self._all("save_state", path)
+
+    def load_state(self, path: str) -> None:
+        self._all("load_state", path)
+
     def shutdown(self) -> None:
         import ray
 

@@ -1,0 +1,134 @@
+"""Resumable checkpoints of an async job (`--save DIR --save-interval N`, resumed with `--load DIR`).
+
+A checkpoint is a directory `<save>/step_<k>/` written under a temporary name and renamed when complete; the file
+`<save>/latest` names the newest one (written atomically after the rename), so a crash leaves the previous
+checkpoint intact. It holds:
+
+    trainer.pt         model + optimizer (+ critic) as full state dicts (any number of FSDP ranks can load it)
+    buffer.msgpack     the RolloutBuffer's state: queued groups, ledger, version, replay, stashed partials
+    producers.msgpack  the data source cursor, the groups to resume (partials, with their prefixes) and the
+                       groups to regenerate (in flight at the checkpoint: their pristine prompts)
+    meta.json          step k, policy version v, the metrics.jsonl byte offset
+
+In-flight groups (semantics): a checkpoint taken while the producers run pauses admission for a moment, takes
+the source cursor and a copy of every in-flight group with its responses reset (generation goes on meanwhile),
+then snapshots the buffer. Groups that the buffer's ledger still calls `in_flight` are saved as pristine prompts;
+on resume they are stashed as `partial` with reason "regenerated at resume" and generated again from the prompt
+(counted under that reason: regenerated, not lost; their half-done responses are discarded). Groups cut off by
+the final stop are saved with their prefixes and resumed as partial rollouts. Nothing admitted is lost, and
+trained groups stay `trained` in the ledger, so none is trained twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from buffers.ledger import DROPPED_STALE, IN_FLIGHT, PARTIAL, QUEUED, TRAINED
+from buffers.persist import atomic_write, read_state
+
+REGENERATED = "regenerated at resume"
+
+
+def staging_dir(root: str | os.PathLike, step: int) -> Path:
+    """A fresh, hidden directory in `root` to write checkpoint `step` into."""
+    tmp = Path(root) / f".step_{step}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_dir(root: str | os.PathLike, step: int, tmp: Path) -> Path:
+    """Rename a complete staging dir to `step_<step>` (replacing an older one) and point `latest` at it."""
+    final = Path(root) / f"step_{step}"
+    if final.exists():
+        old = final.with_name(f".{final.name}.old{os.getpid()}")
+        final.rename(old)
+        shutil.rmtree(old)
+    tmp.rename(final)
+    atomic_write(Path(root) / "latest", final.name.encode())
+    return final
+
+
+def latest_dir(root: str | os.PathLike) -> Path | None:
+    """The checkpoint `latest` names, or None when `root` has none."""
+    pointer = Path(root) / "latest"
+    if not pointer.exists():
+        return None
+    d = Path(root) / pointer.read_text().strip()
+    if not (d / "meta.json").exists():
+        raise FileNotFoundError(f"{pointer} names {d}, which is not a complete checkpoint")
+    return d
+
+
+def latest_meta(root: str) -> dict[str, Any]:
+    """The meta.json of the latest checkpoint in `root` (FileNotFoundError when there is none)."""
+    d = latest_dir(root)
+    if d is None:
+        raise FileNotFoundError(f"--load {root}: no checkpoint there (no `latest` file)")
+    return {**json.loads((d / "meta.json").read_text()), "dir": str(d)}
+
+
+def save_checkpoint(c: Any, root: str, step: int, version: int, metrics_offset: int) -> Path:
+    """Checkpoint the running job after train step `step` (see the module docstring); returns the directory."""
+    import ray
+
+    from streamrl.types import encode
+
+    tmp = staging_dir(root, step)
+    prod = ray.get(c.manager.checkpoint_state.remote())  # pauses admission until resume_admission
+    try:
+        ray.get(c.buffer.save.remote(str(tmp / "buffer.msgpack")))
+    finally:
+        ray.get(c.manager.resume_admission.remote())
+    states = read_state(tmp / "buffer.msgpack")["ledger"]["state"]
+    in_flight = {g for g, s in states.items() if s == IN_FLIGHT}
+    regen = [g for g in prod["live"] if g[0].group_id in in_flight]
+    partials = [g for g in prod["partials"] if states.get(g[0].group_id) == PARTIAL]
+    missing = in_flight - {g[0].group_id for g in regen}
+    if missing:
+        raise RuntimeError(f"checkpoint: in-flight groups unknown to the producers: {sorted(missing)[:5]}")
+    atomic_write(tmp / "producers.msgpack", msgspec.msgpack.encode(
+        {"source": prod["source"], "regenerate": encode(regen), "partials": encode(partials)}))
+    c.trainer.save_state(str(tmp / "trainer.pt"))
+    meta = {"step": step, "version": version, "metrics_offset": metrics_offset, "regenerate": len(regen),
+            "partials": len(partials)}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    return commit_dir(root, step, tmp)
+
+
+def load_checkpoint(c: Any, root: str) -> dict[str, Any]:
+    """Restore trainer, buffer and producers from the latest checkpoint in `root` (before producers start);
+    returns its meta (step, version, metrics_offset). The caller publishes the weights as version v."""
+    import ray
+
+    from streamrl.types import decode_groups
+
+    meta = latest_meta(root)
+    d = Path(meta["dir"])
+    c.trainer.load_state(str(d / "trainer.pt"))
+    counts = ray.get(c.buffer.load.remote(str(d / "buffer.msgpack")))
+    prod = msgspec.msgpack.decode((d / "producers.msgpack").read_bytes())
+    partials, regen = decode_groups(prod["partials"]), decode_groups(prod["regenerate"])
+    ray.get(c.buffer.stash_partials.remote(partials, "stopped"))
+    ray.get(c.buffer.stash_partials.remote(regen, REGENERATED))
+    # pacing: groups that hold an admission slot (failed/filtered gave theirs back; stashed ones take one again)
+    admitted = sum(counts.get(s, 0) for s in (TRAINED, QUEUED, DROPPED_STALE))
+    ray.get(c.manager.restore.remote(prod["source"], admitted, True))
+    return meta
+
+
+def saved_weight_diff(c: Any, d: str | os.PathLike) -> float:
+    """Largest |trainer - checkpoint| over the policy's parameters (0.0: the load restored them exactly)."""
+    import torch
+
+    saved = torch.load(Path(d) / "trainer.pt", map_location="cpu", weights_only=False)["policy"]
+    trainer = dict(c.trainer.full_named_parameters())
+    if set(trainer) - set(saved):
+        raise RuntimeError(f"checkpoint lacks parameters {sorted(set(trainer) - set(saved))[:3]}")
+    return max((trainer[k] - saved[k]).abs().max().item() for k in trainer)
