@@ -4,7 +4,7 @@
     ───────────────────────────────                  ──────────────────                 ───────
     admit while in_flight < limit and                get(B groups)  <── waits only if
       admitted < (v+K+1)·N·B  ─────┐                   the buffer is empty
-    /generate ... reward           │                 build batch (GRPO advantages)
+    /generate ... reward           │                 build batch (advantages by estimator)
     put(group) ──> Buffer ─────────┼───────────────> train_step on every FSDP rank
       (blocks when full)           │                 every N steps: pause ───────────────> abort in-flight (kept)
                                    │                   push weights (v+1) ───────────────> load, confirm v+1
