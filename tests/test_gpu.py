@@ -1,7 +1,6 @@
 """GPU-only checks (skipped on CPU; `bash scripts/gpu/check.sh` runs them on a GPU machine)."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -28,11 +27,6 @@ def test_cuda_graph_decode_matches_eager_and_hf_path(cuda_model):
         assert a[rid][1] == pytest.approx(b[rid][1], abs=1e-3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_cuda_ipc_sync_is_exact(tiny_ckpt):
     """A trainer process pushes new weights by CUDA IPC into an engine process on the same GPU; the engine's
@@ -41,10 +35,11 @@ def test_cuda_ipc_sync_is_exact(tiny_ckpt):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from streamrl.rollout.sglang.proc import free_port
     from streamrl.sync.base import sync_weights
     from streamrl.sync.cuda_ipc import push_ipc
 
-    port = _free_port()
+    port = free_port()
     code = ("import sys,time; from streamrl.rollout.engine.actor import EmbeddedEngine; "
             f"EmbeddedEngine(sys.argv[1], device='cuda', port={port}).start(); time.sleep(1e9)")
     eng = subprocess.Popen([sys.executable, "-c", code, tiny_ckpt], env=dict(os.environ))

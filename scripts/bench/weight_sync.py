@@ -14,18 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -34,6 +27,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from streamrl.models.tiny import tiny_config
+    from streamrl.rollout.sglang.proc import free_port
     from streamrl.sync.base import sync_weights
     from streamrl.sync.cuda_ipc import push_ipc
     from streamrl.sync.http_tensor import push_named_tensors
@@ -49,7 +43,7 @@ def main() -> None:
     ckpt = tempfile.mkdtemp()
     model.save_pretrained(ckpt)
     model = model.cuda()
-    port = _free_port()
+    port = free_port()
     code = ("import sys,time; from streamrl.rollout.engine.actor import EmbeddedEngine; "
             f"EmbeddedEngine(sys.argv[1], device='cuda', dtype='bfloat16', port={port}, max_running_requests=8)"
             ".start(); time.sleep(1e9)")
