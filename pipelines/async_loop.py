@@ -58,7 +58,8 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
     def publish(new_version: int) -> dict[str, float]:
         return sync_weights(
             c.engine_urls,
-            push=lambda: c.trainer.publish_weights(c.engine_urls, new_version),
+            stage=lambda: c.trainer.stage_weights(new_version),  # while the engines still generate
+            push=lambda: c.trainer.push_staged(c.engine_urls),
             publish=lambda: ray.get([c.buffer.set_version.remote(new_version),
                                      c.manager.set_version.remote(new_version)]),
         )
@@ -103,6 +104,9 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
                 "mixed_version_samples": sum(len(set(s.token_versions)) > 1 for g in groups for s in g),
                 **m, **last_sync,
             }
+            busy = _engine_busy_time(c.engine_urls)
+            if busy is not None:
+                record["engine_busy_time"] = busy
             last_sync = {}
             if eval_ref is not None and ray.wait([eval_ref], timeout=0)[0]:
                 result = ray.get(eval_ref)  # logged at the step whose weights it measured
@@ -162,6 +166,21 @@ def _get_batch(c: Any, b: int, step: int, poll_s: float = 5.0) -> list:
                 raise RuntimeError(f"rollout producers crashed:\n{st['fatal']}") from None
             if st["exhausted"] and st["in_flight"] == 0 and ray.get(c.buffer.size.remote()) < b:
                 raise RuntimeError(f"prompt data exhausted before step {step + 1} (--num-epoch too small?)") from None
+
+
+def _engine_busy_time(urls: list[str]) -> float | None:
+    """Seconds the embedded engines have spent in forward steps, summed (engine idle = 1 - d(busy) / d(wall));
+    None for engines that do not report it (SGLang)."""
+    from streamrl.sync.base import http_client
+
+    total = 0.0
+    for u in urls:
+        try:
+            state = http_client().get(u + "/server_info", timeout=5).json()["internal_states"][0]
+            total += float(state["busy_time"])
+        except Exception:  # not the embedded engine, or it is busy answering: no figure this step
+            return None
+    return total
 
 
 def _weight_diff(c: Any) -> float:

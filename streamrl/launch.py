@@ -27,16 +27,27 @@ _ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
 
 
+_MPS: Any = None  # the job's MPS daemon (--use-mps), stopped by shutdown()
+
+
 def init_ray(args: argparse.Namespace) -> None:
     import ray
 
+    global _MPS
     os.environ.update(_ENV)
     if ray.is_initialized():
         return
+    env = dict(_ENV)
+    if getattr(args, "use_mps", False) and _MPS is None:  # before any process of the job opens a CUDA context
+        from streamrl.mps import MpsDaemon
+
+        _MPS = MpsDaemon()
+        os.environ.update(_MPS.env)
+        env.update(_MPS.env)
     if args.ray_address:
-        ray.init(address=args.ray_address, runtime_env={"env_vars": _ENV})
+        ray.init(address=args.ray_address, runtime_env={"env_vars": env})
     else:
-        ray.init(include_dashboard=False, runtime_env={"env_vars": _ENV}, log_to_driver=True,
+        ray.init(include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True,
                  num_cpus=max(4, os.cpu_count() or 1))
 
 
@@ -79,11 +90,14 @@ def start_engines(args: argparse.Namespace) -> tuple[list[Any], list[str]]:
     engine_gpus, _ = gpu_shares(args)
     cls = make_engine_actor(num_cpus=0, num_gpus=engine_gpus)
     env = {"env_vars": {"OMP_NUM_THREADS": str(args.engine_torch_threads)}}
+    if args.engine_mps_thread_percentage:  # the engines' share of the SMs under MPS
+        env["env_vars"]["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(args.engine_mps_thread_percentage)
     gpu = engine_gpus > 0
     engines = [cls.options(runtime_env=env).remote(
         args.hf_checkpoint, torch_threads=args.engine_torch_threads, device="cuda" if gpu else "cpu",
         max_running_requests=args.sglang_server_concurrency,
-        dtype=args.engine_dtype or ("bfloat16" if gpu else "float32"), max_context_len=args.engine_max_context_len)
+        dtype=args.engine_dtype or ("bfloat16" if gpu else "float32"), max_context_len=args.engine_max_context_len,
+        mem_fraction_static=getattr(args, "sglang_mem_fraction_static", None))
         for _ in range(args.rollout_num_engines)]
     return engines, ray.get([e.url.remote() for e in engines])
 
@@ -147,3 +161,7 @@ def shutdown(c: Components) -> None:
             ray.kill(e)
     ray.kill(c.manager)
     ray.kill(c.buffer)
+    global _MPS
+    if _MPS is not None:  # every CUDA process of the job is gone by now
+        _MPS.stop()
+        _MPS = None

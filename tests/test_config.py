@@ -58,6 +58,9 @@ def test_derived_values():
         ({"mask_offpolicy_in_partial_rollout": True}, "--partial-rollout"),
         ({"use_kl_loss": True}, "--kl-loss-coef"),
         ({"actor_num_gpus_per_node": 3}, "--global-batch-size"),
+        ({"use_mps": True, "ray_address": "auto"}, "--use-mps"),
+        ({"engine_mps_thread_percentage": 30}, "--engine-mps-thread-percentage"),
+        ({"use_mps": True, "engine_mps_thread_percentage": 0}, "--engine-mps-thread-percentage"),
     ],
 )
 def test_bad_combinations_name_the_flag(overrides, flag):

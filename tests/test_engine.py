@@ -441,3 +441,23 @@ def test_ray_engine_actor(ray_session, model_dir):
     finally:
         ray.get(actor.shutdown.remote(), timeout=60)
         ray.kill(actor)
+
+
+def test_mem_fraction_static_sizes_the_kv_slots():
+    """--sglang-mem-fraction-static for the embedded engine: weights + KV slots within the fraction of the GPU."""
+    from types import SimpleNamespace
+
+    from streamrl.rollout.engine.actor import kv_bytes_per_slot, kv_slots_for_budget
+
+    cfg = SimpleNamespace(hidden_size=1024, num_attention_heads=16, head_dim=128, num_key_value_heads=8,
+                          num_hidden_layers=28)  # Qwen3-0.6B
+    slot = kv_bytes_per_slot(cfg, 300, torch.bfloat16)  # 300 -> the 512-token length bucket
+    assert slot == 2 * 28 * 512 * 8 * 128 * 2  # 56 MiB
+    gib = 2**30
+    # 80 GiB card, 0.1 -> 8 GiB; 1.5 GiB of weights -> 6.5 GiB / 56 MiB = 118 slots
+    assert kv_slots_for_budget(80 * gib, 0.1, int(1.5 * gib), slot, 256) == int(6.5 * gib) // slot == 118
+    assert kv_slots_for_budget(80 * gib, 0.5, int(1.5 * gib), slot, 64) == 64  # enough room: the flag's cap
+    with pytest.raises(ValueError, match="--sglang-mem-fraction-static 0.01.*not one KV slot"):
+        kv_slots_for_budget(80 * gib, 0.01, int(1.5 * gib), slot, 64)
+    with pytest.raises(ValueError, match="must be in"):
+        kv_slots_for_budget(80 * gib, 1.5, 0, slot, 64)

@@ -28,9 +28,10 @@ def test_cuda_graph_decode_matches_eager_and_hf_path(cuda_model):
 
 
 
-def test_cuda_ipc_sync_is_exact(tiny_ckpt):
+@pytest.mark.parametrize("engine_dtype", ["float32", "bfloat16"])
+def test_cuda_ipc_sync_is_exact(tiny_ckpt, engine_dtype):
     """A trainer process pushes new weights by CUDA IPC into an engine process on the same GPU; the engine's
-    weights then equal the trainer's exactly, and its version moves."""
+    weights then equal the trainer's exactly (cast to the engine's dtype while packing), and its version moves."""
     import httpx
     import torch
     from transformers import AutoModelForCausalLM
@@ -41,7 +42,8 @@ def test_cuda_ipc_sync_is_exact(tiny_ckpt):
 
     port = free_port()
     code = ("import sys,time; from streamrl.rollout.engine.actor import EmbeddedEngine; "
-            f"EmbeddedEngine(sys.argv[1], device='cuda', port={port}).start(); time.sleep(1e9)")
+            f"EmbeddedEngine(sys.argv[1], device='cuda', dtype='{engine_dtype}', port={port}).start(); "
+            "time.sleep(1e9)")
     eng = subprocess.Popen([sys.executable, "-c", code, tiny_ckpt], env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"
     try:
@@ -57,9 +59,11 @@ def test_cuda_ipc_sync_is_exact(tiny_ckpt):
                 p.add_(torch.randn_like(p) * 0.01)
         named = [(n, p.detach()) for n, p in model.named_parameters()]
         for version in (1, 2):  # the second sync reuses the exported buckets and opened handles
-            sync_weights([url], push=lambda v=version: push_ipc([url], named, v, 1 << 20), publish=lambda: None)
+            sync_weights([url], push=lambda v=version: push_ipc([url], named, v, 1 << 20, getattr(torch, engine_dtype)),
+                         publish=lambda: None)
             got = httpx.get(url + "/weights_checksum", timeout=60).json()
-            want = {k: float(v.double().sum()) for k, v in model.state_dict().items()}
+            dt = getattr(torch, engine_dtype)
+            want = {k: float(v.to(dt).double().sum()) for k, v in model.state_dict().items()}
             assert got == pytest.approx(want, rel=0, abs=0)
             assert httpx.get(url + "/get_weight_version").json()["weight_version"] == str(version)
             with torch.no_grad():

@@ -5,7 +5,7 @@ Model: random-init Qwen3-0.6B shape with the in-repo tokenizer; data: the sort t
 sync pipeline and the async pipeline at --update-weights-interval 1 and 2; prints one JSON line with wall time per
 step, generation and training time, trainer idle fraction and the speedups.
 
-    python3 -P scripts/bench/async_vs_sync_gpu.py [--steps 10]
+    python3 -P scripts/bench/async_vs_sync_gpu.py [--steps 10] [--flags "--use-mps --bf16"] [--tag name]
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ def prepare(out: Path) -> Path:
     return out
 
 
-def run(mode: str, interval: int, steps: int, data: Path, out: Path) -> dict:
+def run(mode: str, interval: int, steps: int, data: Path, out: Path, extra_flags: list[str]) -> dict:
     name = f"{mode}{interval}"
     common = ["--hf-checkpoint", str(data / "model"), "--prompt-data", str(data / "train.jsonl"), "--label-key",
-              "label", "--num-rollout", str(steps), "--run-dir", str(out / name), *JOB]
+              "label", "--num-rollout", str(steps), "--run-dir", str(out / name), *JOB, *extra_flags]
     if mode == "async":
         extra = ["--async-buffer-size", "64", "--max-staleness", "1", "--update-weights-interval", str(interval),
                  "--partial-rollout"]
@@ -52,6 +52,9 @@ def run(mode: str, interval: int, steps: int, data: Path, out: Path) -> dict:
     summary["train_s_per_step"] = statistics.mean(r["train_time"] for r in rows)
     summary["sync_s_per_step"] = statistics.mean(r.get("sync_total_time", 0.0) for r in rows)
     summary["s_per_step"] = (rows[-1]["time"] - rows[0]["time"]) / max(len(rows) - 1, 1)
+    busy = [r.get("engine_busy_time") for r in rows]
+    if busy[0] is not None and busy[-1] is not None:  # engine idle over the same steps (one engine)
+        summary["engine_idle"] = 1 - (busy[-1] - busy[0]) / (rows[-1]["time"] - rows[0]["time"])
     return summary
 
 
@@ -59,25 +62,30 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", default="runs/bench_gpu")
+    p.add_argument("--flags", default="", help="extra flags for every run, e.g. '--use-mps --bf16'")
+    p.add_argument("--tag", default="", help="a name for this configuration in the JSON line")
     a = p.parse_args()
     out = ROOT / a.out
     data = prepare(out / "data")
-    res = {"sync": run("sync", 1, a.steps, data, out), "async": run("async", 1, a.steps, data, out),
-           "async2": run("async", 2, a.steps, data, out)}
+    extra = a.flags.split()
+    res = {"sync": run("sync", 1, a.steps, data, out, extra), "async": run("async", 1, a.steps, data, out, extra),
+           "async2": run("async", 2, a.steps, data, out, extra)}
     import torch
 
-    line = {"bench": "async_vs_sync_gpu", "device": torch.cuda.get_device_name(), "steps": a.steps,
-            "samples_per_step": res["sync"]["samples_per_step"]}
+    line = {"bench": "async_vs_sync_gpu", "tag": a.tag, "flags": a.flags, "device": torch.cuda.get_device_name(),
+            "steps": a.steps, "samples_per_step": res["sync"]["samples_per_step"]}
     for k, r in res.items():
         line[f"{k}_s_per_step"] = round(r["s_per_step"], 3)
         line[f"{k}_train_s_per_step"] = round(r["train_s_per_step"], 3)
         line[f"{k}_sync_s_per_step"] = round(r["sync_s_per_step"], 3)
         line[f"{k}_trainer_idle"] = round(r["trainer_wait_frac"], 3)
+        line[f"{k}_engine_idle"] = round(r["engine_idle"], 3) if "engine_idle" in r else None
     line["sync_generation_s_per_step"] = round(res["sync"]["s_per_step"] * res["sync"]["trainer_wait_frac"], 3)
     line["speedup_interval1"] = round(res["sync"]["s_per_step"] / res["async"]["s_per_step"], 3)
     line["speedup_interval2"] = round(res["sync"]["s_per_step"] / res["async2"]["s_per_step"], 3)
     print(json.dumps(line), flush=True)
-    (out / "result.json").write_text(json.dumps(line))
+    with (out / "results.jsonl").open("a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,11 @@ class ClusterConfig:
     engine_torch_threads: int = F(1, "torch threads per embedded engine process (CPU).")
     engine_dtype: str | None = F(None, "Embedded engine weights dtype (default: bfloat16 on GPU, float32 on CPU).")
     engine_max_context_len: int = F(1024, "Embedded engine KV cache length per request (GPU slot cache).")
+    use_mps: bool = F(False, "Start an NVIDIA MPS control daemon for this job (local Ray cluster, GPU) so that the "
+                             "trainer's and the engines' kernels on a shared GPU run concurrently instead of "
+                             "time-sliced. streamrl extension.")
+    engine_mps_thread_percentage: int | None = F(None, "With --use-mps: CUDA_MPS_ACTIVE_THREAD_PERCENTAGE of the "
+                                                       "engines (their share of the SMs; the trainer keeps all).")
     update_weight_transport: str = F("auto", "Weight sync transport: auto (CUDA IPC when trainer and engines share "
                                      "a GPU host, else HTTP tensors), http, ipc, disk.",
                                      choices=["auto", "http", "ipc", "disk"])
@@ -181,6 +186,9 @@ class TrainConfig:
     adam_beta1: float = F(0.9, "AdamW beta1.")
     adam_beta2: float = F(0.999, "AdamW beta2.")
     clip_grad: float = F(1.0, "Gradient norm clip.")
+    bf16: bool = F(False, "Train in bf16 mixed precision (Megatron's flag): bf16 parameters and matmuls in the "
+                          "forward/backward, fp32 master weights, optimizer and gradient reduction (FSDP2 "
+                          "MixedPrecisionPolicy). Default: fp32 (TF32 matmuls on GPU).")
     tensor_model_parallel_size: int = F(1, "Megatron tensor parallel size.")
     pipeline_model_parallel_size: int = F(1, "Megatron pipeline parallel size.")
     save: str | None = F(None, "Directory to save the final HF model to; with --save-interval also the checkpoint "

@@ -71,6 +71,12 @@ def validate(args: argparse.Namespace) -> None:
             "--colocate is not supported: streamrl overlaps generation and training on separate devices. "
             "Drop --colocate and give the engines their own GPUs with --rollout-num-gpus."
         )
+    if args.use_mps and args.ray_address:
+        raise ConfigError("--use-mps starts the MPS daemon with the local Ray cluster; with --ray-address start "
+                          "`nvidia-cuda-mps-control -d` on the nodes yourself and drop --use-mps.")
+    if args.engine_mps_thread_percentage is not None and not (
+            args.use_mps and 1 <= args.engine_mps_thread_percentage <= 100):
+        raise ConfigError("--engine-mps-thread-percentage needs --use-mps and a value in 1..100.")
     if args.train_backend == "megatron":
         raise ConfigError("--train-backend megatron is not available yet in this build; use --train-backend fsdp.")
     from streamrl.config.rollout_rules import validate_rollout

@@ -3,13 +3,19 @@
 The trainer flattens parameters into per-dtype buckets (`--update-weight-buffer-size` bytes each), exports each
 bucket's CUDA memory handle, and posts the handles with the names/shapes/offsets to the engine's
 `/update_weights_from_ipc`; the engine maps the bucket and copies slices into its parameters on the device (no host
-round trip, no pickle: the handle fields are plain bytes and ints in msgpack). The trainer keeps each bucket alive
-until the engine has answered.
+round trip, no pickle: the handle fields are plain bytes and ints in msgpack).
+
+Everything that costs host time is done once per job, not per sync: buckets are allocated and exported once (the
+trainer keeps them alive), the engine opens each handle once, and both sides keep their lists of slice views, so
+a sync is one multi-tensor copy on each side (`torch._foreach_copy_`: a few kernels for hundreds of tensors) plus
+three small HTTP calls. The trainer casts into the engine's dtype while packing (fp32 master weights -> bf16
+buckets), so the engine's copy never converts.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -31,109 +37,172 @@ class UpdateWeightsFromIpcRequest(msgspec.Struct, kw_only=True):
     weight_version: str | None = None
 
 
-class IpcSender:
-    """Trainer side: flat per-dtype buckets allocated and exported once, refilled on every sync.
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
-    Exporting a handle and (on the engine) opening it cost milliseconds each, so both happen once per bucket for
-    the life of the job; a sync is then one fused copy into the buckets here and one on the engine.
-    """
+
+class IpcSender:
+    """Trainer side: flat per-dtype buckets allocated and exported once, refilled on every sync."""
 
     def __init__(self) -> None:
-        self.layout: list[tuple[str, Any, tuple[int, ...]]] | None = None
+        self.layout: list | None = None
         self.flats: list[Any] = []
         self.buckets: list[IpcBucket] = []
+        self.views: list[Any] = []  # bucket slice for named[i], in the caller's order
 
-    def fill(self, named: list, bucket_bytes: int) -> list[IpcBucket]:
+    def fill(self, named: list, bucket_bytes: int, dtype: Any = None) -> list[IpcBucket]:
+        """Copy `named` [(name, tensor)] into the buckets (floating tensors cast to `dtype` if given)."""
         import torch
 
-        layout = [(n, t.dtype, tuple(t.shape)) for n, t in named]
+        layout = [(n, t.dtype, tuple(t.shape), t.device) for n, t in named]
         if layout != self.layout:
-            self.flats, self.buckets = _allocate(named, bucket_bytes)
+            self.flats, self.buckets, self.views = _allocate(named, bucket_bytes, dtype)
             self.layout = layout
-        src = {n: t for n, t in named}
-        dst, srcs = [], []
-        for flat, b in zip(self.flats, self.buckets, strict=True):
-            for name, shape, off in zip(b.names, b.shapes, b.offsets, strict=True):
-                n = 1
-                for d in shape:
-                    n *= d
-                dst.append(flat[off : off + n])
-                srcs.append(src[name].reshape(-1))
-        torch._foreach_copy_(dst, srcs)  # a few multi-tensor kernels instead of one copy per parameter
+        torch._foreach_copy_(self.views, [t.reshape(-1) for _, t in named])
         return self.buckets
 
 
-def _allocate(named: list, bucket_bytes: int) -> tuple[list[Any], list[IpcBucket]]:
+def _allocate(named: list, bucket_bytes: int, dtype: Any) -> tuple[list[Any], list[IpcBucket], list[Any]]:
     import torch
 
-    groups: dict[Any, list[list]] = {}
-    for name, t in named:
-        lst = groups.setdefault(t.dtype, [[]])
-        size = sum(x.numel() for _, x in lst[-1]) * t.element_size()
-        if lst[-1] and size + t.numel() * t.element_size() > bucket_bytes:
-            lst.append([])
-        lst[-1].append((name, t))
-    flats, buckets = [], []
-    for dtype, parts in groups.items():
-        for part in parts:
-            numel = sum(t.numel() for _, t in part)
-            flat = torch.empty(numel, dtype=dtype, device=part[0][1].device)
-            offsets, off = [], 0
-            for _, t in part:
-                offsets.append(off)
-                off += t.numel()
-            flats.append(flat)
-            buckets.append(IpcBucket(handle=list(flat.untyped_storage()._share_cuda_()),
-                                     dtype=str(dtype).replace("torch.", ""), numel=numel,
-                                     names=[n for n, _ in part], shapes=[list(t.shape) for _, t in part],
-                                     offsets=offsets))
-    return flats, buckets
+    def target(t):
+        return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
+    flats, buckets, views = [], [], [None] * len(named)
+    for dt, idx, offsets, numel in bucket_layout([(t, target(t)) for _, t in named], bucket_bytes):
+        flat = torch.empty(numel, dtype=dt, device=named[idx[0]][1].device)
+        for i, off in zip(idx, offsets, strict=True):
+            views[i] = flat[off : off + named[i][1].numel()]
+        flats.append(flat)
+        buckets.append(IpcBucket(handle=list(flat.untyped_storage()._share_cuda_()),
+                                 dtype=str(dt).replace("torch.", ""), numel=numel, names=[named[i][0] for i in idx],
+                                 shapes=[list(named[i][1].shape) for i in idx], offsets=offsets))
+    return flats, buckets, views
 
 
-_OPENED: dict[bytes, Any] = {}  # engine side: handle -> mapped flat tensor, opened once per bucket
+def bucket_layout(tensors: list, bucket_bytes: int) -> list[tuple[Any, list[int], list[int], int]]:
+    """Split [(tensor, target dtype)] into per-dtype buckets of at most `bucket_bytes` (a bigger tensor gets its
+    own): [(dtype, tensor indices, offsets, numel)], offsets aligned as the engine's flat weights (flat.py)."""
+    from streamrl.rollout.engine.flat import aligned
+
+    open_: dict[Any, tuple[list[int], list[int], int]] = {}  # dtype -> the bucket being filled
+    out = []
+    for i, (t, dt) in enumerate(tensors):
+        idx, offs, end = open_.get(dt, ([], [], 0))
+        off = aligned(end, dt.itemsize)
+        if idx and (off + t.numel()) * dt.itemsize > bucket_bytes:
+            out.append((dt, idx, offs, end))
+            idx, offs, off = [], [], 0
+        open_[dt] = (idx + [i], offs + [off], off + t.numel())
+    out.extend((dt, idx, offs, end) for dt, (idx, offs, end) in open_.items())
+    return out
+
+
+_OPENED: dict[bytes, tuple[Any, list[tuple[str, Any]]]] = {}  # engine side: handle -> (flat, views), opened once
+_PLANS: dict[bytes, list[tuple[Any, Any]]] = {}  # engine side: bucket -> [(destination, source)] copies
+
+
+def _key(b: IpcBucket) -> bytes:
+    h = b.handle
+    return bytes(h[1]) + h[3].to_bytes(8, "little") + repr((b.dtype, b.numel, b.names, b.offsets)).encode()
 
 
 def open_buckets(buckets: list[IpcBucket]) -> list[tuple[str, Any]]:
-    """Engine side: views into the trainer's buckets, [(name, tensor)]."""
+    """Engine side: views into the trainer's buckets, [(name, tensor)] (handles opened once per bucket)."""
     import torch
 
     out = []
     for b in buckets:
-        h = b.handle
-        key = bytes(h[1]) + h[3].to_bytes(8, "little")
-        flat = _OPENED.get(key)
-        if flat is None:
+        key = _key(b)
+        hit = _OPENED.get(key)
+        if hit is None:
+            h = b.handle
             storage = torch.UntypedStorage._new_shared_cuda(h[0], bytes(h[1]), h[2], h[3], bytes(h[4]), h[5],
                                                             bytes(h[6]) if h[6] else h[6], h[7])
-            dtype = getattr(torch, b.dtype)
-            flat = torch.empty(0, dtype=dtype, device=f"cuda:{h[0]}").set_(storage, 0, (b.numel,))
-            _OPENED[key] = flat
-        for name, shape, off in zip(b.names, b.shapes, b.offsets, strict=True):
-            n = 1
-            for d in shape:
-                n *= d
-            out.append((name, flat[off : off + n].view(shape)))
+            flat = torch.empty(0, dtype=getattr(torch, b.dtype), device=f"cuda:{h[0]}").set_(storage, 0, (b.numel,))
+            views = [(name, flat[off : off + _numel(shape)].view(shape))
+                     for name, shape, off in zip(b.names, b.shapes, b.offsets, strict=True)]
+            hit = _OPENED[key] = (flat, views)
+        out.extend(hit[1])
+    return out
+
+
+def copy_plan(buckets: list[IpcBucket], flats: list[Any], flat_index: dict, params: dict) -> list[tuple[Any, Any]]:
+    """Engine side: [(destination, source)] device copies that load `buckets` (mapped as `flats`) into the model.
+
+    A bucket whose tensors sit in the engine's flat weights (`flat_index`, flat.py) at the same relative offsets
+    becomes ONE contiguous copy; any other bucket is copied tensor by tensor into `params` (state-dict views).
+    Names, shapes and dtypes are checked first: ValueError, nothing written.
+    """
+    pairs = []
+    for b, flat in zip(buckets, flats, strict=True):
+        for name, shape in zip(b.names, b.shapes, strict=True):
+            if name not in params:
+                raise ValueError(f"unknown parameter name {name!r}")
+            if tuple(shape) != tuple(params[name].shape):
+                raise ValueError(f"{name}: shape {tuple(shape)} != model shape {tuple(params[name].shape)}")
+        first = flat_index.get(b.names[0]) if b.names else None
+        one_range = first is not None and str(first.flat.dtype).replace("torch.", "") == b.dtype and all(
+            (s := flat_index.get(n)) is not None and s.flat is first.flat and s.offset - first.offset == off
+            for n, off in zip(b.names, b.offsets, strict=True))
+        if one_range:
+            end = b.offsets[-1] + _numel(b.shapes[-1])
+            pairs.append((first.flat[first.offset : first.offset + end], flat[:end]))
+        else:
+            pairs += [(params[n], flat[off : off + _numel(shape)].view(shape))
+                      for n, shape, off in zip(b.names, b.shapes, b.offsets, strict=True)]
+    return pairs
+
+
+def engine_copy_plan(buckets: list[IpcBucket], flat_index: dict, params: dict) -> list[tuple[Any, Any]]:
+    """`copy_plan` for buckets received over HTTP: handles opened and plans built once per bucket."""
+    open_buckets(buckets)
+    out = []
+    for b in buckets:
+        key = _key(b)
+        if key not in _PLANS:
+            _PLANS[key] = copy_plan([b], [_OPENED[key][0]], flat_index, params)
+        out += _PLANS[key]
     return out
 
 
 _SENDER = IpcSender()
 
 
-def push_ipc(engine_urls: list[str], named: list, version: int, bucket_bytes: int) -> dict[str, float]:
-    """Trainer side: share buckets with every engine on this GPU and wait for each to confirm `version`."""
-    import torch
-
-    from streamrl.sync.base import http_client
-
+def stage_ipc(named: list, version: int, bucket_bytes: int, dtype: Any = None) -> Callable[[list[str]], dict]:
+    """Trainer side, phase 1 (engines may still be generating): queue the packing copies into the shared buckets.
+    Returns phase 2, `push(engine_urls)`: wait for the copies, post the handles, and wait for every engine to
+    confirm `version`. `dtype`: the engines' weight dtype (floating tensors are cast while packing)."""
     t0 = time.time()
-    buckets = _SENDER.fill(named, bucket_bytes)
-    torch.cuda.synchronize()  # the engine reads the buckets from another process: they must be written
-    body = msgspec.msgpack.encode(UpdateWeightsFromIpcRequest(buckets=buckets, weight_version=str(version)))
-    for url in engine_urls:
-        r = http_client().post(url + "/update_weights_from_ipc", content=body,
-                               headers={"content-type": "application/msgpack"})
-        if r.status_code != 200 or not r.json().get("success", False):
-            raise RuntimeError(f"engine {url}: IPC weight update to version {version} failed: {r.text[:300]}")
-    nbytes = sum(t.numel() * t.element_size() for _, t in named)
-    return {"sync_start": t0, "sync_push_time": time.time() - t0, "sync_bytes": float(nbytes),
-            "sync_buckets": float(len(buckets))}
+    buckets = _SENDER.fill(named, bucket_bytes, dtype)  # asynchronous on the device: overlaps the pause request
+
+    def push(engine_urls: list[str]) -> dict[str, float]:
+        import torch
+
+        from streamrl.sync.base import http_client
+
+        t1 = time.time()
+        torch.cuda.synchronize()  # the engine reads the buckets from another process: they must be written
+        t_packed = time.time()
+        body = msgspec.msgpack.encode(UpdateWeightsFromIpcRequest(buckets=buckets, weight_version=str(version)))
+        copy_s = 0.0
+        for url in engine_urls:
+            r = http_client().post(url + "/update_weights_from_ipc", content=body,
+                                   headers={"content-type": "application/msgpack"})
+            if r.status_code != 200 or not r.json().get("success", False):
+                raise RuntimeError(f"engine {url}: IPC weight update to version {version} failed: {r.text[:300]}")
+            copy_s = max(copy_s, float(r.json().get("copy_time", 0.0)))
+        nbytes = sum(f.numel() * f.element_size() for f in _SENDER.flats)
+        return {"sync_start": t0, "sync_push_time": time.time() - t1, "sync_pack_wait_time": t_packed - t1,
+                "sync_engine_copy_time": copy_s, "sync_bytes": float(nbytes), "sync_buckets": float(len(buckets))}
+
+    return push
+
+
+def push_ipc(engine_urls: list[str], named: list, version: int, bucket_bytes: int,
+             dtype: Any = None) -> dict[str, float]:
+    """Both phases at once (see `stage_ipc`)."""
+    return stage_ipc(named, version, bucket_bytes, dtype)(engine_urls)

@@ -7,6 +7,7 @@ reports the new version only once it holds all of the new weights.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 
 def buckets(named: list, limit_bytes: int) -> list[list]:
@@ -23,14 +24,25 @@ def buckets(named: list, limit_bytes: int) -> list[list]:
     return out
 
 
-def push_named_tensors(engine_urls: list[str], named: list, version: int, bucket_bytes: int) -> dict[str, float]:
+def stage_named_tensors(named: list, version: int, bucket_bytes: int) -> Callable[[list[str]], dict]:
+    """Serialize the buckets now (engines may still generate); returns `push(engine_urls)` that posts them."""
     from streamrl.rollout.engine.weights import encode_update_request
-    from streamrl.sync.base import http_client
 
     t0 = time.time()
     parts = buckets(named, bucket_bytes)
     bodies = [encode_update_request(p, weight_version=str(version) if i == len(parts) - 1 else None)
               for i, p in enumerate(parts)]
+    return lambda engine_urls: _post(engine_urls, bodies, version, t0)
+
+
+def push_named_tensors(engine_urls: list[str], named: list, version: int, bucket_bytes: int) -> dict[str, float]:
+    return stage_named_tensors(named, version, bucket_bytes)(engine_urls)
+
+
+def _post(engine_urls: list[str], bodies: list[bytes], version: int, t0: float) -> dict[str, float]:
+    from streamrl.sync.base import http_client
+
+    t1 = time.time()
     sent = 0
     client = http_client()
     for url in engine_urls:
@@ -43,5 +55,5 @@ def push_named_tensors(engine_urls: list[str], named: list, version: int, bucket
         got = client.get(url + "/get_weight_version").json()["weight_version"]
         if got != str(version):
             raise RuntimeError(f"engine {url} reports weight_version {got!r} after update to {version}")
-    return {"sync_start": t0, "sync_push_time": time.time() - t0, "sync_bytes": float(sent),
-            "sync_buckets": float(len(parts))}
+    return {"sync_start": t0, "sync_push_time": time.time() - t1, "sync_bytes": float(sent),
+            "sync_buckets": float(len(bodies))}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable
 
 
 def resolve(args: argparse.Namespace, on_cuda: bool) -> str:
@@ -16,21 +17,31 @@ def resolve(args: argparse.Namespace, on_cuda: bool) -> str:
     return t
 
 
-def push(args: argparse.Namespace, transport: str, engine_urls: list[str], named: list, version: int) -> dict:
+def stage(args: argparse.Namespace, transport: str, named: list, version: int) -> Callable[[list[str]], dict]:
+    """Phase 1 of a sync, run while the engines still generate; returns phase 2, `push(engine_urls)` (run while
+    they are paused). ipc: queue the packing copies; http: serialize the buckets; disk: write the safetensors."""
     if transport == "ipc":
-        from streamrl.sync.cuda_ipc import push_ipc
+        import torch
 
-        return push_ipc(engine_urls, named, version, args.update_weight_buffer_size)
+        from streamrl.sync.cuda_ipc import stage_ipc
+
+        dtype = getattr(torch, args.engine_dtype or "bfloat16")  # the embedded engine's weights on GPU
+        return stage_ipc(named, version, args.update_weight_buffer_size, dtype)
     if transport == "http":
-        from streamrl.sync.http_tensor import push_named_tensors
+        from streamrl.sync.http_tensor import stage_named_tensors
 
-        return push_named_tensors(engine_urls, named, version, args.update_weight_buffer_size)
+        return stage_named_tensors(named, version, args.update_weight_buffer_size)
     if transport == "disk":
-        return push_disk(engine_urls, named, version, args.hf_checkpoint)
+        return stage_disk(named, version, args.hf_checkpoint)
     raise ValueError(f"unknown weight transport {transport!r}")
 
 
-def push_disk(engine_urls: list[str], named: list, version: int, hf_checkpoint: str) -> dict:
+def push(args: argparse.Namespace, transport: str, engine_urls: list[str], named: list, version: int) -> dict:
+    """Both phases at once."""
+    return stage(args, transport, named, version)(engine_urls)
+
+
+def stage_disk(named: list, version: int, hf_checkpoint: str) -> Callable[[list[str]], dict]:
     """Fallback: an HF directory (the checkpoint's config + new safetensors), then `/update_weights_from_disk`."""
     import os
     import shutil
@@ -40,11 +51,19 @@ def push_disk(engine_urls: list[str], named: list, version: int, hf_checkpoint: 
     from streamrl.sync.base import post_json
 
     t0 = time.time()
-    with tempfile.TemporaryDirectory() as d:
-        for f in ("config.json", "generation_config.json"):
-            if os.path.exists(os.path.join(hf_checkpoint, f)):
-                shutil.copy(os.path.join(hf_checkpoint, f), d)
-        save_file({n: t.contiguous() for n, t in named}, os.path.join(d, "model.safetensors"))
-        for url in engine_urls:
-            post_json(url, "/update_weights_from_disk", {"model_path": d, "weight_version": str(version)})
-    return {"sync_start": t0, "sync_push_time": time.time() - t0}
+    d = tempfile.mkdtemp(prefix="streamrl-weights-")
+    for f in ("config.json", "generation_config.json"):
+        if os.path.exists(os.path.join(hf_checkpoint, f)):
+            shutil.copy(os.path.join(hf_checkpoint, f), d)
+    save_file({n: t.contiguous() for n, t in named}, os.path.join(d, "model.safetensors"))
+
+    def push(engine_urls: list[str]) -> dict:
+        t1 = time.time()
+        try:
+            for url in engine_urls:
+                post_json(url, "/update_weights_from_disk", {"model_path": d, "weight_version": str(version)})
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+        return {"sync_start": t0, "sync_push_time": time.time() - t1}
+
+    return push

@@ -28,6 +28,7 @@ class FSDPTrainRank:
         self.args, self.rank, self.world = args, rank, world
         self.model = self.ref_model = self.teacher = self.critic = self.opt = self.critic_opt = None
         self.steps_done = 0
+        self._staged = None  # sync phase 2, between stage_weights and push_staged
 
     def master_address(self) -> tuple[str, int]:
         import socket
@@ -36,11 +37,13 @@ class FSDPTrainRank:
             s.bind(("127.0.0.1", 0))
             return "127.0.0.1", s.getsockname()[1]
 
-    def init(self, master_addr: str, master_port: int) -> dict[str, Any]:
+    def init(self, master_addr: str, master_port: int, memory_fraction: float | None = None) -> dict[str, Any]:
+        """Build the models and the process group. `memory_fraction`: this rank's share of a GPU it shares with
+        engines (torch's per-process limit, so that the trainer fails with OOM instead of starving them)."""
         import torch
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         from transformers import AutoModelForCausalLM
 
         args = self.args
@@ -48,6 +51,8 @@ class FSDPTrainRank:
         torch.set_num_threads(max(1, args.train_torch_threads))
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        if cuda and memory_fraction:
+            torch.cuda.set_per_process_memory_fraction(memory_fraction, self.device)
         if cuda:  # TF32 matmuls for the fp32 master weights (as Megatron/slime train in mixed precision)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -55,14 +60,18 @@ class FSDPTrainRank:
         dist.init_process_group("nccl" if cuda else "gloo", rank=self.rank, world_size=self.world)
         mesh = init_device_mesh(self.device.type, (self.world,))
 
+        # --bf16: bf16 parameters/compute in forward and backward, fp32 master weights, optimizer and reduction
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.bf16 else None
+        opts = {"mesh": mesh, **({"mp_policy": mp} if mp else {})}
+
         def shard(m, layers):
             for layer in layers:
-                fully_shard(layer, mesh=mesh)
-            fully_shard(m, mesh=mesh)
+                fully_shard(layer, **opts)
+            fully_shard(m, **opts)
             return m
 
         def frozen(path):
-            m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if args.bf16 else torch.float32)
             return m.to(self.device).eval().requires_grad_(False)
 
         model = AutoModelForCausalLM.from_pretrained(args.hf_checkpoint, dtype=torch.float32).to(self.device)
@@ -157,23 +166,42 @@ class FSDPTrainRank:
         """Gather every parameter in full (collective on all ranks); rank 0 gets CPU tensors, others None."""
         gathered = []
         for name, p in self.model.named_parameters():
-            t = p.full_tensor() if hasattr(p, "full_tensor") else p.data
+            if not hasattr(p, "full_tensor"):
+                t = p.data
+            elif self.world == 1:
+                t = p.to_local()  # the whole tensor already: no gather, no copy
+            else:
+                t = p.full_tensor()
             if self.rank == 0:
                 gathered.append((name, t.detach() if keep_on_device else t.detach().to("cpu", copy=True)))
         return gathered if self.rank == 0 else None
 
     def publish_weights(self, engine_urls: list[str], version: int) -> dict[str, float]:
         """Gather the full weights and push them to every engine by `--update-weight-transport` (rank 0 sends)."""
-        from streamrl.sync.select import push, resolve
+        staged = self.stage_weights(version)
+        return {**staged, **self.push_staged(engine_urls)}
+
+    def stage_weights(self, version: int) -> dict[str, float]:
+        """Sync phase 1 (collective): gather the full weights and stage them for the transport (rank 0) while the
+        engines still generate; `push_staged` sends them once the engines are paused."""
+        from streamrl.sync.select import resolve, stage
 
         t0 = time.time()
         transport = resolve(self.args, self.device.type == "cuda")
         named = self.full_named_parameters(keep_on_device=transport == "ipc")
         if self.rank != 0:
             return {}
-        stats = push(self.args, transport, engine_urls, named, version)
-        stats["sync_gather_time"] = stats["sync_start"] - t0
-        return stats
+        t1 = time.time()
+        self._staged = stage(self.args, transport, named, version)
+        return {"sync_gather_time": t1 - t0, "sync_pack_time": time.time() - t1}
+
+    def push_staged(self, engine_urls: list[str]) -> dict[str, float]:
+        if self.rank != 0:
+            return {}
+        staged, self._staged = self._staged, None
+        if staged is None:
+            raise RuntimeError("push_staged without stage_weights")
+        return staged(engine_urls)
 
     def save_hf(self, path: str) -> None:
         named = self.full_named_parameters()

@@ -24,7 +24,13 @@ class TrainerGroup:
         cls = ray.remote(**opts)(FSDPTrainRank)
         self.ranks = [cls.options(runtime_env=env).remote(args, r, self.world) for r in range(self.world)]
         addr, port = ray.get(self.ranks[0].master_address.remote())
-        self.info = ray.get([r.init.remote(addr, port) for r in self.ranks])
+        # memory budget on a shared GPU: what the engines' --sglang-mem-fraction-static leaves (rounded down)
+        frac = getattr(args, "sglang_mem_fraction_static", None)
+        budget = None
+        if share and share < 1 and frac:
+            engines_per_gpu = max(1, round((1 - share) / share))
+            budget = max(0.05, 1 - engines_per_gpu * frac - 0.02)
+        self.info = ray.get([r.init.remote(addr, port, budget) for r in self.ranks])
 
     def _all(self, method: str, *a: Any) -> list[Any]:
         import ray
@@ -39,6 +45,14 @@ class TrainerGroup:
 
     def publish_weights(self, engine_urls: list[str], version: int) -> dict[str, float]:
         return self._all("publish_weights", engine_urls, version)[0]
+
+    def stage_weights(self, version: int) -> dict[str, float]:
+        """Sync phase 1, while the engines still generate (see FSDPTrainRank.stage_weights)."""
+        return self._all("stage_weights", version)[0]
+
+    def push_staged(self, engine_urls: list[str]) -> dict[str, float]:
+        """Sync phase 2, while the engines are paused."""
+        return self._all("push_staged", engine_urls)[0]
 
     def full_named_parameters(self) -> list:
         return self._all("full_named_parameters")[0]

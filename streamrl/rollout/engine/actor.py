@@ -76,6 +76,7 @@ class EmbeddedEngine:
         dtype: str = "float32",
         kv_backend: str = "auto",
         max_context_len: int = 1024,
+        mem_fraction_static: float | None = None,
     ) -> None:
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)  # process-wide; engines share CPUs with trainers
@@ -83,6 +84,11 @@ class EmbeddedEngine:
         self.dtype = getattr(torch, dtype)
         model = load_model(model_path, device, self.dtype)
         cfg = model.config.get_text_config()
+        if mem_fraction_static is not None and str(device).startswith("cuda"):
+            total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+            max_running_requests = kv_slots_for_budget(
+                total, mem_fraction_static, model_bytes(model), kv_bytes_per_slot(cfg, max_context_len, self.dtype),
+                max_running_requests)
         self.scheduler = Scheduler(
             model,
             vocab_size=cfg.vocab_size,
@@ -160,6 +166,38 @@ class EngineActor:
 
     def shutdown(self) -> None:
         self.engine.stop()
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def kv_bytes_per_slot(cfg: Any, max_context_len: int, dtype: torch.dtype) -> int:
+    """K and V of one request slot at `max_context_len` (rounded up to the slot cache's length bucket)."""
+    from .static_kv import LEN_BUCKETS, _bucket
+
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    length = _bucket(min(max_context_len, LEN_BUCKETS[-1]), LEN_BUCKETS)
+    return 2 * cfg.num_hidden_layers * length * cfg.num_key_value_heads * head_dim * dtype.itemsize
+
+
+def kv_slots_for_budget(total_bytes: int, mem_fraction_static: float, weight_bytes: int, slot_bytes: int,
+                        max_running_requests: int) -> int:
+    """`--sglang-mem-fraction-static` for the embedded engine: as in SGLang, weights + KV cache get this fraction
+    of the GPU's memory; the KV slots that fit cap the running requests (more wait in the queue)."""
+    if not 0 < mem_fraction_static <= 1:
+        raise ValueError(f"--sglang-mem-fraction-static must be in (0, 1], got {mem_fraction_static}")
+    budget = int(total_bytes * mem_fraction_static) - weight_bytes
+    slots = budget // slot_bytes if budget > 0 else 0
+    if slots < 1:
+        raise ValueError(
+            f"--sglang-mem-fraction-static {mem_fraction_static}: {total_bytes * mem_fraction_static / 2**30:.2f} GiB "
+            f"holds the weights ({weight_bytes / 2**30:.2f} GiB) but not one KV slot ({slot_bytes / 2**20:.1f} MiB "
+            f"at --engine-max-context-len); raise the fraction or lower the context length")
+    if slots < max_running_requests:
+        print(f"[streamrl] engine KV cache: {slots} slots fit --sglang-mem-fraction-static {mem_fraction_static} "
+              f"(asked for {max_running_requests} running requests; the rest wait)", flush=True)
+    return min(max_running_requests, slots)
 
 
 def make_engine_actor(num_cpus: float = 1, **options: Any) -> Any:

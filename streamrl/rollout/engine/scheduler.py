@@ -19,12 +19,14 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .flat import flatten_parameters
 from .kv import KVBatch, left_pad, supports_kv_cache
 from .protocol import SamplingParams
 from .sampling import sample_tokens
@@ -112,7 +114,11 @@ class Scheduler:
         self.tokenizer = tokenizer
         self.model_path = model_path
         self.device = next(model.parameters()).device
+        # on GPU the weights live in flat buffers laid out as the trainer's CUDA IPC buckets (flat.py): a sync is
+        # then one device copy per bucket; done before any CUDA graph captures the parameters' addresses
+        self.flat_index = flatten_parameters(model) if self.device.type == "cuda" else {}
         self.forward_steps = 0
+        self.busy_time = 0.0  # seconds spent in forward steps (engine idle fraction = 1 - busy / wall)
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=100_000)
         self._cond = threading.Condition()
         self._model_lock = threading.RLock()
@@ -132,6 +138,7 @@ class Scheduler:
             StaticKV(model, slots=max_running_requests, max_len=min(max_context_len, max_positions))
             if self.kv_cache and use_static else KVBatch())
         self._weights_epoch = 0  # bumped by every weight update
+        self._params: dict[str, torch.Tensor] | None = None
         self._kv_epoch = 0  # the epoch whose weights produced `_kv`
         self._thread = threading.Thread(target=self._loop, name="streamrl-engine-scheduler", daemon=True)
 
@@ -215,7 +222,7 @@ class Scheduler:
     ) -> None:
         """Copy tensors into the model by state-dict name, between forwards. All names and shapes are checked
         before anything is written, so a bad update leaves the model unchanged (ValueError)."""
-        params = self.model.state_dict()  # tied aliases (lm_head.weight) share storage with their parameter
+        params = self.params()
         for name, t in named:
             if name not in params:
                 raise ValueError(f"unknown parameter name {name!r}")
@@ -233,6 +240,21 @@ class Scheduler:
             if model_path is not None:
                 self.model_path = model_path
             self._weights_epoch += 1  # cached K/V is stale: the next iteration re-prefills (scheduler thread)
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """{state-dict name: tensor} sharing storage with the model (cached: building it costs milliseconds)."""
+        if self._params is None:
+            self._params = self.model.state_dict()  # tied aliases (lm_head.weight) share storage with the original
+        return self._params
+
+    def copy_weights(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], weight_version: str | None) -> None:
+        """Apply prepared [(destination, source)] device copies (already checked, see cuda_ipc.copy_plan) between
+        forwards, then move the version."""
+        with self._model_lock, torch.no_grad():
+            torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+            if weight_version is not None:
+                self.weight_version = str(weight_version)
+            self._weights_epoch += 1
 
     def run_exclusive(self, fn: Callable[[torch.nn.Module], Any]) -> Any:
         """Run fn(model) while no forward is in flight (e.g. to read a consistent state dict)."""
@@ -293,6 +315,7 @@ class Scheduler:
                     self._cond.wait()
                 batch = list(self._running)
                 self._stepping = True
+            t0 = time.perf_counter()
             try:
                 self._step(batch)
             except Exception as e:  # keep serving: fail this batch, not the engine
@@ -301,6 +324,7 @@ class Scheduler:
                 with self._cond:
                     self._mark_abort_locked(batch, f"engine error: {type(e).__name__}: {e}")
             with self._cond:
+                self.busy_time += time.perf_counter() - t0
                 self._stepping = False
                 for r in batch:
                     if r.finish_reason is not None:

@@ -206,19 +206,24 @@ def build_app(scheduler: Scheduler, *, loader: Callable[[str], Any] | None = Non
 
     async def update_from_ipc(request: HttpRequest) -> Response:
         """CUDA IPC buckets from a trainer on the same GPU (streamrl/sync/cuda_ipc.py); copied on the device."""
-        from streamrl.sync.cuda_ipc import UpdateWeightsFromIpcRequest, open_buckets
+        from streamrl.sync.cuda_ipc import UpdateWeightsFromIpcRequest, engine_copy_plan
 
         try:
             body = msgspec.msgpack.decode(await request.body(), type=UpdateWeightsFromIpcRequest)
-            named = open_buckets(body.buckets)
-            await anyio.to_thread.run_sync(sch.update_weights, named, body.weight_version)
-            if named and named[0][1].is_cuda:
+            pairs = engine_copy_plan(body.buckets, sch.flat_index, sch.params())
+
+            def copy() -> float:
                 import torch
 
-                torch.cuda.synchronize()  # finish reading the trainer's buckets before it frees them
+                t0 = time.perf_counter()
+                sch.copy_weights(pairs, body.weight_version)
+                torch.cuda.synchronize()  # finish reading the trainer's buckets before it answers (and refills)
+                return time.perf_counter() - t0
+
+            copy_time = await anyio.to_thread.run_sync(copy)
         except (*_BAD_INPUT, RuntimeError) as e:
             return _json({"success": False, "message": f"{type(e).__name__}: {e}"}, 400)
-        return _json({"success": True, "message": ""})
+        return _json({"success": True, "message": "", "copy_time": copy_time})
 
     async def weights_checksum(request: HttpRequest) -> Response:
         """{name: float64 sum} of every weight, read between forwards (checks a sync landed exactly)."""
@@ -254,7 +259,8 @@ def build_app(scheduler: Scheduler, *, loader: Callable[[str], Any] | None = Non
         return _json(info())
 
     async def server_info(request: HttpRequest) -> Response:
-        state = {"weight_version": sch.weight_version, "paused": sch.paused, **sch.load()}
+        state = {"weight_version": sch.weight_version, "paused": sch.paused, **sch.load(),
+                 "busy_time": sch.busy_time}  # seconds in forward steps since start (engine idle fraction)
         limits = {"context_length": sch.max_positions, "max_running_requests": sch.max_running_requests}
         return _json({**info(), **limits, "device": str(sch.device), "version": "streamrl-embedded",
                       "internal_states": [state]})  # fmt: skip
