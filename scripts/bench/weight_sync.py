@@ -2,7 +2,8 @@
 
 Engine: an EmbeddedEngine (HTTP) in a separate process on the GPU, as in training. Trainer side: this process holds
 the model on the same GPU. Paths: CUDA IPC buckets (`/update_weights_from_ipc`), host round trip over HTTP
-(`/update_weights_from_tensor`, msgpack), disk (safetensors + `/update_weights_from_disk`); each wrapped in the
+(`/update_weights_from_tensor`, msgpack), host-pinned shared memory (`/update_weights_from_pinned`),
+disk (safetensors + `/update_weights_from_disk`); each wrapped in the
 real pause -> push -> continue sequence. Raw: device-to-device copy and device-to-pinned-host copy of the same
 bytes: one copy per parameter (what a naive sync costs) and one contiguous copy of the whole buffer (the
 bandwidth ceiling). `cuda_ipc_from_fp32` packs fp32 master weights into bf16 buckets (the training path). Each path
@@ -33,6 +34,7 @@ def main() -> None:
     from streamrl.sync.base import sync_weights
     from streamrl.sync.cuda_ipc import stage_ipc
     from streamrl.sync.http_tensor import stage_named_tensors
+    from streamrl.sync.pinned import stage_pinned
     from streamrl.sync.select import stage_disk
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,6 +79,7 @@ def main() -> None:
         stages = {  # phase 1 (engine still generating) -> phase 2 push(urls), as the training loop runs them
             "cuda_ipc": lambda v: stage_ipc(named, v, bucket),
             "cuda_ipc_from_fp32": lambda v: stage_ipc(master, v, bucket, torch.bfloat16),
+            "pinned": lambda v: stage_pinned(named, v, bucket),
             "host_http": lambda v: stage_named_tensors(named, v, bucket),
             "disk": lambda v: stage_disk(named, v, ckpt),
         }
@@ -100,7 +103,9 @@ def main() -> None:
             res[name] = {"s": round(med, 4), "GBps": round(nbytes / med / 1e9, 2), "exact": exact()}
             keys = ["sync_stage_time", "sync_pause_time", "sync_push_time", "sync_engine_downtime"]
             if name.startswith("cuda_ipc"):
-                keys += ["sync_pack_wait_time", "sync_engine_copy_time"]
+                keys += ["sync_pack_wait_time"]
+            if name.startswith(("cuda_ipc", "pinned")):
+                keys += ["sync_engine_copy_time"]
             for k in keys:  # where the time goes (medians, ms)
                 parts[f"{name}_{k.removeprefix('sync_').removesuffix('_time')}_ms"] = round(
                     1e3 * statistics.median(x[k] for x in stats), 2)
@@ -139,6 +144,7 @@ def main() -> None:
             "cuda_ipc_vs_raw_d2d_one_copy": round(d2d_one / res["cuda_ipc"]["s"], 3),
             "cuda_ipc_from_fp32_vs_raw_d2d": round(d2d / res["cuda_ipc_from_fp32"]["s"], 3), **parts,
             "host_http_vs_raw_d2h": round(d2h / res["host_http"]["s"], 3),
+            "pinned_vs_raw_d2h": round(d2h / res["pinned"]["s"], 3),
         }), flush=True)
     finally:
         eng.kill()

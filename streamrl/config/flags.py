@@ -36,8 +36,9 @@ class ClusterConfig:
     engine_mps_thread_percentage: int | None = F(None, "With --use-mps: CUDA_MPS_ACTIVE_THREAD_PERCENTAGE of the "
                                                        "engines (their share of the SMs; the trainer keeps all).")
     update_weight_transport: str = F("auto", "Weight sync transport: auto (CUDA IPC when trainer and engines share "
-                                     "a GPU host, else HTTP tensors), http, ipc, disk.",
-                                     choices=["auto", "http", "ipc", "disk"])
+                                     "a GPU, host-pinned shared memory when they are on different GPUs of the "
+                                     "host, msgpack over HTTP on CPU), ipc, pinned, http, disk.",
+                                     choices=["auto", "http", "ipc", "pinned", "disk"])
     use_router: bool = F(False, "Put sglang-router in front of the embedded engines (always on with --rollout-engine "
                                 "sglang unless --sglang-router-ip is given); without it producers balance requests.")
     sglang_router_ip: str | None = F(None, "Use this external sglang-router (engines register with it) instead of "

@@ -13,8 +13,12 @@ raised to the driver, naming the engine.
 
 from __future__ import annotations
 
+import http.client
+import json
+import threading
 import time
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -29,11 +33,45 @@ def http_client() -> httpx.Client:
     return _CLIENT
 
 
+_CONNS = threading.local()  # per thread: {(host, port): http.client.HTTPConnection}
+
+
+def control_post(url: str, path: str, body: bytes, content_type: str = "application/json",
+                 timeout: float = 300.0) -> tuple[int, bytes]:
+    """POST on a kept-alive stdlib connection: (status, body). For the weight-sync sequence (pause, push,
+    continue), where httpx's per-request overhead (~0.4 ms) is a large part of a millisecond-scale sync. A
+    connection the server has closed is reopened and the request sent once more (every sync call is idempotent).
+    """
+    parts = urlsplit(url)
+    key = (parts.hostname, parts.port or 80)
+    conns = _CONNS.__dict__.setdefault("conns", {})
+    for attempt in (0, 1):
+        conn = conns.get(key)
+        fresh = conn is None
+        if fresh:
+            conn = conns[key] = http.client.HTTPConnection(*key, timeout=timeout)
+        try:
+            conn.request("POST", path, body=body, headers={"content-type": content_type})
+            r = conn.getresponse()
+            return r.status, r.read()
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                http.client.CannotSendRequest, http.client.ResponseNotReady) as e:
+            conn.close()
+            conns.pop(key, None)
+            if fresh or attempt:
+                raise ConnectionError(f"engine {url}: POST {path} failed: {type(e).__name__}: {e}") from None
+        except OSError as e:  # refused, timed out: the engine is down or stuck
+            conn.close()
+            conns.pop(key, None)
+            raise ConnectionError(f"engine {url}: POST {path} failed: {type(e).__name__}: {e}") from None
+    raise AssertionError("unreachable")
+
+
 def post_json(url: str, path: str, body: dict, timeout: float = 120.0) -> dict:
-    r = http_client().post(url + path, json=body, timeout=timeout)
-    if r.status_code != 200:
-        raise RuntimeError(f"engine {url}: POST {path} -> HTTP {r.status_code}: {r.text[:300]}")
-    return r.json() if r.content else {}
+    status, raw = control_post(url, path, json.dumps(body).encode(), timeout=timeout)
+    if status != 200:
+        raise RuntimeError(f"engine {url}: POST {path} -> HTTP {status}: {raw[:300].decode(errors='replace')}")
+    return json.loads(raw) if raw else {}
 
 
 def sync_weights(engine_urls: list[str], push: Callable[[], dict], publish: Callable[[], None],
@@ -45,15 +83,27 @@ def sync_weights(engine_urls: list[str], push: Callable[[], dict], publish: Call
     t0 = time.time()
     staged = dict(stage() or {}) if stage is not None else {}
     t_staged = time.time()
-    for url in engine_urls:
-        post_json(url, "/pause_generation", {})
-    t_paused = time.time()
+    paused: list[str] = []
+    failed: BaseException | None = None
     try:
+        for url in engine_urls:
+            post_json(url, "/pause_generation", {})
+            paused.append(url)
+        t_paused = time.time()
         stats = {**staged, **dict(push() or {})}
         publish()
-    finally:
-        for url in engine_urls:
-            post_json(url, "/continue_generation", {})
+    except BaseException as e:
+        failed = e
+        raise
+    finally:  # every engine that was paused is continued, whatever failed (a dead one must not block the rest)
+        errors = []
+        for url in paused:
+            try:
+                post_json(url, "/continue_generation", {})
+            except Exception as e:  # noqa: BLE001 - collected, raised below unless something failed before
+                errors.append(e)
+        if errors and failed is None:
+            raise errors[0]
     stats.update(sync_stage_time=t_staged - t0, sync_pause_time=t_paused - t_staged,
                  sync_total_time=time.time() - t0, sync_engine_downtime=time.time() - t_staged)
     return stats

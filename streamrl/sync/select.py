@@ -8,10 +8,12 @@ import time
 from collections.abc import Callable
 
 
-def resolve(args: argparse.Namespace, on_cuda: bool) -> str:
+def resolve(args: argparse.Namespace, on_cuda: bool, shares_gpu: bool = True) -> str:
+    """auto: CUDA IPC when the trainer shares its GPU with the engines, host-pinned shared memory when they are on
+    other GPUs of the host, msgpack over HTTP on CPU."""
     t = args.update_weight_transport
     if t == "auto":
-        return "ipc" if on_cuda else "http"
+        return ("ipc" if shares_gpu else "pinned") if on_cuda else "http"
     if t == "ipc" and not on_cuda:
         raise ValueError("--update-weight-transport ipc needs the trainer on a GPU")
     return t
@@ -27,6 +29,13 @@ def stage(args: argparse.Namespace, transport: str, named: list, version: int) -
 
         dtype = getattr(torch, args.engine_dtype or "bfloat16")  # the embedded engine's weights on GPU
         return stage_ipc(named, version, args.update_weight_buffer_size, dtype)
+    if transport == "pinned":
+        import torch
+
+        from streamrl.sync.pinned import stage_pinned
+
+        dtype = getattr(torch, args.engine_dtype or ("bfloat16" if torch.cuda.is_available() else "float32"))
+        return stage_pinned(named, version, args.update_weight_buffer_size, dtype)
     if transport == "http":
         from streamrl.sync.http_tensor import stage_named_tensors
 

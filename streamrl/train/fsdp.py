@@ -29,6 +29,7 @@ class FSDPTrainRank:
         self.model = self.ref_model = self.teacher = self.critic = self.opt = self.critic_opt = None
         self.steps_done = 0
         self._staged = None  # sync phase 2, between stage_weights and push_staged
+        self.shares_gpu = True
 
     def master_address(self) -> tuple[str, int]:
         import socket
@@ -37,7 +38,8 @@ class FSDPTrainRank:
             s.bind(("127.0.0.1", 0))
             return "127.0.0.1", s.getsockname()[1]
 
-    def init(self, master_addr: str, master_port: int, memory_fraction: float | None = None) -> dict[str, Any]:
+    def init(self, master_addr: str, master_port: int, memory_fraction: float | None = None,
+             shares_gpu: bool = True) -> dict[str, Any]:
         """Build the models and the process group. `memory_fraction`: this rank's share of a GPU it shares with
         engines (torch's per-process limit, so that the trainer fails with OOM instead of starving them)."""
         import torch
@@ -47,6 +49,7 @@ class FSDPTrainRank:
         from transformers import AutoModelForCausalLM
 
         args = self.args
+        self.shares_gpu = shares_gpu  # with the engines (picks the weight transport)
         torch.manual_seed(args.seed)
         torch.set_num_threads(max(1, args.train_torch_threads))
         cuda = torch.cuda.is_available()
@@ -187,8 +190,8 @@ class FSDPTrainRank:
         from streamrl.sync.select import resolve, stage
 
         t0 = time.time()
-        transport = resolve(self.args, self.device.type == "cuda")
-        named = self.full_named_parameters(keep_on_device=transport == "ipc")
+        transport = resolve(self.args, self.device.type == "cuda", self.shares_gpu)
+        named = self.full_named_parameters(keep_on_device=transport in ("ipc", "pinned"))
         if self.rank != 0:
             return {}
         t1 = time.time()

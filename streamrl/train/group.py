@@ -30,7 +30,8 @@ class TrainerGroup:
         if share and share < 1 and frac:
             engines_per_gpu = max(1, round((1 - share) / share))
             budget = max(0.05, 1 - engines_per_gpu * frac - 0.02)
-        self.info = ray.get([r.init.remote(addr, port, budget) for r in self.ranks])
+        shares_gpu = bool(share) and share < 1
+        self.info = ray.get([r.init.remote(addr, port, budget, shares_gpu) for r in self.ranks])
 
     def _all(self, method: str, *a: Any) -> list[Any]:
         import ray

@@ -225,6 +225,24 @@ def build_app(scheduler: Scheduler, *, loader: Callable[[str], Any] | None = Non
             return _json({"success": False, "message": f"{type(e).__name__}: {e}"}, 400)
         return _json({"success": True, "message": "", "copy_time": copy_time})
 
+    async def update_from_pinned(request: HttpRequest) -> Response:
+        """Host-pinned shared memory from a trainer on this host (streamrl/sync/pinned.py); one H2D copy per bucket."""
+        from streamrl.sync.pinned import UpdateWeightsFromPinnedRequest, engine_copy_plan_pinned
+
+        try:
+            body = msgspec.msgpack.decode(await request.body(), type=UpdateWeightsFromPinnedRequest)
+            pairs = engine_copy_plan_pinned(body, sch.flat_index, sch.params(), sch.device)
+
+            def copy() -> float:
+                t0 = time.perf_counter()
+                sch.copy_weights(pairs, body.weight_version)
+                return time.perf_counter() - t0
+
+            copy_time = await anyio.to_thread.run_sync(copy)
+        except (*_BAD_INPUT, RuntimeError, OSError) as e:
+            return _json({"success": False, "message": f"{type(e).__name__}: {e}"}, 400)
+        return _json({"success": True, "message": "", "copy_time": copy_time})
+
     async def weights_checksum(request: HttpRequest) -> Response:
         """{name: float64 sum} of every weight, read between forwards (checks a sync landed exactly)."""
 
@@ -307,6 +325,7 @@ def build_app(scheduler: Scheduler, *, loader: Callable[[str], Any] | None = Non
         Route("/update_weights_from_tensor", update_from_tensor, methods=post),
         Route("/update_weights_from_disk", update_from_disk, methods=post),
         Route("/update_weights_from_ipc", update_from_ipc, methods=post),
+        Route("/update_weights_from_pinned", update_from_pinned, methods=post),
         Route("/weights_checksum", weights_checksum, methods=get),
         Route("/get_weight_version", get_weight_version, methods=get),
         Route("/model_info", model_info, methods=get),

@@ -1,0 +1,151 @@
+"""Transport: host-pinned shared memory, for a trainer and engines on different GPUs of one host (or one GPU).
+
+The trainer lays its weights out as the CUDA IPC buckets (same aligned layout, so the engine's flat weights take
+each bucket in one copy), in ONE file in /dev/shm that both processes map and pin (cudaHostRegister): a sync is a
+device-to-host copy on the trainer at pinned-memory speed and a host-to-device copy on the engine, no
+serialization, no pickle. The engine maps the file once (`/update_weights_from_pinned`, a streamrl endpoint) and
+only accepts paths this module creates.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from streamrl.sync.cuda_ipc import IpcBucket, bucket_layout
+
+PREFIX = "/dev/shm/streamrl-weights-"
+
+
+class UpdateWeightsFromPinnedRequest(msgspec.Struct, kw_only=True):
+    path: str  # PREFIX...
+    nbytes: int
+    buckets: list[IpcBucket]  # `handle` unused
+    byte_offsets: list[int]  # where each bucket starts in the file
+    weight_version: str | None = None
+
+
+def _map(path: str, nbytes: int, create: bool) -> Any:
+    """The file as a pinned uint8 tensor (MAP_SHARED)."""
+    import torch
+
+    if create:
+        with open(path, "wb") as f:
+            f.truncate(nbytes)
+    t = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+    if torch.cuda.is_available():
+        err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0)
+        if int(err) != 0:
+            raise RuntimeError(f"cudaHostRegister of {path} ({nbytes} bytes) failed: {err}")
+    return t
+
+
+def _views(host: Any, buckets: list[IpcBucket], byte_offsets: list[int]) -> list[Any]:
+    import torch
+
+    out = []
+    for b, start in zip(buckets, byte_offsets, strict=True):
+        dt = getattr(torch, b.dtype)
+        out.append(host[start : start + b.numel * dt.itemsize].view(dt))
+    return out
+
+
+class PinnedSender:
+    """Trainer side: the file is created, mapped and pinned once per layout and refilled on every sync."""
+
+    def __init__(self) -> None:
+        self.layout: list | None = None
+        self.request: UpdateWeightsFromPinnedRequest | None = None
+        self.views: list[Any] = []
+
+    def fill(self, named: list, bucket_bytes: int, dtype: Any = None) -> UpdateWeightsFromPinnedRequest:
+        import torch
+
+        layout = [(n, t.dtype, tuple(t.shape)) for n, t in named]
+        if layout != self.layout:
+            self._allocate(named, bucket_bytes, dtype)
+            self.layout = layout
+        torch._foreach_copy_(self.views, [t.detach().reshape(-1) for _, t in named])  # D2H, pinned: async
+        return self.request
+
+    def _allocate(self, named: list, bucket_bytes: int, dtype: Any) -> None:
+        from streamrl.rollout.engine.flat import aligned
+
+        target = [(t, dtype if dtype is not None and t.is_floating_point() else t.dtype) for _, t in named]
+        layout = bucket_layout(target, bucket_bytes)
+        buckets, byte_offsets, end = [], [], 0
+        for dt, idx, offsets, numel in layout:
+            end = aligned(end, 1)  # buckets start 256-byte aligned in the file
+            byte_offsets.append(end)
+            buckets.append(IpcBucket(handle=[], dtype=str(dt).replace("torch.", ""), numel=numel,
+                                     names=[named[i][0] for i in idx], shapes=[list(named[i][1].shape) for i in idx],
+                                     offsets=offsets))
+            end += numel * dt.itemsize
+        path = f"{PREFIX}{os.getpid()}-{len(buckets)}-{end}"
+        host = _map(path, end, create=True)
+        atexit.register(lambda: os.path.exists(path) and os.unlink(path))
+        flats = _views(host, buckets, byte_offsets)
+        self.views = [None] * len(named)
+        for flat, (_, idx, offsets, _) in zip(flats, layout, strict=True):
+            for i, off in zip(idx, offsets, strict=True):
+                self.views[i] = flat[off : off + named[i][1].numel()]
+        self.host = host
+        self.request = UpdateWeightsFromPinnedRequest(path=path, nbytes=end, buckets=buckets,
+                                                      byte_offsets=byte_offsets)
+
+
+_SENDER = PinnedSender()
+
+
+def stage_pinned(named: list, version: int, bucket_bytes: int, dtype: Any = None) -> Callable[[list[str]], dict]:
+    """Phase 1 (engines may still generate): queue the device-to-host copies into the pinned file. Returns phase 2,
+    `push(engine_urls)`: wait for them, post the layout, wait for every engine to confirm `version`."""
+    t0 = time.time()
+    req = _SENDER.fill(named, bucket_bytes, dtype)
+
+    def push(engine_urls: list[str]) -> dict[str, float]:
+        import torch
+
+        from streamrl.sync.base import control_post
+
+        t1 = time.time()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        body = msgspec.msgpack.encode(msgspec.structs.replace(req, weight_version=str(version)))
+        copy_s = 0.0
+        for url in engine_urls:
+            status, raw = control_post(url, "/update_weights_from_pinned", body, "application/msgpack")
+            out = msgspec.json.decode(raw) if raw else {}
+            if status != 200 or not out.get("success", False):
+                raise RuntimeError(f"engine {url}: pinned weight update to version {version} failed: "
+                                   f"HTTP {status}: {raw[:300].decode(errors='replace')}")
+            copy_s = max(copy_s, float(out.get("copy_time", 0.0)))
+        return {"sync_start": t0, "sync_push_time": time.time() - t1, "sync_engine_copy_time": copy_s,
+                "sync_bytes": float(req.nbytes), "sync_buckets": float(len(req.buckets))}
+
+    return push
+
+
+_OPENED: dict[str, tuple[Any, list]] = {}  # engine side: path -> (pinned host tensor, copy plan)
+
+
+def engine_copy_plan_pinned(req: UpdateWeightsFromPinnedRequest, flat_index: dict, params: dict, device: Any) -> list:
+    """Engine side: [(destination, pinned source)] copies for `req` (file mapped and plan built once per file)."""
+    from streamrl.sync.cuda_ipc import copy_plan
+
+    real = os.path.realpath(req.path)
+    if not real.startswith(PREFIX) or "/" in real[len(PREFIX):]:
+        raise ValueError(f"refusing to map {req.path!r}: not a streamrl weights file ({PREFIX}*)")
+    hit = _OPENED.get(real)
+    if hit is None:
+        if os.path.getsize(real) != req.nbytes:
+            raise ValueError(f"{real}: {os.path.getsize(real)} bytes, the request says {req.nbytes}")
+        host = _map(real, req.nbytes, create=False)
+        plan = copy_plan(req.buckets, _views(host, req.buckets, req.byte_offsets), flat_index, params)
+        hit = _OPENED[real] = (host, plan)
+    return hit[1]

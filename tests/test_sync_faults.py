@@ -1,0 +1,126 @@
+"""The weight-sync sequence under faults: a failed push never leaves engines paused, a dead engine is named, a
+kept-alive control connection the server dropped is reopened, and staged weights land exactly."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import pytest
+import torch
+
+from streamrl.rollout.engine.actor import EmbeddedEngine
+from streamrl.rollout.sglang.proc import free_port
+from streamrl.sync.base import control_post, sync_weights
+from streamrl.sync.http_tensor import stage_named_tensors
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_ckpt):
+    with EmbeddedEngine(tiny_ckpt) as e:
+        yield e
+
+
+def _paused(url: str) -> bool:
+    return httpx.get(url + "/server_info").json()["internal_states"][0]["paused"]
+
+
+def test_failed_push_still_continues_and_names_the_engine(engine):
+    url = engine.url
+
+    def push():
+        assert _paused(url)  # the push runs inside the pause
+        raise RuntimeError(f"engine {url}: weight update failed (injected)")
+
+    with pytest.raises(RuntimeError, match="injected"):
+        sync_weights([url], push=push, publish=lambda: None)
+    assert not _paused(url)  # continue ran: no deadlock for the producers
+
+
+def test_dead_engine_is_named_and_the_live_one_is_continued(engine):
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ConnectionError, match=rf"engine {dead}: POST /pause_generation failed"):
+        sync_weights([engine.url, dead], push=lambda: {}, publish=lambda: None)
+    assert not _paused(engine.url)
+
+
+def test_staged_weights_land_exactly_and_the_version_moves_after_push(engine, tiny_ckpt):
+    from transformers import AutoModelForCausalLM
+
+    url = engine.url
+    model = AutoModelForCausalLM.from_pretrained(tiny_ckpt)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    named = [(n, p.detach()) for n, p in model.named_parameters()]
+    before = httpx.get(url + "/get_weight_version").json()["weight_version"]
+    seen = {}
+
+    def stage():
+        seen["push"] = stage_named_tensors(named, 7, 1 << 16)  # several buckets
+        seen["version_after_stage"] = httpx.get(url + "/get_weight_version").json()["weight_version"]
+        return {}
+
+    stats = sync_weights([url], stage=stage, push=lambda: seen["push"]([url]), publish=lambda: None)
+    assert seen["version_after_stage"] == before  # staging sends nothing
+    assert httpx.get(url + "/get_weight_version").json()["weight_version"] == "7"
+    got = httpx.get(url + "/weights_checksum").json()
+    want = {k: float(v.double().sum()) for k, v in model.state_dict().items()}
+    assert got == pytest.approx(want, rel=1e-12)
+    assert stats["sync_engine_downtime"] <= stats["sync_total_time"]
+
+
+def test_control_connection_reopens_after_the_server_drops_it(engine):
+    url = engine.url
+    assert control_post(url, "/continue_generation", b"{}")[0] == 200
+    # the server closes the kept-alive connection (as after its keep-alive timeout); the next call reconnects
+    from streamrl.sync import base
+
+    conn = base._CONNS.conns[("127.0.0.1", int(url.rsplit(":", 1)[1]))]
+    conn.sock.shutdown(2)
+    assert control_post(url, "/continue_generation", b"{}")[0] == 200
+
+
+def test_control_connections_are_per_thread(engine):
+    out = []
+
+    def call():
+        out.append(control_post(engine.url, "/continue_generation", b"{}")[0])
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out == [200] * 4
+
+
+def test_pinned_shared_memory_transport_is_exact_and_reused(engine, tiny_ckpt):
+    """--update-weight-transport pinned on CPU: one /dev/shm file mapped by both sides, refilled per sync."""
+    import os
+
+    import msgspec
+    from transformers import AutoModelForCausalLM
+
+    from streamrl.sync import pinned
+
+    url = engine.url
+    model = AutoModelForCausalLM.from_pretrained(tiny_ckpt)
+    named = [(n, p.detach()) for n, p in model.named_parameters()]
+    paths = set()
+    for version in (11, 12):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.003 * version)
+        push = pinned.stage_pinned(named, version, 1 << 16, torch.float32)
+        paths.add(pinned._SENDER.request.path)
+        sync_weights([url], push=lambda push=push: push([url]), publish=lambda: None)
+        got = httpx.get(url + "/weights_checksum").json()
+        want = {k: float(v.double().sum()) for k, v in model.state_dict().items()}
+        assert got == pytest.approx(want, rel=1e-12)
+        assert httpx.get(url + "/get_weight_version").json()["weight_version"] == str(version)
+    assert len(paths) == 1 and os.path.exists(paths.pop())  # one file for the job, mapped once
+    req = msgspec.structs.replace(pinned._SENDER.request, path="/etc/passwd", weight_version="13")
+    r = httpx.post(url + "/update_weights_from_pinned", content=msgspec.msgpack.encode(req))
+    assert r.status_code == 400 and "refusing to map '/etc/passwd'" in r.json()["message"]
+    assert httpx.get(url + "/get_weight_version").json()["weight_version"] == "12"
