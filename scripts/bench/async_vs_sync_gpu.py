@@ -5,7 +5,7 @@ Model: random-init Qwen3-0.6B shape with the in-repo tokenizer; data: the sort t
 sync pipeline and the async pipeline at --update-weights-interval 1 and 2; prints one JSON line with wall time per
 step, generation and training time, trainer idle fraction and the speedups.
 
-    python3 -P scripts/bench/async_vs_sync_gpu.py [--steps 10] [--flags "--use-mps --bf16"] [--tag name]
+    python3 -P scripts/bench/async_vs_sync_gpu.py [--steps 10] [--flags="--use-mps --bf16"] [--tag name]
 """
 
 from __future__ import annotations
