@@ -52,16 +52,23 @@ class IpcSender:
         self.flats: list[Any] = []
         self.buckets: list[IpcBucket] = []
         self.views: list[Any] = []  # bucket slice for named[i], in the caller's order
+        self.sources: tuple[list, list[Any]] = ([], [])  # (key, flattened sources) of the last fill
+        self.dtype: Any = None
 
     def fill(self, named: list, bucket_bytes: int, dtype: Any = None) -> list[IpcBucket]:
         """Copy `named` [(name, tensor)] into the buckets (floating tensors cast to `dtype` if given)."""
         import torch
 
-        layout = [(n, t.dtype, tuple(t.shape), t.device) for n, t in named]
-        if layout != self.layout:
-            self.flats, self.buckets, self.views = _allocate(named, bucket_bytes, dtype)
-            self.layout = layout
-        torch._foreach_copy_(self.views, [t.reshape(-1) for _, t in named])
+        # Same names at the same addresses as last time: the cached flat views (which keep those storages alive,
+        # so an equal address is the same storage) read the current values; skips ~1 ms of per-tensor host work.
+        key = [(n, t.data_ptr(), t.dtype, t.shape) for n, t in named]
+        if key != self.sources[0] or dtype != self.dtype:
+            layout = [(n, t.dtype, tuple(t.shape), t.device) for n, t in named]
+            if layout != self.layout or dtype != self.dtype:
+                self.flats, self.buckets, self.views = _allocate(named, bucket_bytes, dtype)
+                self.layout, self.dtype = layout, dtype
+            self.sources = (key, [t.reshape(-1) for _, t in named])
+        torch._foreach_copy_(self.views, self.sources[1])
         return self.buckets
 
 

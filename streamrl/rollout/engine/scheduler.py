@@ -196,6 +196,19 @@ class Scheduler:
                 return self._cond.wait_for(lambda: all(r.finish_reason is not None for r in targets), timeout)
             return self._cond.wait_for(lambda: not self._stepping, timeout)
 
+    def pause_if_idle(self) -> bool:
+        """Pause at once if nothing is queued, running or stepping (no wait, no thread); else False."""
+        with self._cond:
+            if self._active or self._stepping:
+                return False
+            self._paused = True
+            return True
+
+    def idle_paused(self) -> bool:
+        """Paused with no forward running: a weight copy can run in the caller's thread without waiting."""
+        with self._cond:
+            return self._paused and not self._stepping
+
     def resume(self) -> None:
         with self._cond:
             self._paused = False
@@ -251,7 +264,11 @@ class Scheduler:
         """Apply prepared [(destination, source)] device copies (already checked, see cuda_ipc.copy_plan) between
         forwards, then move the version."""
         with self._model_lock, torch.no_grad():
-            torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+            if len(pairs) <= 16:  # whole buckets: one memcpy each beats the multi-tensor copy kernel
+                for d, s in pairs:
+                    d.copy_(s, non_blocking=True)
+            else:
+                torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
             if weight_version is not None:
                 self.weight_version = str(weight_version)
             self._weights_epoch += 1
