@@ -37,10 +37,14 @@ def test_failed_push_still_continues_and_names_the_engine(engine):
     assert not _paused(url)  # continue ran: no deadlock for the producers
 
 
-def test_dead_engine_is_named_and_the_live_one_is_continued(engine):
+@pytest.mark.parametrize("pause_while_staging", [False, True])
+def test_dead_engine_is_named_and_the_live_one_is_continued(engine, pause_while_staging):
     dead = f"http://127.0.0.1:{free_port()}"
+    staged = []
     with pytest.raises(ConnectionError, match=rf"engine {dead}: POST /pause_generation failed"):
-        sync_weights([engine.url, dead], push=lambda: {}, publish=lambda: None)
+        sync_weights([engine.url, dead], push=lambda: {}, publish=lambda: None, stage=lambda: staged.append(1),
+                     pause_while_staging=pause_while_staging)
+    assert staged == [1]
     assert not _paused(engine.url)
 
 

@@ -99,7 +99,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 held = {}
                 stats.append(sync_weights([url], stage=lambda st=st, v=version, h=held: h.update(push=st(v)),
-                                          push=lambda h=held: h["push"]([url]), publish=lambda: None))
+                                          push=lambda h=held: h["push"]([url]), publish=lambda: None,
+                                          pause_while_staging=name.startswith("cuda_ipc")))
                 times.append(time.perf_counter() - t0)
             med = statistics.median(times)
             res[name] = {"s": round(med, 4), "GBps": round(nbytes / med / 1e9, 2), "exact": exact()}

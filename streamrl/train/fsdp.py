@@ -196,7 +196,7 @@ class FSDPTrainRank:
             return {}
         t1 = time.time()
         self._staged = stage(self.args, transport, named, version)
-        return {"sync_gather_time": t1 - t0, "sync_pack_time": time.time() - t1}
+        return {"sync_gather_time": t1 - t0, "sync_pack_time": time.time() - t1, "sync_transport": transport}
 
     def push_staged(self, engine_urls: list[str]) -> dict[str, float]:
         if self.rank != 0:
