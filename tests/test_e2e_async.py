@@ -31,6 +31,7 @@ def test_async_job_loses_nothing_and_respects_staleness(ray_cluster, tiny_ckpt, 
         micro_batch_size=4, num_rollout=steps, rollout_max_response_len=128, lr=1e-3, async_buffer_size=8,
         update_weights_interval=1, max_staleness=1, partial_rollout=True, use_tis=True,
         check_weight_update_equal=True, run_dir=str(tmp_path / "run"),
+        update_weight_transport="pinned",  # /dev/shm buckets (the resume e2e covers the HTTP default)
     )
     summary = run(args)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").open()]
@@ -52,6 +53,10 @@ def test_async_job_loses_nothing_and_respects_staleness(ray_cluster, tiny_ckpt, 
     assert summary["manager"]["partial_resumes"] > 0
     assert sum(r["mixed_version_samples"] for r in steps_rows) > 0
     assert summary["manager"]["aborted_regenerated"] == 0
+
+    # engine busy time is reported (engine idle fraction) and grows
+    busy = [r["engine_busy_time"] for r in steps_rows]
+    assert 0 < busy[0] < busy[-1] and busy == sorted(busy)
 
     # the engines hold exactly the trainer's weights after the last sync
     assert summary["weight_check_max_diff"] == 0.0
