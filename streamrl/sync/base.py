@@ -79,6 +79,22 @@ def control_post(url: str, path: str, body: bytes, content_type: str = "applicat
     raise AssertionError("unreachable")
 
 
+def post_update(engine_urls: list[str], path: str, body: bytes, version: int, what: str) -> float:
+    """POST a msgpack weight-update body to every engine; each must answer success. Returns the slowest engine's
+    reported `copy_time` (seconds)."""
+    import msgspec
+
+    copy_s = 0.0
+    for url in engine_urls:
+        status, raw = control_post(url, path, body, "application/msgpack")
+        out = msgspec.json.decode(raw) if raw else {}
+        if status != 200 or not out.get("success", False):
+            raise RuntimeError(f"engine {url}: {what} weight update to version {version} failed: "
+                               f"HTTP {status}: {raw[:300].decode(errors='replace')}")
+        copy_s = max(copy_s, float(out.get("copy_time", 0.0)))
+    return copy_s
+
+
 def post_json(url: str, path: str, body: dict, timeout: float = 120.0) -> dict:
     status, raw = control_post(url, path, json.dumps(body).encode(), timeout=timeout)
     if status != 200:

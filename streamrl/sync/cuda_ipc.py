@@ -189,20 +189,13 @@ def stage_ipc(named: list, version: int, bucket_bytes: int, dtype: Any = None) -
     def push(engine_urls: list[str]) -> dict[str, float]:
         import torch
 
-        from streamrl.sync.base import control_post
+        from streamrl.sync.base import post_update
 
         t1 = time.time()
         torch.cuda.synchronize()  # the engine reads the buckets from another process: they must be written
         t_packed = time.time()
         body = msgspec.msgpack.encode(UpdateWeightsFromIpcRequest(buckets=buckets, weight_version=str(version)))
-        copy_s = 0.0
-        for url in engine_urls:
-            status, raw = control_post(url, "/update_weights_from_ipc", body, "application/msgpack")
-            out = msgspec.json.decode(raw) if raw else {}
-            if status != 200 or not out.get("success", False):
-                raise RuntimeError(f"engine {url}: IPC weight update to version {version} failed: "
-                                   f"HTTP {status}: {raw[:300].decode(errors='replace')}")
-            copy_s = max(copy_s, float(out.get("copy_time", 0.0)))
+        copy_s = post_update(engine_urls, "/update_weights_from_ipc", body, version, "IPC")
         nbytes = sum(f.numel() * f.element_size() for f in _SENDER.flats)
         return {"sync_start": t0, "sync_push_time": time.time() - t1, "sync_pack_wait_time": t_packed - t1,
                 "sync_engine_copy_time": copy_s, "sync_bytes": float(nbytes), "sync_buckets": float(len(buckets))}
