@@ -59,6 +59,7 @@ def test_derived_values():
         ({"use_kl_loss": True}, "--kl-loss-coef"),
         ({"actor_num_gpus_per_node": 3}, "--global-batch-size"),
         ({"use_mps": True, "ray_address": "auto"}, "--use-mps"),
+        ({"use_dynamic_batch_size": True}, "--max-tokens-per-gpu"),
         ({"engine_mps_thread_percentage": 30}, "--engine-mps-thread-percentage"),
         ({"use_mps": True, "engine_mps_thread_percentage": 0}, "--engine-mps-thread-percentage"),
     ],

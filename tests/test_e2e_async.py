@@ -32,6 +32,7 @@ def test_async_job_loses_nothing_and_respects_staleness(ray_cluster, tiny_ckpt, 
         update_weights_interval=1, max_staleness=1, partial_rollout=True, use_tis=True,
         check_weight_update_equal=True, run_dir=str(tmp_path / "run"),
         update_weight_transport="pinned",  # /dev/shm buckets (the resume e2e covers the HTTP default)
+        use_dynamic_batch_size=True, max_tokens_per_gpu=400,  # token-budget micro-batches on the FSDP ranks
     )
     summary = run(args)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").open()]

@@ -181,6 +181,10 @@ class AlgoConfig:
 class TrainConfig:
     global_batch_size: int | None = F(None, "Samples per optimizer step (default: rollout batch / steps).")
     micro_batch_size: int = F(1, "Samples per forward/backward on one rank.")
+    use_dynamic_batch_size: bool = F(False, "Form micro-batches by token budget (--max-tokens-per-gpu) instead of "
+                                            "--micro-batch-size samples, longest first (less padding).")
+    max_tokens_per_gpu: int | None = F(None, "With --use-dynamic-batch-size: padded tokens (samples x longest "
+                                             "prompt+response) per micro-batch on one rank.")
     num_steps_per_rollout: int = F(1, "Optimizer steps per rollout.")
     lr: float = F(1e-6, "Learning rate (AdamW).")
     weight_decay: float = F(0.0, "AdamW weight decay.")

@@ -71,6 +71,8 @@ def validate(args: argparse.Namespace) -> None:
             "--colocate is not supported: streamrl overlaps generation and training on separate devices. "
             "Drop --colocate and give the engines their own GPUs with --rollout-num-gpus."
         )
+    if args.use_dynamic_batch_size and not (args.max_tokens_per_gpu and args.max_tokens_per_gpu > 0):
+        raise ConfigError("--use-dynamic-batch-size needs --max-tokens-per-gpu N (padded tokens per micro-batch).")
     if args.use_mps and args.ray_address:
         raise ConfigError("--use-mps starts the MPS daemon with the local Ray cluster; with --ray-address start "
                           "`nvidia-cuda-mps-control -d` on the nodes yourself and drop --use-mps.")

@@ -137,7 +137,8 @@ class FSDPTrainRank:
         from streamrl.train.step import micro_batches, staleness_histogram
 
         args, t0, runner = self.args, time.time(), self.runner
-        mbs = micro_batches(batch.shard(self.rank, self.world), args.micro_batch_size, self.device)
+        mbs = micro_batches(batch.shard(self.rank, self.world), args.micro_batch_size, self.device,
+                            max_tokens=args.max_tokens_per_gpu if args.use_dynamic_batch_size else None)
         runner.prepare(mbs)
         runner.compute_advantages(mbs)
         reduce = runner.reducer(mbs, len(batch))

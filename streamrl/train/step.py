@@ -49,20 +49,45 @@ def _pad(rows: list[list[float]] | list[list[int]], b: int, t: int) -> Tensor:
     return out
 
 
-def micro_batches(local: TrainBatch, size: int, device: torch.device | str | None = None) -> list[MicroBatch]:
-    """Contiguous micro-batches of `size` samples as padded tensors (T = the micro-batch's longest response)."""
+def token_budget_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """`--use-dynamic-batch-size`: sample indices in micro-batches whose padded size (samples x longest sequence)
+    stays within `max_tokens` (`--max-tokens-per-gpu`); longest first, so that similar lengths share a micro-batch
+    and little is padding. A sample longer than the budget gets a micro-batch of its own."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= max_tokens:
+            groups[-1].append(i)  # the group's first sample is its longest
+        else:
+            groups.append([i])
+    return groups
+
+
+def micro_batches(local: TrainBatch, size: int, device: torch.device | str | None = None,
+                  max_tokens: int | None = None) -> list[MicroBatch]:
+    """Micro-batches as padded tensors (T = the micro-batch's longest response): contiguous runs of `size` samples,
+    or with `max_tokens` packed by token budget (`token_budget_groups`). Every loss is a sum over global constants,
+    so how samples are grouped does not change the step's gradient (tests/algos/test_invariance.py)."""
+    if max_tokens:
+        groups = token_budget_groups([p + r for p, r in zip(local.prompt_lengths, local.response_lengths,
+                                                             strict=True)], max_tokens)
+    else:
+        groups = [list(range(s, min(s + size, len(local)))) for s in range(0, len(local), size)]
     out: list[MicroBatch] = []
-    for s in range(0, len(local), size):
-        sl = slice(s, s + size)
-        rlen = local.response_lengths[sl]
+    for idx in groups:
+        def pick(field, idx=idx):
+            return [field[i] for i in idx]
+
+        rlen = pick(local.response_lengths)
         b, t = len(rlen), max(max(rlen), 1)
         resp = (torch.arange(t).unsqueeze(0) < torch.tensor(rlen).unsqueeze(1)).float()
-        tok_adv = local.token_advantages[sl] if local.token_advantages is not None else None
+        tok_adv = pick(local.token_advantages) if local.token_advantages is not None else None
         out.append(MicroBatch(
-            tokens=local.tokens[sl], prompt_lengths=local.prompt_lengths[sl], response_lengths=rlen, resp_mask=resp,
-            mask=_pad(local.loss_masks[sl], b, t) * resp, rollout_log_probs=_pad(local.rollout_log_probs[sl], b, t),
-            sample_advantages=torch.tensor(local.advantages[sl], dtype=torch.float32),
-            rewards=torch.tensor(local.rewards[sl], dtype=torch.float32),
+            tokens=pick(local.tokens), prompt_lengths=pick(local.prompt_lengths), response_lengths=rlen,
+            resp_mask=resp, mask=_pad(pick(local.loss_masks), b, t) * resp,
+            rollout_log_probs=_pad(pick(local.rollout_log_probs), b, t),
+            sample_advantages=torch.tensor(pick(local.advantages), dtype=torch.float32),
+            rewards=torch.tensor(pick(local.rewards), dtype=torch.float32),
             token_advantages=_pad(tok_adv, b, t) * resp if tok_adv is not None else None,
         ))
     if device is not None:

@@ -101,7 +101,7 @@ def _models(seed: int = 0):
     return {"model": TinyLM(), "ref_model": TinyLM(), "teacher": TinyLM(), "critic": TinyCritic()}
 
 
-def run_rank(args, models, batch: TrainBatch, rank: int, world: int, mbs: int, all_reduce=None):
+def run_rank(args, models, batch: TrainBatch, rank: int, world: int, mbs: int, all_reduce=None, max_tokens=None):
     """One rank's part of a step; returns (actor grads, critic grads, metric sums)."""
     kw = {k: v for k, v in models.items() if k != "model"}
     if not (args.use_kl_loss or args.kl_coef > 0):
@@ -112,7 +112,7 @@ def run_rank(args, models, batch: TrainBatch, rank: int, world: int, mbs: int, a
         kw["critic"] = None
     runner = StepRunner(args, models["model"], world=world, **({"all_reduce": all_reduce} if all_reduce else {}),
                         **kw)
-    shard = micro_batches(batch.shard(rank, world), mbs)
+    shard = micro_batches(batch.shard(rank, world), mbs, max_tokens=max_tokens)
     runner.prepare(shard)
     runner.compute_advantages(shard)
     reduce = runner.reducer(shard, len(batch))
@@ -124,14 +124,14 @@ def run_rank(args, models, batch: TrainBatch, rank: int, world: int, mbs: int, a
     return grads, cgrads, sums
 
 
-def run_world(args, models, batch, world: int, mbs: int):
+def run_world(args, models, batch, world: int, mbs: int, max_tokens: int | None = None):
     if world == 1:
-        return [run_rank(args, copy.deepcopy(models), batch, 0, 1, mbs)]
+        return [run_rank(args, copy.deepcopy(models), batch, 0, 1, mbs, max_tokens=max_tokens)]
     ar, out, errors = ThreadAllReduce(world), [None] * world, []
 
     def body(r):
         try:
-            out[r] = run_rank(args, copy.deepcopy(models), batch, r, world, mbs, ar)
+            out[r] = run_rank(args, copy.deepcopy(models), batch, r, world, mbs, ar, max_tokens)
         except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
             errors.append(e)
             ar.barrier.abort()
@@ -156,8 +156,11 @@ def test_gradients_invariant_to_micro_batches_and_ranks(name):
     models, batch = _models(), make_batch()
     (full_g, full_c, full_m), = run_world(args, models, batch, 1, 8)
     assert any(g.abs().sum() > 0 for g in full_g)
-    for world, mbs in ((1, 1), (1, 3), (2, 1), (2, 4), (4, 2)):
-        res = run_world(args, models, batch, world, mbs)
+    # (ranks, micro-batch size, --max-tokens-per-gpu): fixed sizes, and token-budget micro-batches (dynamic batch
+    # size: reordered longest first, 1-3 samples each here; 5 is below the longest sample, which then goes alone)
+    for world, mbs, max_tokens in ((1, 1, None), (1, 3, None), (2, 1, None), (2, 4, None), (4, 2, None),
+                                   (1, 8, 16), (2, 8, 12), (1, 8, 5)):
+        res = run_world(args, models, batch, world, mbs, max_tokens)
         for a, b in zip(_mean([r[0] for r in res]), full_g, strict=True):
             torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5, msg=f"{name}: world {world}, mbs {mbs}")
         if full_c:
@@ -204,3 +207,14 @@ def test_masked_tokens_and_removed_samples_do_not_matter():
     (g3, _, _), = run_world(args, models, smaller, 1, 7)
     for a, b in zip(g, g3, strict=True):
         torch.testing.assert_close(a * 8 / 7, b, atol=1e-6, rtol=1e-5)
+
+
+def test_token_budget_groups():
+    from streamrl.train.step import token_budget_groups
+
+    lengths = [3, 9, 4, 9, 2, 12, 5]
+    groups = token_budget_groups(lengths, 20)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # every sample exactly once
+    assert all(len(g) * max(lengths[i] for i in g) <= 20 or len(g) == 1 for g in groups)
+    assert groups == [[5], [1, 3], [6, 2, 0, 4]]  # 12 | 9+9 (2x9=18) | 5,4,3,2 (4x5=20)
+    assert token_budget_groups([30, 1], 8) == [[0], [1]]  # too long for the budget: alone
