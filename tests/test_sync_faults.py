@@ -123,7 +123,7 @@ def test_pinned_shared_memory_transport_is_exact_and_reused(engine, tiny_ckpt):
         want = {k: float(v.double().sum()) for k, v in model.state_dict().items()}
         assert got == pytest.approx(want, rel=1e-12)
         assert httpx.get(url + "/get_weight_version").json()["weight_version"] == str(version)
-    assert len(paths) == 1 and os.path.exists(paths.pop())  # one file for the job, mapped once
+    assert len(paths) == 1 and not os.path.exists(paths.pop())  # one file for the job, unlinked once mapped
     req = msgspec.structs.replace(pinned._SENDER.request, path="/etc/passwd", weight_version="13")
     r = httpx.post(url + "/update_weights_from_pinned", content=msgspec.msgpack.encode(req))
     assert r.status_code == 400 and "refusing to map '/etc/passwd'" in r.json()["message"]

@@ -4,7 +4,9 @@ The trainer lays its weights out as the CUDA IPC buckets (same aligned layout, s
 each bucket in one copy), in ONE file in /dev/shm that both processes map and pin (cudaHostRegister): a sync is a
 device-to-host copy on the trainer at pinned-memory speed and a host-to-device copy on the engine, no
 serialization, no pickle. The engine maps the file once (`/update_weights_from_pinned`, a streamrl endpoint) and
-only accepts paths this module creates.
+only accepts paths this module creates. Once every engine has mapped it, the trainer removes the file's name (the
+mappings stay), so nothing is left in /dev/shm however the job ends; engines must therefore all join before the
+first sync, as with CUDA IPC handles.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class PinnedSender:
 
     def __init__(self) -> None:
         self.layout: list | None = None
+        self.linked = False
         self.request: UpdateWeightsFromPinnedRequest | None = None
         self.views: list[Any] = []
 
@@ -88,6 +91,7 @@ class PinnedSender:
             end += numel * dt.itemsize
         path = f"{PREFIX}{os.getpid()}-{len(buckets)}-{end}"
         host = _map(path, end, create=True)
+        self.linked = True  # the name is removed once every engine has mapped the file (see stage_pinned)
         atexit.register(lambda: os.path.exists(path) and os.unlink(path))
         flats = _views(host, buckets, byte_offsets)
         self.views = [None] * len(named)
@@ -118,6 +122,9 @@ def stage_pinned(named: list, version: int, bucket_bytes: int, dtype: Any = None
             torch.cuda.synchronize()  # the device-to-host copies into the file are asynchronous
         body = msgspec.msgpack.encode(msgspec.structs.replace(req, weight_version=str(version)))
         copy_s = post_update(engine_urls, "/update_weights_from_pinned", body, version, "pinned")
+        if _SENDER.linked:  # every engine holds its own mapping now: drop the name so that a killed job (no
+            _SENDER.linked = False  # atexit) leaves no 1 GB file behind in /dev/shm
+            os.unlink(req.path)
         return {"sync_start": t0, "sync_push_time": time.time() - t1, "sync_engine_copy_time": copy_s,
                 "sync_bytes": float(req.nbytes), "sync_buckets": float(len(req.buckets))}
 
