@@ -137,8 +137,18 @@ class FSDPTrainRank:
         from streamrl.train.step import micro_batches, staleness_histogram
 
         args, t0, runner = self.args, time.time(), self.runner
-        mbs = micro_batches(batch.shard(self.rank, self.world), args.micro_batch_size, self.device,
-                            max_tokens=args.max_tokens_per_gpu if args.use_dynamic_batch_size else None)
+        local = batch.shard(self.rank, self.world)
+        budget = args.max_tokens_per_gpu if args.use_dynamic_batch_size else None
+        n_mb = 0
+        if budget and self.world > 1:  # every rank runs as many forwards as the rank that needs the most
+            from streamrl.train.step import token_budget_groups
+
+            mine = len(token_budget_groups([p + r for p, r in zip(local.prompt_lengths, local.response_lengths,
+                                                                   strict=True)], budget))
+            n = torch.tensor([mine], device=self.device)
+            dist.all_reduce(n, op=dist.ReduceOp.MAX)
+            n_mb = int(n.item())
+        mbs = micro_batches(local, args.micro_batch_size, self.device, max_tokens=budget, min_micro_batches=n_mb)
         runner.prepare(mbs)
         runner.compute_advantages(mbs)
         reduce = runner.reducer(mbs, len(batch))

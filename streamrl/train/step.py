@@ -49,10 +49,11 @@ def _pad(rows: list[list[float]] | list[list[int]], b: int, t: int) -> Tensor:
     return out
 
 
-def token_budget_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
+def token_budget_groups(lengths: list[int], max_tokens: int, min_groups: int = 0) -> list[list[int]]:
     """`--use-dynamic-batch-size`: sample indices in micro-batches whose padded size (samples x longest sequence)
     stays within `max_tokens` (`--max-tokens-per-gpu`); longest first, so that similar lengths share a micro-batch
-    and little is padding. A sample longer than the budget gets a micro-batch of its own."""
+    and little is padding. A sample longer than the budget gets a micro-batch of its own. `min_groups`: split the
+    largest micro-batches until there are that many (every FSDP rank must run the same number of forwards)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     groups: list[list[int]] = []
     for i in order:
@@ -60,17 +61,23 @@ def token_budget_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
             groups[-1].append(i)  # the group's first sample is its longest
         else:
             groups.append([i])
+    if min_groups > len(lengths):
+        raise ValueError(f"{min_groups} micro-batches asked of {len(lengths)} samples")
+    while len(groups) < min_groups:
+        k = max(range(len(groups)), key=lambda j: len(groups[j]))
+        g = groups[k]
+        groups[k: k + 1] = [g[: len(g) // 2], g[len(g) // 2 :]]
     return groups
 
 
 def micro_batches(local: TrainBatch, size: int, device: torch.device | str | None = None,
-                  max_tokens: int | None = None) -> list[MicroBatch]:
+                  max_tokens: int | None = None, min_micro_batches: int = 0) -> list[MicroBatch]:
     """Micro-batches as padded tensors (T = the micro-batch's longest response): contiguous runs of `size` samples,
     or with `max_tokens` packed by token budget (`token_budget_groups`). Every loss is a sum over global constants,
     so how samples are grouped does not change the step's gradient (tests/algos/test_invariance.py)."""
     if max_tokens:
         groups = token_budget_groups([p + r for p, r in zip(local.prompt_lengths, local.response_lengths,
-                                                             strict=True)], max_tokens)
+                                                             strict=True)], max_tokens, min_micro_batches)
     else:
         groups = [list(range(s, min(s + size, len(local)))) for s in range(0, len(local), size)]
     out: list[MicroBatch] = []

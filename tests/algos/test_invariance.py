@@ -218,3 +218,9 @@ def test_token_budget_groups():
     assert all(len(g) * max(lengths[i] for i in g) <= 20 or len(g) == 1 for g in groups)
     assert groups == [[5], [1, 3], [6, 2, 0, 4]]  # 12 | 9+9 (2x9=18) | 5,4,3,2 (4x5=20)
     assert token_budget_groups([30, 1], 8) == [[0], [1]]  # too long for the budget: alone
+    # as many micro-batches as another rank needs (FSDP ranks must run the same number of forwards)
+    split = token_budget_groups(lengths, 20, min_groups=5)
+    assert len(split) == 5 and sorted(i for g in split for i in g) == list(range(len(lengths)))
+    assert len(token_budget_groups(lengths, 1000, min_groups=7)) == 7
+    with pytest.raises(ValueError):
+        token_budget_groups(lengths, 20, min_groups=8)
