@@ -70,3 +70,24 @@ def test_cuda_ipc_sync_is_exact(tiny_ckpt, engine_dtype):
                 named[0][1].add_(1.0)
     finally:
         eng.kill()
+
+
+def test_mem_fraction_static_caps_the_engine_kv_cache(tiny_ckpt):
+    """--sglang-mem-fraction-static on CUDA: the slots that fit in the fraction (minus the weights) cap the running
+    requests, and the slot cache allocates exactly that many."""
+    import torch
+
+    from streamrl.rollout.engine.actor import EmbeddedEngine, kv_bytes_per_slot, model_bytes
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    frac = 100 * 2**20 / total  # a 100 MiB budget
+    eng = EmbeddedEngine(tiny_ckpt, device="cuda", dtype="bfloat16", max_context_len=1024, mem_fraction_static=frac)
+    try:
+        sch = eng.scheduler
+        slot = kv_bytes_per_slot(sch.model.config, 1024, torch.bfloat16)
+        want = (int(total * frac) - model_bytes(sch.model)) // slot
+        assert 0 < want < 256
+        assert sch.max_running_requests == want
+        assert sch._kv.slots == want and sch._kv.nbytes() == want * slot
+    finally:
+        eng.stop()
