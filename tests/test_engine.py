@@ -453,6 +453,9 @@ def test_mem_fraction_static_sizes_the_kv_slots():
                           num_hidden_layers=28)  # Qwen3-0.6B
     slot = kv_bytes_per_slot(cfg, 300, torch.bfloat16)  # 300 -> the 512-token length bucket
     assert slot == 2 * 28 * 512 * 8 * 128 * 2  # 56 MiB
+    cfg.max_position_embeddings = 256  # the slot cache never holds more than the model's positions
+    assert kv_bytes_per_slot(cfg, 1024, torch.bfloat16) == 2 * 28 * 256 * 8 * 128 * 2
+    del cfg.max_position_embeddings
     gib = 2**30
     # 80 GiB card, 0.1 -> 8 GiB; 1.5 GiB of weights -> 6.5 GiB / 56 MiB = 118 slots
     assert kv_slots_for_budget(80 * gib, 0.1, int(1.5 * gib), slot, 256) == int(6.5 * gib) // slot == 118
@@ -461,3 +464,14 @@ def test_mem_fraction_static_sizes_the_kv_slots():
         kv_slots_for_budget(80 * gib, 0.01, int(1.5 * gib), slot, 64)
     with pytest.raises(ValueError, match="must be in"):
         kv_slots_for_budget(80 * gib, 1.5, 0, slot, 64)
+
+
+def test_kv_slot_estimate_matches_the_slot_cache(tiny_ckpt):
+    """The budget's bytes per slot are what StaticKV really allocates (capped by the model's positions)."""
+    from streamrl.rollout.engine.actor import kv_bytes_per_slot, load_model
+    from streamrl.rollout.engine.static_kv import StaticKV
+
+    model = load_model(tiny_ckpt)
+    for ctx in (100, 1024):
+        kv = StaticKV(model, slots=3, max_len=min(ctx, model.config.max_position_embeddings), use_graphs=False)
+        assert kv.nbytes() == 3 * kv_bytes_per_slot(model.config, ctx, next(model.parameters()).dtype)
