@@ -134,7 +134,7 @@ def stage_pinned(named: list, version: int, bucket_bytes: int, dtype: Any = None
 _OPENED: dict[str, tuple[Any, list]] = {}  # engine side: path -> (pinned host tensor, copy plan)
 
 
-def engine_copy_plan_pinned(req: UpdateWeightsFromPinnedRequest, flat_index: dict, params: dict, device: Any) -> list:
+def engine_copy_plan_pinned(req: UpdateWeightsFromPinnedRequest, flat_index: dict, params: dict) -> list:
     """Engine side: [(destination, pinned source)] copies for `req` (file mapped and plan built once per file)."""
     from streamrl.sync.cuda_ipc import copy_plan
 

@@ -233,7 +233,7 @@ def build_app(scheduler: Scheduler, *, loader: Callable[[str], Any] | None = Non
 
         try:
             body = msgspec.msgpack.decode(await request.body(), type=UpdateWeightsFromPinnedRequest)
-            pairs = engine_copy_plan_pinned(body, sch.flat_index, sch.params(), sch.device)
+            pairs = engine_copy_plan_pinned(body, sch.flat_index, sch.params())
 
             def copy() -> float:
                 import torch
