@@ -475,3 +475,19 @@ def test_kv_slot_estimate_matches_the_slot_cache(tiny_ckpt):
     for ctx in (100, 1024):
         kv = StaticKV(model, slots=3, max_len=min(ctx, model.config.max_position_embeddings), use_graphs=False)
         assert kv.nbytes() == 3 * kv_bytes_per_slot(model.config, ctx, next(model.parameters()).dtype)
+
+
+def test_spawn_engine_process_serves_and_reports_a_crash(tiny_ckpt, tmp_path):
+    """The separate-process engine used by the GPU test and the weight-sync bench: it answers, and a process that
+    dies before /health is reported at once, not after the timeout."""
+    from streamrl.rollout.engine.actor import spawn_engine_process
+
+    proc, url = spawn_engine_process(tiny_ckpt, device="cpu", max_running_requests=4)
+    try:
+        assert httpx.get(url + "/get_weight_version").json()["weight_version"] == "0"
+    finally:
+        proc.kill()
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match="exited with code"):
+        spawn_engine_process(str(tmp_path / "no-such-model"), timeout=120)
+    assert time.time() - t0 < 60

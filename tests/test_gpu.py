@@ -1,9 +1,5 @@
 """GPU-only checks (skipped on CPU; `bash scripts/gpu/check.sh` runs them on a GPU machine)."""
 
-import os
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -36,23 +32,12 @@ def test_cuda_ipc_sync_is_exact(tiny_ckpt, engine_dtype):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from streamrl.rollout.sglang.proc import free_port
+    from streamrl.rollout.engine.actor import spawn_engine_process
     from streamrl.sync.base import sync_weights
     from streamrl.sync.cuda_ipc import push_ipc
 
-    port = free_port()
-    code = ("import sys,time; from streamrl.rollout.engine.actor import EmbeddedEngine; "
-            f"EmbeddedEngine(sys.argv[1], device='cuda', dtype='{engine_dtype}', port={port}).start(); "
-            "time.sleep(1e9)")
-    eng = subprocess.Popen([sys.executable, "-c", code, tiny_ckpt], env=dict(os.environ))
-    url = f"http://127.0.0.1:{port}"
+    eng, url = spawn_engine_process(tiny_ckpt, device="cuda", dtype=engine_dtype)
     try:
-        for _ in range(240):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
         model = AutoModelForCausalLM.from_pretrained(tiny_ckpt).cuda()
         with torch.no_grad():
             for p in model.parameters():

@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -30,7 +27,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from streamrl.models.tiny import tiny_config
-    from streamrl.rollout.sglang.proc import free_port
+    from streamrl.rollout.engine.actor import spawn_engine_process
     from streamrl.sync.base import sync_weights
     from streamrl.sync.cuda_ipc import stage_ipc
     from streamrl.sync.http_tensor import stage_named_tensors
@@ -49,19 +46,8 @@ def main() -> None:
     ckpt = tempfile.mkdtemp()
     model.save_pretrained(ckpt)
     model = model.cuda()
-    port = free_port()
-    code = ("import sys,time; from streamrl.rollout.engine.actor import EmbeddedEngine; "
-            f"EmbeddedEngine(sys.argv[1], device='cuda', dtype='bfloat16', port={port}, max_running_requests=8)"
-            ".start(); time.sleep(1e9)")
-    eng = subprocess.Popen([sys.executable, "-P", "-c", code, ckpt], env={**os.environ})
-    url = f"http://127.0.0.1:{port}"
+    eng, url = spawn_engine_process(ckpt, device="cuda", dtype="bfloat16", max_running_requests=8)
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
         named = [(n, t.detach()) for n, t in model.named_parameters()]
         nbytes = sum(t.numel() * t.element_size() for _, t in named)
         bucket = a.bucket_mb * 2**20

@@ -207,3 +207,35 @@ def make_engine_actor(num_cpus: float = 1, **options: Any) -> Any:
     import ray
 
     return ray.remote(num_cpus=num_cpus, **options)(EngineActor)
+
+
+def spawn_engine_process(model_path: str, timeout: float = 300.0, **kwargs: Any) -> tuple[Any, str]:
+    """An EmbeddedEngine in a separate OS process (as a trainer on the same GPU sees it), started with `kwargs`
+    (plain values); returns (Popen, url) once /health answers. The caller kills the process."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from streamrl.rollout.sglang.proc import free_port
+
+    port = free_port()
+    code = ("import json, sys, time; from streamrl.rollout.engine.actor import EmbeddedEngine; "
+            "EmbeddedEngine(sys.argv[1], **json.loads(sys.argv[2])).start(); time.sleep(1e9)")
+    proc = subprocess.Popen([sys.executable, "-c", code, model_path, json.dumps({**kwargs, "port": port})],
+                            env=dict(os.environ))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"engine process for {model_path} exited with code {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"engine process for {model_path} did not answer {url}/health within {timeout:.0f} s")
