@@ -56,15 +56,16 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
         return c.manager.evaluate.remote(step), step  # eval/<name>/reward, eval/reward, eval/version
 
     transport = {"last": None}  # the trainer's weight transport, known after the first sync
+    version_calls: list = []  # the producers' set_version answers, not awaited during a sync
 
     def publish(new_version: int) -> dict[str, float]:
         stats = sync_weights(
             c.engine_urls,
             stage=lambda: c.trainer.stage_weights(new_version),  # while the engines still generate
             push=lambda: c.trainer.push_staged(c.engine_urls),
-            publish=lambda: ray.get([c.buffer.set_version.remote(new_version),
-                                     c.manager.set_version.remote(new_version)]),
+            publish=lambda: _set_version(c, new_version, version_calls),
             pause_while_staging=transport["last"] == "ipc",  # a ~1 ms stage: overlap it with the pause
+            pause_mode=args.pause_generation_mode,
         )
         transport["last"] = stats.pop("sync_transport", None)
         return stats
@@ -132,6 +133,7 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
             version += 1
         if args.check_weight_update_equal:
             summary["weight_check_max_diff"] = _weight_diff(c)
+        ray.get(version_calls)
         summary["manager"] = ray.get(c.manager.stop.remote())
         if eval_ref is not None:
             ray.get(eval_ref)
@@ -156,6 +158,23 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
     finally:
         logger.close()
         shutdown(c)
+
+
+def _set_version(c: Any, version: int, pending: list) -> dict[str, float]:
+    """Tell the buffer and the producers the new version (every engine has confirmed it).
+
+    Only the buffer's answer is awaited (its staleness check needs the version before the next `get`). The
+    producers' copy only moves admission forward, and their event loop can be busy for seconds right after a pause
+    (hundreds of aborted requests returning and resubmitted at once): waiting for it kept the engines paused that
+    long. Its answer (a ref in `pending`) is collected at a later sync or at the end, so an error still surfaces."""
+    import ray
+
+    done, pending[:] = ray.wait(pending, num_returns=len(pending), timeout=0) if pending else ([], [])
+    ray.get(done)
+    t0 = time.time()
+    pending.append(c.manager.set_version.remote(version))
+    ray.get(c.buffer.set_version.remote(version))
+    return {"sync_set_version_time": time.time() - t0}
 
 
 def _get_batch(c: Any, b: int, step: int, poll_s: float = 5.0) -> list:

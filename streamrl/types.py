@@ -67,7 +67,7 @@ class Sample(msgspec.Struct, kw_only=True):
         *,
         tokens: list[int],
         log_probs: list[float] | None,
-        version: int,
+        version: int | list[int],
         trainable: bool = True,
         text: str | None = None,
         finish_reason: str | None = None,
@@ -75,10 +75,14 @@ class Sample(msgspec.Struct, kw_only=True):
         """The single mutation point for generated (or environment) tokens.
 
         Trainable tokens need their log-probs and get loss_mask 1; non-trainable tokens get mask 0 and log-prob 0.
-        `finish_reason` (SGLang's `finish_reason.type`) ends the call: it records `version` in `weight_versions`
-        and sets `status`.
+        `version`: the weight version of every token, or one per token (a weight update landed mid-call).
+        `finish_reason` (SGLang's `finish_reason.type`) ends the call: it records the last version in
+        `weight_versions` and sets `status`.
         """
         n = len(tokens)
+        versions = [version] * n if isinstance(version, int) else list(version)
+        if len(versions) != n:
+            raise ValueError(f"{n} tokens but {len(versions)} versions")
         if trainable:
             if log_probs is None or len(log_probs) != n:
                 raise ValueError(f"trainable tokens need one log-prob each: {n} tokens, log_probs={log_probs!r:.80}")
@@ -93,13 +97,13 @@ class Sample(msgspec.Struct, kw_only=True):
         self.response_length += n
         self.loss_mask.extend(mask)
         self.rollout_log_probs.extend(lps)
-        self.token_versions.extend([version] * n)
+        self.token_versions.extend(versions)
         if text:
             self.response += text
         if finish_reason is not None:
             if finish_reason not in FINISH_REASON_STATUS:
                 raise ValueError(f"unknown finish_reason {finish_reason!r}")
-            self.weight_versions.append(str(version))
+            self.weight_versions.append(str(versions[-1] if versions else version))
             self.status = FINISH_REASON_STATUS[finish_reason]
         self.check()
 

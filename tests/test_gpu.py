@@ -23,6 +23,38 @@ def test_cuda_graph_decode_matches_eager_and_hf_path(cuda_model):
         assert a[rid][1] == pytest.approx(b[rid][1], abs=1e-3)
 
 
+def test_flash_decode_matches_sdpa_with_mixed_lengths(tiny_ckpt):
+    """bf16 on CUDA: the varlen FlashAttention decode (each slot reads only its own length) gives the masked SDPA
+    decode's logits, with rows of very different lengths joining and leaving (slot compaction), under CUDA graphs."""
+    import torch
+
+    from streamrl.rollout.engine.actor import load_model
+    from streamrl.rollout.engine.static_kv import StaticKV
+
+    class Row:
+        def __init__(self, prompt):
+            self.prompt_ids, self.output_ids = prompt, []
+
+    model = load_model(tiny_ckpt, "cuda").to(torch.bfloat16)
+    flash = StaticKV(model, slots=8, max_len=128, decode_attention="flash")
+    sdpa = StaticKV(model, slots=8, max_len=128, decode_attention="sdpa")
+    assert flash.flash and not sdpa.flash
+    g = torch.Generator().manual_seed(0)
+    rows = [Row(torch.randint(5, 80, (n,), generator=g).tolist()) for n in (3, 40, 9, 70)]
+    worst = 0.0
+    with torch.inference_mode():
+        for step in range(24):
+            if step == 8:  # a long row leaves (compaction), a short one joins
+                rows = [rows[0], rows[2], rows[3], Row([7, 8, 9])]
+            order_f, lf = flash.step(rows)
+            order_s, ls = sdpa.step(rows)
+            assert [id(r) for r in order_f] == [id(r) for r in order_s]
+            worst = max(worst, (lf - ls).abs().max().item() / ls.abs().max().item())
+            for r, tok in zip(order_s, ls.argmax(-1).tolist(), strict=True):
+                r.output_ids.append(tok)
+    assert worst < 0.02, worst  # bf16 rounding only; a wrong length or head mapping is off by O(1)
+    assert flash._graphs and all(w == flash.max_len for _, w in flash._graphs)
+
 
 @pytest.mark.parametrize("engine_dtype", ["float32", "bfloat16"])
 def test_cuda_ipc_sync_is_exact(tiny_ckpt, engine_dtype):
@@ -62,16 +94,17 @@ def test_mem_fraction_static_caps_the_engine_kv_cache(tiny_ckpt):
     requests, and the slot cache allocates exactly that many."""
     import torch
 
-    from streamrl.rollout.engine.actor import EmbeddedEngine, kv_bytes_per_slot, model_bytes
+    from streamrl.rollout.engine.actor import EmbeddedEngine, kv_bytes_per_slot, load_model, model_bytes
 
     total = torch.cuda.get_device_properties(0).total_memory
-    frac = 100 * 2**20 / total  # a 100 MiB budget
+    probe = load_model(tiny_ckpt, dtype=torch.bfloat16)
+    slot = kv_bytes_per_slot(probe.config, 1024, torch.bfloat16)
+    frac = (model_bytes(probe) + 100.5 * slot) / total  # weights + room for 100 slots (fewer than the default cap)
     eng = EmbeddedEngine(tiny_ckpt, device="cuda", dtype="bfloat16", max_context_len=1024, mem_fraction_static=frac)
     try:
         sch = eng.scheduler
-        slot = kv_bytes_per_slot(sch.model.config, 1024, torch.bfloat16)
         want = (int(total * frac) - model_bytes(sch.model)) // slot
-        assert 0 < want < 256
+        assert want == 100
         assert sch.max_running_requests == want
         assert sch._kv.slots == want and sch._kv.nbytes() == want * slot
     finally:

@@ -80,3 +80,17 @@ def test_streaming_weight_versions_loads_and_workers(tiny_ckpt):
             await client.aclose()
 
         anyio.run(run)
+
+
+def test_requests_spread_over_small_connection_pools():
+    """256 connections become 8 pools of 32 (httpcore's per-request scan is quadratic in one big pool); each request
+    leases the least loaded pool and gives it back, whatever happens to the request."""
+    c = EngineClient(["http://127.0.0.1:1"], max_connections=256)
+    assert len(c._pools) == 8 and all(p._transport._pool._max_connections == 32 for p in c._pools)
+    with c._lease() as a, c._lease() as b:
+        assert a is not b and sorted(c._pool_load) == [0] * 6 + [1, 1]
+    with pytest.raises(RuntimeError), c._lease():
+        raise RuntimeError
+    assert c._pool_load == [0] * 8
+    assert len(EngineClient(["http://127.0.0.1:1"], max_connections=20)._pools) == 1
+    anyio.run(c.aclose)

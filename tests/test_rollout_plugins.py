@@ -153,3 +153,20 @@ def test_wrong_plugin_paths_name_what_failed(tiny_ckpt, prompts, engine, flag, s
     with pytest.raises(ValueError, match=message) as e:
         make(tiny_ckpt, prompts, engine, **{flag: spec})
     assert "--" + flag.replace("_", "-") in str(e.value)
+
+
+def test_token_versions_from_weight_version_starts():
+    """An in-place pause: the engine says where each version's tokens start; a malformed list is an EngineError."""
+    from streamrl.rollout.client import EngineError
+    from streamrl.rollout.generate import apply_output, token_versions
+    from streamrl.types import Sample
+
+    assert token_versions({"weight_version": "4"}, 3) == 4
+    meta = {"weight_version": "5", "weight_version_starts": [[0, "3"], [2, "4"], [3, "5"]]}
+    assert token_versions(meta, 5) == [3, 3, 4, 5, 5]
+    s = Sample(prompt="p", tokens=[1, 2])
+    apply_output(s, {"output_ids": [7, 8, 9, 10, 11], "meta_info": {
+        **meta, "finish_reason": {"type": "length"}, "output_token_logprobs": [[-0.1, t, None] for t in range(5)]}})
+    assert s.token_versions == [3, 3, 4, 5, 5] and s.weight_versions == ["5"]
+    with pytest.raises(EngineError, match="do not cover"):
+        token_versions({"weight_version_starts": [[0, "1"], [9, "2"]]}, 5)

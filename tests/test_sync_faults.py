@@ -128,3 +128,49 @@ def test_pinned_shared_memory_transport_is_exact_and_reused(engine, tiny_ckpt):
     r = httpx.post(url + "/update_weights_from_pinned", content=msgspec.msgpack.encode(req))
     assert r.status_code == 400 and "refusing to map '/etc/passwd'" in r.json()["message"]
     assert httpx.get(url + "/get_weight_version").json()["weight_version"] == "12"
+
+
+def test_in_place_pause_keeps_the_request_and_tags_each_token_with_its_version(engine, tiny_ckpt):
+    """--pause-generation-mode in_place: a request in flight during a sync stays in the engine, continues under the
+    new weights (its next tokens are the new model's greedy tokens), and the response says where each version's
+    tokens start, so every token gets the version that produced it."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from streamrl.rollout.generate import token_versions
+
+    url = engine.url
+    prompt = [5, 9, 13, 17]
+    model = AutoModelForCausalLM.from_pretrained(tiny_ckpt)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    named = [(n, p.detach()) for n, p in model.named_parameters()]
+    before = httpx.get(url + "/get_weight_version").json()["weight_version"]
+    started, result = threading.Event(), {}
+
+    def generate():
+        body = {"input_ids": prompt, "stream": True, "return_logprob": True,
+                "sampling_params": {"max_new_tokens": 120, "temperature": 0.0, "ignore_eos": True}}
+        with httpx.stream("POST", url + "/generate", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:") and line != "data: [DONE]":
+                    result["last"] = json.loads(line[5:])
+                    started.set()
+
+    t = threading.Thread(target=generate)
+    t.start()
+    assert started.wait(30)
+    push = stage_named_tensors(named, 31, 1 << 16)
+    sync_weights([url], push=lambda: push([url]), publish=lambda: None, pause_mode="in_place")
+    t.join(60)
+    out = result["last"]
+    meta, ids = out["meta_info"], out["output_ids"]
+    assert meta["finish_reason"]["type"] == "length" and len(ids) == 120  # kept, not aborted
+    (k0, v0), (k, v1) = meta["weight_version_starts"]
+    assert (k0, v0, v1) == (0, before, "31") and 0 < k < 120
+    assert token_versions(meta, 120) == [int(before)] * k + [31] * (120 - k)
+    with torch.no_grad():  # after the update: the new weights' greedy continuation of everything so far
+        cont = model.generate(torch.tensor([prompt + ids[:k]]), max_new_tokens=5, do_sample=False)
+    assert ids[k:k + 5] == cont[0, len(prompt) + k:].tolist()

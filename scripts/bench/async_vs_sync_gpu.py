@@ -1,11 +1,14 @@
 """Async vs sync on one GPU: trainer (FSDP2, NCCL) and embedded engine as separate processes sharing the card.
 
-Model: random-init Qwen3-0.6B shape with the in-repo tokenizer; data: the sort task. The job (256 samples per step,
-192-token responses) is chosen so that generation and training take about the same time in the sync run. Runs the
-sync pipeline and the async pipeline at --update-weights-interval 1 and 2; prints one JSON line with wall time per
-step, generation and training time, trainer idle fraction and the speedups.
+Model: random-init Qwen3-0.6B shape with the in-repo tokenizer; data: the sort task. Two jobs, each chosen so that
+generation and training take about the same time in the sync run:
+  * `uniform`: 256 samples per step, every response 192 tokens (a random model never stops early);
+  * `long_tail`: 256 samples per step, response lengths log-normal (median 96, a few up to 768 tokens, see
+    long_tail.py), as RL rollouts of a real policy are; micro-batches packed by tokens (--use-dynamic-batch-size).
+Runs the sync pipeline and the async pipeline at --update-weights-interval 1 and 2; prints one JSON line with wall
+time per step, generation and training time, trainer idle fraction and the speedups.
 
-    python3 -P scripts/bench/async_vs_sync_gpu.py [--steps 10] [--flags="--use-mps --bf16"] [--tag name]
+    python3 -P scripts/bench/async_vs_sync_gpu.py [--job uniform] [--steps 10] [--flags="--use-mps --bf16"] [--tag x]
 """
 
 from __future__ import annotations
@@ -18,9 +21,17 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-JOB = ("--rollout-batch-size 32 --n-samples-per-prompt 8 --rollout-max-response-len 192 --lr 1e-6 "
+JOB = ("--rollout-batch-size 32 --n-samples-per-prompt 8 --lr 1e-6 "
        "--micro-batch-size 32 --use-tis --rollout-num-engines 1 --actor-num-gpus-per-node 1 "
-       "--sglang-server-concurrency 256 --engine-max-context-len 256 --rollout-temperature 1.0").split()
+       "--sglang-server-concurrency 256 --rollout-temperature 1.0").split()
+JOBS = {
+    "uniform": "--rollout-max-response-len 192 --engine-max-context-len 256".split(),
+    "long_tail": ("--rollout-max-response-len 768 --engine-max-context-len 1024 --use-dynamic-batch-size "
+                  "--max-tokens-per-gpu 6144 --custom-generate-function-path "
+                  f"{ROOT}/scripts/bench/long_tail.py:generate").split(),
+}
+# async: how far (in versions) a group may lag; a long-tailed job needs room for the long samples
+STALENESS = {"uniform": 1, "long_tail": 4}
 
 
 def prepare(out: Path) -> Path:
@@ -33,13 +44,14 @@ def prepare(out: Path) -> Path:
     return out
 
 
-def run(mode: str, interval: int, steps: int, data: Path, out: Path, extra_flags: list[str]) -> dict:
-    name = f"{mode}{interval}"
+def run(mode: str, interval: int, steps: int, data: Path, out: Path, extra_flags: list[str], job: str,
+        pause_mode: str = "in_place") -> dict:
+    name = f"{job}_{mode}{interval}"
     common = ["--hf-checkpoint", str(data / "model"), "--prompt-data", str(data / "train.jsonl"), "--label-key",
-              "label", "--num-rollout", str(steps), "--run-dir", str(out / name), *JOB, *extra_flags]
+              "label", "--num-rollout", str(steps), "--run-dir", str(out / name), *JOB, *JOBS[job], *extra_flags]
     if mode == "async":
-        extra = ["--async-buffer-size", "64", "--max-staleness", "1", "--update-weights-interval", str(interval),
-                 "--partial-rollout"]
+        extra = ["--async-buffer-size", "64", "--max-staleness", str(STALENESS[job]), "--update-weights-interval",
+                 str(interval), "--partial-rollout", "--pause-generation-mode", pause_mode]
         entry = "from pipelines.async_loop import run"
     else:
         extra = ["--async-buffer-size", "32"]
@@ -52,6 +64,10 @@ def run(mode: str, interval: int, steps: int, data: Path, out: Path, extra_flags
     summary["train_s_per_step"] = statistics.mean(r["train_time"] for r in rows)
     summary["sync_s_per_step"] = statistics.mean(r.get("sync_total_time", 0.0) for r in rows)
     summary["s_per_step"] = (rows[-1]["time"] - rows[0]["time"]) / max(len(rows) - 1, 1)
+    summary["response_len"] = statistics.mean(r["response_len"] for r in rows)
+    synced = [r for r in rows if "sync_total_time" in r]  # where a weight sync's time goes, mean over the syncs
+    keys = sorted({k for r in synced for k in r if k.startswith("sync_") and k.endswith("_time")})
+    summary["sync_breakdown"] = {k: statistics.mean(r.get(k, 0.0) for r in synced) for k in keys} if synced else {}
     busy = [r.get("engine_busy_time") for r in rows]
     if busy[0] is not None and busy[-1] is not None:  # engine idle over the same steps (one engine)
         summary["engine_idle"] = 1 - (busy[-1] - busy[0]) / (rows[-1]["time"] - rows[0]["time"])
@@ -60,7 +76,11 @@ def run(mode: str, interval: int, steps: int, data: Path, out: Path, extra_flags
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--job", choices=sorted(JOBS), default="uniform")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--pause-mode", default="in_place", choices=["abort", "in_place"],
+                   help="--pause-generation-mode of the async runs")
+    p.add_argument("--runs", nargs="*", default=["sync", "async", "async2"], choices=["sync", "async", "async2"])
     p.add_argument("--out", default="runs/bench_gpu")
     p.add_argument("--flags", default="", help="extra flags for every run, e.g. '--use-mps --bf16'")
     p.add_argument("--tag", default="", help="a name for this configuration in the JSON line")
@@ -68,21 +88,29 @@ def main() -> None:
     out = ROOT / a.out
     data = prepare(out / "data")
     extra = a.flags.split()
-    res = {"sync": run("sync", 1, a.steps, data, out, extra), "async": run("async", 1, a.steps, data, out, extra),
-           "async2": run("async", 2, a.steps, data, out, extra)}
+    runs = {"sync": ("sync", 1), "async": ("async", 1), "async2": ("async", 2)}
+    res = {k: run(*runs[k], a.steps, data, out, extra, a.job, a.pause_mode) for k in a.runs}
     import torch
 
-    line = {"bench": "async_vs_sync_gpu", "tag": a.tag, "flags": a.flags, "device": torch.cuda.get_device_name(),
-            "steps": a.steps, "samples_per_step": res["sync"]["samples_per_step"]}
+    line = {"bench": "async_vs_sync_gpu", "job": a.job, "tag": a.tag, "flags": a.flags, "pause_mode": a.pause_mode,
+            "device": torch.cuda.get_device_name(), "steps": a.steps,
+            "samples_per_step": next(iter(res.values()))["samples_per_step"]}
     for k, r in res.items():
         line[f"{k}_s_per_step"] = round(r["s_per_step"], 3)
         line[f"{k}_train_s_per_step"] = round(r["train_s_per_step"], 3)
         line[f"{k}_sync_s_per_step"] = round(r["sync_s_per_step"], 3)
         line[f"{k}_trainer_idle"] = round(r["trainer_wait_frac"], 3)
         line[f"{k}_engine_idle"] = round(r["engine_idle"], 3) if "engine_idle" in r else None
-    line["sync_generation_s_per_step"] = round(res["sync"]["s_per_step"] * res["sync"]["trainer_wait_frac"], 3)
-    line["speedup_interval1"] = round(res["sync"]["s_per_step"] / res["async"]["s_per_step"], 3)
-    line["speedup_interval2"] = round(res["sync"]["s_per_step"] / res["async2"]["s_per_step"], 3)
+        line[f"{k}_response_len"] = round(r["response_len"], 1)
+        line[f"{k}_staleness_hist"] = r["buffer"].get("staleness_hist")
+        line[f"{k}_regenerated_groups"] = r["manager"].get("regenerated_groups")
+        line[f"{k}_ledger"] = r["ledger"]
+        line[f"{k}_sync_breakdown"] = {x: round(v, 3) for x, v in r["sync_breakdown"].items()}
+    if "sync" in res:
+        line["sync_generation_s_per_step"] = round(res["sync"]["s_per_step"] * res["sync"]["trainer_wait_frac"], 3)
+        for k, name in (("async", "speedup_interval1"), ("async2", "speedup_interval2")):
+            if k in res:
+                line[name] = round(res["sync"]["s_per_step"] / res[k]["s_per_step"], 3)
     print(json.dumps(line), flush=True)
     with (out / "results.jsonl").open("a") as f:
         f.write(json.dumps(line) + "\n")

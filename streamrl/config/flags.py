@@ -88,6 +88,10 @@ class RolloutConfig:
     rollout_stop_token_ids: list[int] | None = F(None, "Extra stop token ids.", nargs="*")
     partial_rollout: bool = F(False, "Keep generations aborted by a weight update and resume them.")
     mask_offpolicy_in_partial_rollout: bool = F(False, "Mask the loss on tokens from before a resume.")
+    pause_generation_mode: str = F("abort", "How a weight sync pauses the engines (SGLang's /pause_generation mode): "
+                                   "abort (in-flight requests return their prefix and are resubmitted) or in_place "
+                                   "(they stay in the engine and continue under the new weights; needs "
+                                   "--partial-rollout).", choices=["abort", "in_place"])
     sglang_server_concurrency: int = F(64, "Concurrent requests per engine.")
     rollout_max_groups_in_flight: int | None = F(None, "Groups in flight at once (default: async-buffer-size).")
     custom_rm_path: str | None = F(None, "Reward function `async def rm(args, sample) -> float` or a built-in name.")

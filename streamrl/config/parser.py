@@ -122,6 +122,12 @@ def validate(args: argparse.Namespace) -> None:
         )
     if args.mask_offpolicy_in_partial_rollout and not args.partial_rollout:
         raise ConfigError("--mask-offpolicy-in-partial-rollout needs --partial-rollout.")
+    if args.pause_generation_mode == "in_place" and not args.partial_rollout:
+        raise ConfigError("--pause-generation-mode in_place keeps interrupted generations: it needs "
+                          "--partial-rollout.")
+    if args.pause_generation_mode == "in_place" and args.mask_offpolicy_in_partial_rollout:
+        raise ConfigError("--mask-offpolicy-in-partial-rollout works with --pause-generation-mode abort only "
+                          "(an in-place request comes back as one response).")
     if args.max_staleness < 0:
         raise ConfigError("--max-staleness must be >= 0.")
     if args.max_reuse < 1:

@@ -13,8 +13,9 @@ for `/generate` (it would generate twice). After the last attempt `EngineError` 
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
@@ -25,6 +26,7 @@ class EngineError(RuntimeError):
     """An engine could not serve a request (the message names the engine URL)."""
 
 
+_CONNECTIONS_PER_POOL = 32
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)  # the request never left: always safe to retry
 _BROKEN = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadTimeout, httpx.PoolTimeout)
 
@@ -32,7 +34,7 @@ _BROKEN = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError, httpx.R
 class EngineClient:
     def __init__(self, urls: list[str], router_url: str | None = None, max_connections: int = 256, retries: int = 4,
                  retry_wait: float = 0.25, max_retry_wait: float = 4.0, timeout: float | None = None,
-                 connect_timeout: float = 10.0):
+                 connect_timeout: float = 10.0, connections_per_pool: int = _CONNECTIONS_PER_POOL):
         if not urls and not router_url:
             raise ValueError("EngineClient needs at least one engine URL or a router URL")
         self.urls = list(urls)
@@ -40,9 +42,16 @@ class EngineClient:
         self.in_flight = {u: 0 for u in self.urls}
         self.retries, self.retry_wait, self.max_retry_wait = retries, retry_wait, max_retry_wait
         # No keep-alive: with a hundred-odd concurrent requests httpcore's pool of reused connections is several
-        # times slower than fresh loopback connections, and stalls for seconds (scripts/bench/http_client.py).
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=0)
-        self.http = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout, connect=connect_timeout))
+        # times slower than fresh loopback connections, and stalls for seconds.
+        # Several small pools, not one big one: httpcore scans its whole pool for every request it assigns
+        # (quadratic in the requests in flight); with hundreds of per-sample requests in flight that scan was most
+        # of the producers' CPU and starved the engine (scripts/bench/client_concurrency.py).
+        shards = max(1, -(-max_connections // connections_per_pool))
+        limits = httpx.Limits(max_connections=-(-max_connections // shards), max_keepalive_connections=0)
+        self._pools = [httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout, connect=connect_timeout))
+                       for _ in range(shards)]
+        self._pool_load = [0] * shards
+        self.http = self._pools[0]  # control calls (health, abort, pause) and anything not in flight for long
 
     # --- workers ----------------------------------------------------------------------------------------------
     def add_worker(self, url: str) -> None:
@@ -67,6 +76,16 @@ class EngineClient:
             self.remove_worker(u)
         return list(self.urls)
 
+    @contextlib.contextmanager
+    def _lease(self) -> Iterator[httpx.AsyncClient]:
+        """The least loaded of the connection pools, for one request."""
+        i = min(range(len(self._pools)), key=self._pool_load.__getitem__)
+        self._pool_load[i] += 1
+        try:
+            yield self._pools[i]
+        finally:
+            self._pool_load[i] -= 1
+
     def _pick(self) -> str:
         if self.router_url:
             return self.router_url
@@ -89,7 +108,8 @@ class EngineClient:
             if attempt:
                 await self._backoff(attempt - 1)
             try:
-                r = await self.http.request(method, url + path, **kw)
+                with self._lease() as http:
+                    r = await http.request(method, url + path, **kw)
             except _NOT_SENT as e:
                 last = e
                 continue
@@ -131,21 +151,22 @@ class EngineClient:
                 if attempt:
                     await self._backoff(attempt - 1)
                 try:
-                    async with self.http.stream("POST", url + "/generate", json={**payload, "stream": True}) as r:
-                        if not r.is_success:
-                            await r.aread()
-                            raise EngineError(f"engine {url}: POST /generate (stream) -> HTTP {r.status_code}: "
-                                              f"{r.text[:300]}")
-                        async for line in r.aiter_lines():
-                            if not line.startswith("data:"):
-                                continue
-                            data = line[5:].strip()
-                            if data == "[DONE]":
-                                return
-                            event = json.loads(data)
-                            if isinstance(event, dict) and "error" in event:
-                                raise EngineError(f"engine {url}: streamed error: {str(event['error'])[:300]}")
-                            yield event
+                    with self._lease() as http:
+                        async with http.stream("POST", url + "/generate", json={**payload, "stream": True}) as r:
+                            if not r.is_success:
+                                await r.aread()
+                                raise EngineError(f"engine {url}: POST /generate (stream) -> HTTP {r.status_code}: "
+                                                  f"{r.text[:300]}")
+                            async for line in r.aiter_lines():
+                                if not line.startswith("data:"):
+                                    continue
+                                data = line[5:].strip()
+                                if data == "[DONE]":
+                                    return
+                                event = json.loads(data)
+                                if isinstance(event, dict) and "error" in event:
+                                    raise EngineError(f"engine {url}: streamed error: {str(event['error'])[:300]}")
+                                yield event
                     return
                 except _NOT_SENT as e:
                     if attempt == self.retries:
@@ -221,4 +242,5 @@ class EngineClient:
                 await anyio.sleep(poll)  # polling a condition
 
     async def aclose(self) -> None:
-        await self.http.aclose()
+        for http in self._pools:
+            await http.aclose()

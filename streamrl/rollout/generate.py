@@ -53,12 +53,30 @@ async def post_generate(args: argparse.Namespace, payload: dict) -> Any:
     return await client_for(args).generate(payload)
 
 
-def weight_version(meta: dict[str, Any]) -> int:
-    """SGLang's `weight_version` string as the integer policy version streamrl publishes ("default" -> 0)."""
+def _version(v: Any) -> int:
     try:
-        return int(meta.get("weight_version", 0))
+        return int(v)
     except (TypeError, ValueError):
         return 0
+
+
+def weight_version(meta: dict[str, Any]) -> int:
+    """SGLang's `weight_version` string as the integer policy version streamrl publishes ("default" -> 0)."""
+    return _version(meta.get("weight_version", 0))
+
+
+def token_versions(meta: dict[str, Any], n: int) -> int | list[int]:
+    """The version of each of the `n` output tokens: one int for the whole output, or a list when a weight update
+    landed mid-request (an in-place pause; the embedded engine reports `weight_version_starts`)."""
+    starts = meta.get("weight_version_starts")
+    if not starts or len(starts) < 2:
+        return weight_version(meta)
+    out: list[int] = []
+    for (i, v), nxt in zip(starts, [*(s[0] for s in starts[1:]), n], strict=True):
+        out.extend([_version(v)] * (int(nxt) - int(i)))
+    if len(out) != n:
+        raise EngineError(f"weight_version_starts {starts!r} do not cover {n} output tokens")
+    return out
 
 
 def apply_output(sample: Sample, out: dict[str, Any], t0: float | None = None) -> int:
@@ -70,7 +88,8 @@ def apply_output(sample: Sample, out: dict[str, Any], t0: float | None = None) -
                           f"(send return_logprob: true)")
     finish = (meta.get("finish_reason") or {}).get("type") or "abort"
     sample.append_response_tokens(tokens=[int(p[1]) for p in pairs], log_probs=[float(p[0]) for p in pairs],
-                                  version=weight_version(meta), finish_reason=finish, text=out.get("text") or None)
+                                  version=token_versions(meta, len(pairs)), finish_reason=finish,
+                                  text=out.get("text") or None)
     if t0 is not None:
         sample.metadata["generation_time"] = sample.metadata.get("generation_time", 0.0) + time.time() - t0
     return len(pairs)

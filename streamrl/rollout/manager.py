@@ -91,7 +91,7 @@ class RolloutManager:
         self._task = asyncio.get_running_loop().create_task(self._produce())
 
     async def set_version(self, version: int) -> None:
-        self.version = version
+        self.version = max(self.version, version)  # the driver does not wait for the answer: never go back
         self._wake.set()
 
     async def add_engine(self, url: str) -> None:

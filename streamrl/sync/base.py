@@ -1,8 +1,10 @@
 """The weight-sync sequence shared by every transport (DESIGN.md "Weight sync and partial rollouts").
 
     0. stage the new weights (optional, while the engines still generate)
-    1. pause every engine (`/pause_generation`, abort mode: in-flight requests return their prefixes, which the
-       producers resubmit as partial rollouts; requests arriving during the pause wait)
+    1. pause every engine (`/pause_generation`). Mode "abort": in-flight requests return their prefixes, which the
+       producers resubmit as partial rollouts; requests arriving during the pause wait. Mode "in_place": in-flight
+       requests stay in the engine and go on under the new weights after step 4 (no round trip through the
+       producers, which costs seconds when hundreds of requests are in flight)
     2. the trainer pushes its weights with the new version (transport-specific; each engine confirms)
     3. the new version is published to the buffer and producers
     4. continue every engine (`/continue_generation`)
@@ -102,8 +104,9 @@ def post_json(url: str, path: str, body: dict, timeout: float = 120.0) -> dict:
     return json.loads(raw) if raw else {}
 
 
-def sync_weights(engine_urls: list[str], push: Callable[[], dict], publish: Callable[[], None],
-                 stage: Callable[[], dict | None] | None = None, pause_while_staging: bool = False) -> dict[str, float]:
+def sync_weights(engine_urls: list[str], push: Callable[[], dict], publish: Callable[[], dict | None],
+                 stage: Callable[[], dict | None] | None = None, pause_while_staging: bool = False,
+                 pause_mode: str = "abort") -> dict[str, float]:
     """Run the (stage) -> pause -> push -> publish -> continue sequence; returns timings (seconds).
 
     `stage` (packing buckets, writing files) runs before the pause, while the engines still generate, so they
@@ -115,7 +118,7 @@ def sync_weights(engine_urls: list[str], push: Callable[[], dict], publish: Call
 
     def pause() -> float:
         for url in engine_urls:
-            post_json(url, "/pause_generation", {})
+            post_json(url, "/pause_generation", {"mode": pause_mode})
             paused.append(url)
         return time.time()
 
@@ -131,7 +134,9 @@ def sync_weights(engine_urls: list[str], push: Callable[[], dict], publish: Call
         if t_paused is None:
             t_paused = pause()
         stats = {**staged, **dict(push() or {})}
-        publish()
+        t_pushed = time.time()
+        stats.update(publish() or {})
+        t_published = time.time()
     except BaseException as e:
         failed = e
         raise
@@ -147,5 +152,6 @@ def sync_weights(engine_urls: list[str], push: Callable[[], dict], publish: Call
     end = time.time()
     t_pause_sent = t0 if pause_while_staging else t_staged
     stats.update(sync_stage_time=t_staged - t0, sync_pause_time=t_paused - t_pause_sent, sync_total_time=end - t0,
-                 sync_engine_downtime=end - t_pause_sent)
+                 sync_engine_downtime=end - t_pause_sent, sync_publish_time=t_published - t_pushed,
+                 sync_continue_time=end - t_published)
     return stats

@@ -156,6 +156,9 @@ class MetaInfo(msgspec.Struct, kw_only=True):
     finish_reason: dict[str, Any] | None = None
     weight_version: str = ""
     output_token_logprobs: list[tuple[float, int, str | None]] | msgspec.UnsetType = msgspec.UNSET
+    # streamrl extension, only when a weight update landed mid-request (in-place pause): [output index, version]
+    # where each version's tokens start, so every token is attributed to the weights that produced it
+    weight_version_starts: list[tuple[int, str]] | msgspec.UnsetType = msgspec.UNSET
 
 
 class GenerateResponse(msgspec.Struct, kw_only=True):

@@ -45,6 +45,9 @@ class RequestOutput:
     output_logprobs: list[float]
     finish_reason: dict[str, Any] | None
     weight_version: str
+    # [output index, version] where each version's tokens start: more than one entry when an in-place pause let
+    # a weight update land mid-request
+    version_starts: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -66,6 +69,7 @@ class Request:
     output_logprobs: list[float] = field(default_factory=list)
     finish_reason: dict[str, Any] | None = None
     weight_version: str = ""
+    version_starts: list[tuple[int, str]] = field(default_factory=list)
     abort_message: str | None = None  # set => abort at the next iteration boundary
     generator: torch.Generator | None = None
 
@@ -77,6 +81,7 @@ class Request:
             output_logprobs=list(self.output_logprobs),
             finish_reason=self.finish_reason,
             weight_version=self.weight_version,
+            version_starts=list(self.version_starts),
         )
 
 
@@ -362,6 +367,8 @@ class Scheduler:
             version = self.weight_version
         with self._cond:  # so that get() never sees ids and logprobs of different lengths
             for r, tok, lp in zip(rows, tokens.tolist(), logprobs.tolist(), strict=True):
+                if version != r.weight_version:
+                    r.version_starts.append((len(r.output_ids), version))
                 r.output_ids.append(tok)
                 r.output_logprobs.append(lp)
                 r.weight_version = version

@@ -92,6 +92,8 @@ def build_app(scheduler: Scheduler, *, loader: Callable[[str], Any] | None = Non
             finish_reason=out.finish_reason,
             weight_version=out.weight_version,
         )
+        if len(out.version_starts) > 1:
+            meta.weight_version_starts = out.version_starts
         if return_logprob:
             meta.output_token_logprobs = [
                 (lp, t, tok.decode([t]) if (text_in_lp and tok) else None)

@@ -7,8 +7,16 @@ Layout: per layer, K and V are [slots, max_len, kv_heads, head_dim], allocated o
 attends over the prefix view `cache[:bucket, :len_bucket]` without gathering. The decode step (embedding ->
 layers -> norm -> lm_head) for each (batch bucket, length bucket) pair is captured once as a CUDA graph and
 replayed with its static inputs (tokens, positions) refreshed in place: a step costs one graph launch instead of
-~15 kernel launches per layer. Prefill of newcomers is one padded eager forward that writes their K/V into their
-slots. On CPU the same code runs eagerly (tests compare it with the HF path token for token).
+~15 kernel launches per layer.
+
+Decode attention: on CUDA in bf16/fp16, FlashAttention's varlen kernel with `seqused_k` reads only each slot's own
+cached tokens (the slot cache seen as `slots` sequences of `max_len` rows, of which the first `len` are used), so a
+step costs the batch's real tokens, not batch x longest. A batch with one long sample then no longer makes every
+row read the long width; and one graph per batch bucket serves every length. Elsewhere (CPU, fp32) a masked SDPA
+over the length bucket does the same maths.
+
+Prefill of newcomers is one padded eager forward that writes their K/V into their slots. On CPU the same code runs
+eagerly (tests compare it with the HF path token for token).
 
 Weights are the HF model's own parameters: weight updates copy into them in place, so captured graphs stay valid.
 """
@@ -41,8 +49,32 @@ def _bucket(n: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
+def _flash_varlen(q, k, v, cu_q, cu_k, max_k: int, used_k):
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, 1, max_k, 0.0, False, False,
+                                                   seqused_k=used_k)[0]
+
+
+_FLASH_OK: dict[str, bool] = {}
+
+
+def _flash_works(p: torch.Tensor) -> bool:
+    """Whether this torch build's FlashAttention runs varlen decode with `seqused_k` here (else: masked SDPA)."""
+    key = f"{p.device}/{p.dtype}"
+    if key not in _FLASH_OK:
+        try:
+            q = torch.zeros(2, 4, 64, device=p.device, dtype=p.dtype)
+            kv = torch.zeros(2 * 16, 2, 64, device=p.device, dtype=p.dtype)
+            cu = torch.arange(3, device=p.device, dtype=torch.int32)
+            _flash_varlen(q, kv, kv, cu, cu * 16, 16, cu[1:])
+            _FLASH_OK[key] = True
+        except (RuntimeError, NotImplementedError):
+            _FLASH_OK[key] = False
+    return _FLASH_OK[key]
+
+
 class StaticKV:
-    def __init__(self, model: torch.nn.Module, slots: int, max_len: int, use_graphs: bool | None = None):
+    def __init__(self, model: torch.nn.Module, slots: int, max_len: int, use_graphs: bool | None = None,
+                 decode_attention: str = "auto"):
         self.model, self.inner = model, model.model
         cfg = model.config
         self.layers = list(self.inner.layers)
@@ -62,6 +94,12 @@ class StaticKV:
         self._tok = torch.zeros(slots, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(slots, dtype=torch.long, device=self.device)
         self._pool = None
+        if decode_attention not in ("auto", "flash", "sdpa"):
+            raise ValueError(f"decode_attention must be auto, flash or sdpa, got {decode_attention!r}")
+        flash_ok = self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
+        if decode_attention == "flash" and not flash_ok:
+            raise ValueError("decode_attention='flash' needs a CUDA model in bf16 or fp16")
+        self.flash = flash_ok and decode_attention != "sdpa" and (decode_attention == "flash" or _flash_works(p))
 
     # ---- bookkeeping (same contract as KVBatch) ----------------------------------------------------------------
     def __len__(self) -> int:
@@ -135,8 +173,11 @@ class StaticKV:
         """One token for slots [0, n) from the static inputs `_tok`/`_pos`; attends over [0, width) columns."""
         tok, pos = self._tok[:n], self._pos[:n]
         h = self.inner.embed_tokens(tok).unsqueeze(1)
-        cols = torch.arange(width, device=self.device)
-        mask = (cols.unsqueeze(0) <= pos.unsqueeze(1))[:, None, None, :]  # [n,1,1,width]
+        if self.flash:  # varlen: slot i is sequence i of max_len rows, of which pos[i] + 1 are used
+            used_k = (pos + 1).to(torch.int32)
+        else:
+            cols = torch.arange(width, device=self.device)
+            mask = (cols.unsqueeze(0) <= pos.unsqueeze(1))[:, None, None, :]  # [n,1,1,width]
         rows = torch.arange(n, device=self.device)
         cos, sin = self.inner.rotary_emb(h, pos.unsqueeze(1))
         for li, layer in enumerate(self.layers):
@@ -144,14 +185,24 @@ class StaticKV:
             q, k, v = self._attn_qkv(layer, x, cos, sin)
             self.k[li][rows, pos] = k[:, 0]
             self.v[li][rows, pos] = v[:, 0]
-            kk = self.k[li][:n, :width].transpose(1, 2)
-            vv = self.v[li][:n, :width].transpose(1, 2)
-            # GQA decode: the G query heads sharing a KV head act as G query rows of that head, so the masked
-            # kernel runs without expanding K/V (query head h uses KV head h // G, as HF's repeat_kv).
-            qg = q.reshape(n, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
-            o = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=mask)
+            if self.flash:
+                o = self._flash_decode(li, q[:, :, 0], n, used_k)
+            else:
+                kk = self.k[li][:n, :width].transpose(1, 2)
+                vv = self.v[li][:n, :width].transpose(1, 2)
+                # GQA decode: the G query heads sharing a KV head act as G query rows of that head, so the masked
+                # kernel runs without expanding K/V (query head h uses KV head h // G, as HF's repeat_kv).
+                qg = q.reshape(n, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
+                o = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=mask)
             h = self._mlp_out(layer, h, o.reshape(n, 1, -1))
         return self.model.lm_head(self._norm(self.inner.norm, h))[:, 0].float()
+
+    def _flash_decode(self, li: int, q: torch.Tensor, n: int, used_k: torch.Tensor) -> torch.Tensor:
+        """Attention of one query per slot [n, H, D] over each slot's first `used_k` cached rows (GQA native)."""
+        k = self.k[li][:n].view(n * self.max_len, self.n_kv, self.head_dim)  # slots are contiguous: a view
+        v = self.v[li][:n].view(n * self.max_len, self.n_kv, self.head_dim)
+        cu_q = torch.arange(n + 1, device=self.device, dtype=torch.int32)
+        return _flash_varlen(q.contiguous(), k, v, cu_q, cu_q * self.max_len, self.max_len, used_k)  # [n, H, D]
 
     def _decode(self, last_tokens: list[int]) -> torch.Tensor:
         n = len(last_tokens)
@@ -159,7 +210,9 @@ class StaticKV:
         if max(positions) >= self.max_len:
             raise RuntimeError(f"sequence reached the KV cache length {self.max_len}")
         bucket = _bucket(n, [b for b in BATCH_BUCKETS if b <= self.slots] + [self.slots])
-        width = _bucket(max(positions) + 1, [w for w in LEN_BUCKETS if w <= self.max_len])
+        # flash reads each slot's own length: one graph per batch bucket serves every length
+        width = self.max_len if self.flash else _bucket(max(positions) + 1,
+                                                        [w for w in LEN_BUCKETS if w <= self.max_len])
         self._tok[:bucket].zero_()
         self._pos[:bucket].zero_()
         self._tok[:n].copy_(torch.tensor(last_tokens), non_blocking=True)
