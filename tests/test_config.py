@@ -57,6 +57,7 @@ def test_derived_values():
         ({"async_buffer_size": 2, "rollout_batch_size": 8}, "--async-buffer-size"),
         ({"mask_offpolicy_in_partial_rollout": True}, "--partial-rollout"),
         ({"pause_generation_mode": "in_place"}, "--partial-rollout"),
+        ({"pause_generation_mode": "in_place", "partial_rollout": True, "rollout_engine": "sglang"}, "embedded"),
         ({"pause_generation_mode": "in_place", "partial_rollout": True, "mask_offpolicy_in_partial_rollout": True},
          "abort only"),
         ({"use_kl_loss": True}, "--kl-loss-coef"),

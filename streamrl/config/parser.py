@@ -125,6 +125,10 @@ def validate(args: argparse.Namespace) -> None:
     if args.pause_generation_mode == "in_place" and not args.partial_rollout:
         raise ConfigError("--pause-generation-mode in_place keeps interrupted generations: it needs "
                           "--partial-rollout.")
+    if args.pause_generation_mode == "in_place" and args.rollout_engine == "sglang":
+        raise ConfigError("--pause-generation-mode in_place needs the embedded engine: SGLang reports one "
+                          "weight_version per response, so the tokens before the update would be attributed to the "
+                          "new version (staleness under-counted). Use abort with --rollout-engine sglang.")
     if args.pause_generation_mode == "in_place" and args.mask_offpolicy_in_partial_rollout:
         raise ConfigError("--mask-offpolicy-in-partial-rollout works with --pause-generation-mode abort only "
                           "(an in-place request comes back as one response).")
