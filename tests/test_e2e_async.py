@@ -19,7 +19,8 @@ def ray_cluster():
     ray.shutdown()
 
 
-def test_async_job_loses_nothing_and_respects_staleness(ray_cluster, tiny_ckpt, sort_data, tmp_path):
+@pytest.mark.parametrize("pause_mode", ["abort", "in_place"])
+def test_async_job_loses_nothing_and_respects_staleness(ray_cluster, tiny_ckpt, sort_data, tmp_path, pause_mode):
     from pipelines.async_loop import run
 
     train, evalset = sort_data
@@ -33,6 +34,7 @@ def test_async_job_loses_nothing_and_respects_staleness(ray_cluster, tiny_ckpt, 
         check_weight_update_equal=True, run_dir=str(tmp_path / "run"),
         update_weight_transport="pinned",  # /dev/shm buckets (the resume e2e covers the HTTP default)
         use_dynamic_batch_size=True, max_tokens_per_gpu=400,  # token-budget micro-batches on the FSDP ranks
+        pause_generation_mode=pause_mode,
     )
     summary = run(args)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").open()]
@@ -50,8 +52,12 @@ def test_async_job_loses_nothing_and_respects_staleness(ray_cluster, tiny_ckpt, 
     assert max(r["staleness_max"] for r in steps_rows) <= 1
     assert any(r["staleness_max"] == 1 for r in steps_rows)
 
-    # partial rollouts: generations cut by a weight update were resumed and trained with mixed versions
-    assert summary["manager"]["partial_resumes"] > 0
+    # partial rollouts: generations cut by a weight update were kept and trained with mixed versions; abort mode
+    # resubmits them from the producers, in_place keeps them in the engine (no resubmission at all)
+    if pause_mode == "abort":
+        assert summary["manager"]["partial_resumes"] > 0
+    else:
+        assert summary["manager"]["partial_resumes"] == 0
     assert sum(r["mixed_version_samples"] for r in steps_rows) > 0
     assert summary["manager"]["aborted_regenerated"] == 0
 
