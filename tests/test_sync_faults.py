@@ -174,3 +174,37 @@ def test_in_place_pause_keeps_the_request_and_tags_each_token_with_its_version(e
     with torch.no_grad():  # after the update: the new weights' greedy continuation of everything so far
         cont = model.generate(torch.tensor([prompt + ids[:k]]), max_new_tokens=5, do_sample=False)
     assert ids[k:k + 5] == cont[0, len(prompt) + k:].tolist()
+
+
+def test_in_place_pause_with_a_failed_push_continues_the_request_on_the_old_weights(engine):
+    """A push that fails during an in-place pause: the engine is continued (no deadlock), the request in flight
+    finishes under the weights it started with, and its tokens carry one version."""
+    import json
+
+    url = engine.url
+    before = httpx.get(url + "/get_weight_version").json()["weight_version"]
+    started, result = threading.Event(), {}
+
+    def generate():
+        body = {"input_ids": [5, 6, 7], "stream": True, "return_logprob": True,
+                "sampling_params": {"max_new_tokens": 60, "temperature": 0.0, "ignore_eos": True}}
+        with httpx.stream("POST", url + "/generate", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:") and line != "data: [DONE]":
+                    result["last"] = json.loads(line[5:])
+                    started.set()
+
+    def push():
+        assert _paused(url)
+        raise RuntimeError("push failed (injected)")
+
+    t = threading.Thread(target=generate)
+    t.start()
+    assert started.wait(30)
+    with pytest.raises(RuntimeError, match="injected"):
+        sync_weights([url], push=push, publish=lambda: None, pause_mode="in_place")
+    assert not _paused(url)
+    t.join(60)
+    meta = result["last"]["meta_info"]
+    assert meta["finish_reason"]["type"] == "length" and len(result["last"]["output_ids"]) == 60
+    assert meta["weight_version"] == before and "weight_version_starts" not in meta
