@@ -25,6 +25,37 @@ def _paused(url: str) -> bool:
     return httpx.get(url + "/server_info").json()["internal_states"][0]["paused"]
 
 
+def _changed_model(tiny_ckpt: str, change):
+    """The checkpoint's model with `change(param)` applied in place, and its (name, tensor) list."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_ckpt)
+    with torch.no_grad():
+        for p in model.parameters():
+            change(p)
+    return model, [(n, p.detach()) for n, p in model.named_parameters()]
+
+
+def _stream_in_background(url: str, prompt: list[int], max_new_tokens: int):
+    """A greedy streamed /generate in a thread: (thread, started event, {"last": the last event})."""
+    import json
+
+    started, result = threading.Event(), {}
+
+    def generate():
+        body = {"input_ids": prompt, "stream": True, "return_logprob": True,
+                "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": True}}
+        with httpx.stream("POST", url + "/generate", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:") and line != "data: [DONE]":
+                    result["last"] = json.loads(line[5:])
+                    started.set()
+
+    t = threading.Thread(target=generate)
+    t.start()
+    return t, started, result
+
+
 def test_failed_push_still_continues_and_names_the_engine(engine):
     url = engine.url
 
@@ -49,14 +80,8 @@ def test_dead_engine_is_named_and_the_live_one_is_continued(engine, pause_while_
 
 
 def test_staged_weights_land_exactly_and_the_version_moves_after_push(engine, tiny_ckpt):
-    from transformers import AutoModelForCausalLM
-
     url = engine.url
-    model = AutoModelForCausalLM.from_pretrained(tiny_ckpt)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01)
-    named = [(n, p.detach()) for n, p in model.named_parameters()]
+    model, named = _changed_model(tiny_ckpt, lambda p: p.add_(0.01))
     before = httpx.get(url + "/get_weight_version").json()["weight_version"]
     seen = {}
 
@@ -134,33 +159,13 @@ def test_in_place_pause_keeps_the_request_and_tags_each_token_with_its_version(e
     """--pause-generation-mode in_place: a request in flight during a sync stays in the engine, continues under the
     new weights (its next tokens are the new model's greedy tokens), and the response says where each version's
     tokens start, so every token gets the version that produced it."""
-    import json
-
-    from transformers import AutoModelForCausalLM
-
     from streamrl.rollout.generate import token_versions
 
     url = engine.url
     prompt = [5, 9, 13, 17]
-    model = AutoModelForCausalLM.from_pretrained(tiny_ckpt)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(1.5)
-    named = [(n, p.detach()) for n, p in model.named_parameters()]
+    model, named = _changed_model(tiny_ckpt, lambda p: p.mul_(1.5))
     before = httpx.get(url + "/get_weight_version").json()["weight_version"]
-    started, result = threading.Event(), {}
-
-    def generate():
-        body = {"input_ids": prompt, "stream": True, "return_logprob": True,
-                "sampling_params": {"max_new_tokens": 120, "temperature": 0.0, "ignore_eos": True}}
-        with httpx.stream("POST", url + "/generate", json=body, timeout=60) as r:
-            for line in r.iter_lines():
-                if line.startswith("data:") and line != "data: [DONE]":
-                    result["last"] = json.loads(line[5:])
-                    started.set()
-
-    t = threading.Thread(target=generate)
-    t.start()
+    t, started, result = _stream_in_background(url, prompt, 120)
     assert started.wait(30)
     push = stage_named_tensors(named, 31, 1 << 16)
     sync_weights([url], push=lambda: push([url]), publish=lambda: None, pause_mode="in_place")
@@ -179,27 +184,14 @@ def test_in_place_pause_keeps_the_request_and_tags_each_token_with_its_version(e
 def test_in_place_pause_with_a_failed_push_continues_the_request_on_the_old_weights(engine):
     """A push that fails during an in-place pause: the engine is continued (no deadlock), the request in flight
     finishes under the weights it started with, and its tokens carry one version."""
-    import json
-
     url = engine.url
     before = httpx.get(url + "/get_weight_version").json()["weight_version"]
-    started, result = threading.Event(), {}
-
-    def generate():
-        body = {"input_ids": [5, 6, 7], "stream": True, "return_logprob": True,
-                "sampling_params": {"max_new_tokens": 60, "temperature": 0.0, "ignore_eos": True}}
-        with httpx.stream("POST", url + "/generate", json=body, timeout=60) as r:
-            for line in r.iter_lines():
-                if line.startswith("data:") and line != "data: [DONE]":
-                    result["last"] = json.loads(line[5:])
-                    started.set()
 
     def push():
         assert _paused(url)
         raise RuntimeError("push failed (injected)")
 
-    t = threading.Thread(target=generate)
-    t.start()
+    t, started, result = _stream_in_background(url, [5, 6, 7], 60)
     assert started.wait(30)
     with pytest.raises(RuntimeError, match="injected"):
         sync_weights([url], push=push, publish=lambda: None, pause_mode="in_place")
