@@ -164,9 +164,10 @@ def _set_version(c: Any, version: int, pending: list) -> dict[str, float]:
     """Tell the buffer and the producers the new version (every engine has confirmed it).
 
     Only the buffer's answer is awaited (its staleness check needs the version before the next `get`). The
-    producers' copy only moves admission forward, and their event loop can be busy for seconds right after a pause
-    (hundreds of aborted requests returning and resubmitted at once): waiting for it kept the engines paused that
-    long. Its answer (a ref in `pending`) is collected at a later sync or at the end, so an error still surfaces."""
+    producers' copy only moves admission forward, and their event loop can be busy for seconds with hundreds of
+    requests in flight: waiting for it kept the engines paused that long (4.4 s per sync on an H100,
+    docs/benchmarks.md). Its answer (a ref in `pending`) is collected at a later sync or at the end, so an error
+    still surfaces."""
     import ray
 
     done, pending[:] = ray.wait(pending, num_returns=len(pending), timeout=0) if pending else ([], [])

@@ -64,3 +64,40 @@ def test_static_after_weight_update(model):
     for rid in a:
         assert a[rid][0] == b[rid][0] and a[rid][2] == b[rid][2], rid
     assert {v[2] for v in b.values()} == {"0", "1"}
+
+
+def test_flash_decode_plumbing_matches_sdpa_with_a_reference_kernel(model, monkeypatch):
+    """The varlen FlashAttention branch (CUDA only) with the kernel replaced by a plain reference of its contract:
+    the slot views, offsets, used lengths and GQA head mapping give the SDPA branch's logits, rows joining and
+    leaving. The real kernel is compared on a GPU (tests/test_gpu.py)."""
+    import streamrl.rollout.engine.static_kv as skv
+
+    def reference(q, k, v, cu_q, cu_k, max_k, used_k):  # q [n,H,D]; k/v [n*max_len,KV,D]
+        out = []
+        for i in range(q.shape[0]):
+            g = q.shape[1] // k.shape[1]
+            kk = k[cu_k[i]:cu_k[i] + used_k[i]].repeat_interleave(g, 1)
+            vv = v[cu_k[i]:cu_k[i] + used_k[i]].repeat_interleave(g, 1)
+            att = (torch.einsum("hd,thd->ht", q[i], kk) / q.shape[-1] ** 0.5).softmax(-1)
+            out.append(torch.einsum("ht,thd->hd", att, vv))
+        return torch.stack(out)
+
+    class Row:
+        def __init__(self, prompt):
+            self.prompt_ids, self.output_ids = prompt, []
+
+    monkeypatch.setattr(skv, "_flash_varlen", reference)
+    sdpa = skv.StaticKV(model, slots=4, max_len=64, use_graphs=False, decode_attention="sdpa")
+    flash = skv.StaticKV(model, slots=4, max_len=64, use_graphs=False, decode_attention="sdpa")
+    flash.flash = True  # the branch CUDA bf16 takes
+    rows = [Row([5, 6, 7]), Row(list(range(5, 30))), Row([8] * 11)]
+    with torch.no_grad():
+        for step in range(8):
+            if step == 3:  # the middle row leaves (compaction), a short one joins
+                rows = [rows[0], rows[2], Row([9, 9])]
+            order_s, ls = sdpa.step(rows)
+            order_f, lf = flash.step(rows)
+            assert [id(r) for r in order_s] == [id(r) for r in order_f]
+            assert torch.allclose(ls, lf, atol=1e-4), (ls - lf).abs().max()
+            for r, tok in zip(order_s, ls.argmax(-1).tolist(), strict=True):
+                r.output_ids.append(tok)
