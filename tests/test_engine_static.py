@@ -20,9 +20,9 @@ def model(tiny_ckpt):
     return load_model(tiny_ckpt)
 
 
-def run(model, backend, update=None):
+def run(model, backend, update=None, **kw):
     sch = Scheduler(model, vocab_size=model.config.vocab_size, max_positions=256, eos_token_ids=[],
-                    kv_backend=backend, max_context_len=128)
+                    kv_backend=backend, max_context_len=128, **kw)
     done, all_done, third = [], threading.Event(), threading.Event()
 
     def on_event(o):
@@ -53,6 +53,31 @@ def test_static_matches_dynamic(model):
     for rid in a:
         assert a[rid][0] == b[rid][0], rid
         assert a[rid][1] == pytest.approx(b[rid][1], abs=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["static", "dynamic"])
+def test_prefill_in_token_budget_chunks_gives_the_same_tokens(model, backend):
+    """--sglang-max-prefill-tokens 16: newcomers are prefilled a few at a time, longest first; same tokens and
+    log-probs as one padded prefill."""
+    a, b = run(model, "dynamic", max_prefill_tokens=None), run(model, backend, max_prefill_tokens=16)
+    assert a.keys() == b.keys()
+    for rid in a:
+        assert a[rid][0] == b[rid][0], rid
+        assert a[rid][1] == pytest.approx(b[rid][1], abs=1e-4)
+
+
+def test_prefill_chunks_pack_longest_first_within_the_budget():
+    from streamrl.rollout.engine.kv import prefill_chunks
+
+    class R:
+        def __init__(self, n):
+            self.prompt_ids, self.output_ids = [0] * (n - 1), [0]
+
+    rows = [R(n) for n in (3, 40, 9, 70, 10, 200)]
+    chunks = prefill_chunks(rows, 100)
+    assert [[len(r.prompt_ids) + 1 for r in c] for c in chunks] == [[200], [70], [40, 10], [9, 3]]
+    assert all(len(c) * (len(c[0].prompt_ids) + 1) <= 100 for c in chunks if len(c) > 1)
+    assert prefill_chunks(rows, None) == [rows] and prefill_chunks([], 100) == []
 
 
 def test_static_after_weight_update(model):

@@ -61,7 +61,7 @@ def test_bad_values_are_rejected_by_argparse(argv, capsys):
 
 
 @pytest.mark.parametrize("overrides, flag", [
-    ({"sglang_mem_fraction_static": 0.5}, "--sglang-mem-fraction-static"),  # embedded engine
+    ({"sglang_enable_metrics": True}, "--sglang-enable-metrics"),  # embedded engine
     ({"router_policy": "random"}, "--use-router"),
     ({"rollout_engine": "sglang", "sglang_router_ip": "10.0.0.1"}, "--sglang-router-port"),
     ({"rollout_engine": "sglang", "sglang_router_ip": "10.0.0.1", "sglang_router_port": 3000,
@@ -70,6 +70,13 @@ def test_bad_values_are_rejected_by_argparse(argv, capsys):
 def test_passthrough_validation_names_the_flag(overrides, flag):
     with pytest.raises(ConfigError, match=flag):
         default_args(**overrides)
+
+
+def test_flags_the_embedded_engine_honours():
+    """--sglang-mem-fraction-static and --sglang-max-prefill-tokens work with the embedded engine too."""
+    a = default_args(sglang_mem_fraction_static=0.5, sglang_max_prefill_tokens=4096)
+    assert a.rollout_engine == "embedded" and a.sglang_mem_fraction_static == 0.5
+    assert a.sglang_max_prefill_tokens == 4096
 
 
 def test_router_mode():

@@ -27,6 +27,10 @@ def _eval_datasets(spec: list[str] | None, error: type[Exception]) -> list[tuple
     return pairs
 
 
+# SGLang server flags the embedded engine honours too, with SGLang's meaning (the others need real SGLang)
+EMBEDDED_ENGINE_SGLANG_FLAGS = {"mem_fraction_static", "max_prefill_tokens"}
+
+
 def validate_rollout(args: argparse.Namespace, error: type[Exception]) -> None:
     from streamrl.config.passthrough import set_values
 
@@ -38,7 +42,7 @@ def validate_rollout(args: argparse.Namespace, error: type[Exception]) -> None:
         args.router_mode = "local"
     else:
         args.router_mode = "none"
-    sglang_set = set_values("sglang", args)
+    sglang_set = set(set_values("sglang", args)) - EMBEDDED_ENGINE_SGLANG_FLAGS
     if sglang_set and args.rollout_engine != "sglang":
         flag = "--sglang-" + sorted(sglang_set)[0].replace("_", "-")
         raise error(f"{flag} is an SGLang server flag: it needs --rollout-engine sglang.")

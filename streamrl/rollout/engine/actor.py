@@ -77,6 +77,7 @@ class EmbeddedEngine:
         kv_backend: str = "auto",
         max_context_len: int = 1024,
         mem_fraction_static: float | None = None,
+        max_prefill_tokens: int | None = 16384,
     ) -> None:
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)  # process-wide; engines share CPUs with trainers
@@ -101,6 +102,7 @@ class EmbeddedEngine:
             kv_cache=kv_cache,
             kv_backend=kv_backend,
             max_context_len=max_context_len,
+            max_prefill_tokens=max_prefill_tokens,
         )
         app = build_app(self.scheduler, loader=lambda path: load_model(path, "cpu", self.dtype))
         self.http = HttpServer(app, host=host, port=port)

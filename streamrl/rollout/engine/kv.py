@@ -57,10 +57,30 @@ def _stack(a: torch.Tensor, b: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([_pad_cols(a, width, 2), _pad_cols(b, width, 2)])
 
 
+def prefill_chunks(rows: Sequence[Any], max_prefill_tokens: int | None) -> list[list[Any]]:
+    """Newcomers in prefill batches of at most `max_prefill_tokens` padded tokens (SGLang's --max-prefill-tokens).
+
+    Longest first, so each batch pads to a length close to its rows' own: one padded batch of a 30-token and a
+    1000-token sequence costs 2000 tokens, two batches cost 1030. A row longer than the budget gets a batch alone.
+    """
+    if not max_prefill_tokens:
+        return [list(rows)] if rows else []
+    chunks: list[list[Any]] = []
+    for r in sorted(rows, key=lambda r: len(r.prompt_ids) + len(r.output_ids), reverse=True):
+        # sorted longest first: a chunk pads to its first row's length
+        if chunks and (len(chunks[-1]) + 1) * (len(chunks[-1][0].prompt_ids) + len(chunks[-1][0].output_ids)) \
+                <= max_prefill_tokens:
+            chunks[-1].append(r)
+        else:
+            chunks.append([r])
+    return chunks
+
+
 class KVBatch:
     """Left-padded K/V of a set of requests (`rows`: any objects, matched by identity, in row order); one thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_prefill_tokens: int | None = None) -> None:
+        self.max_prefill_tokens = max_prefill_tokens
         self.clear()
 
     def clear(self) -> None:
@@ -95,12 +115,13 @@ class KVBatch:
             pos = torch.tensor([[len(r.prompt_ids) + len(r.output_ids) - 1] for r in rows], dtype=torch.long)
             parts.append(forward(ids, mask, pos, cache))
             self.after_decode(cache, mask)
-        if fresh:
-            ids, mask, pos = left_pad([r.prompt_ids + r.output_ids for r in fresh])
+        for chunk in prefill_chunks(fresh, self.max_prefill_tokens):
+            ids, mask, pos = left_pad([r.prompt_ids + r.output_ids for r in chunk])
             cache = DynamicCache()
             parts.append(forward(ids, mask, pos, cache))
-            self.merge(KVBatch.from_prefill(fresh, cache, mask))
-        return rows + fresh, torch.cat(parts) if len(parts) > 1 else parts[0]
+            self.merge(KVBatch.from_prefill(chunk, cache, mask))
+            rows += chunk
+        return rows, torch.cat(parts) if len(parts) > 1 else parts[0]
 
     # ---- forwards --------------------------------------------------------------------------------------------
     @staticmethod

@@ -106,6 +106,7 @@ class Scheduler:
         kv_cache: bool = True,
         kv_backend: str = "auto",
         max_context_len: int = 1024,
+        max_prefill_tokens: int | None = 16384,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache and supports_kv_cache(model)
@@ -140,8 +141,9 @@ class Scheduler:
         if kv_backend not in ("auto", "static", "dynamic"):
             raise ValueError(f"kv_backend must be auto, static or dynamic, got {kv_backend!r}")
         self._kv: KVBatch | StaticKV = (
-            StaticKV(model, slots=max_running_requests, max_len=min(max_context_len, max_positions))
-            if self.kv_cache and use_static else KVBatch())
+            StaticKV(model, slots=max_running_requests, max_len=min(max_context_len, max_positions),
+                     max_prefill_tokens=max_prefill_tokens)
+            if self.kv_cache and use_static else KVBatch(max_prefill_tokens=max_prefill_tokens))
         self._weights_epoch = 0  # bumped by every weight update
         self._params: dict[str, torch.Tensor] | None = None
         self._kv_epoch = 0  # the epoch whose weights produced `_kv`

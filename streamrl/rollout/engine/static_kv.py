@@ -15,8 +15,9 @@ step costs the batch's real tokens, not batch x longest. A batch with one long s
 row read the long width; and one graph per batch bucket serves every length. Elsewhere (CPU, fp32) a masked SDPA
 over the length bucket does the same maths.
 
-Prefill of newcomers is one padded eager forward that writes their K/V into their slots. On CPU the same code runs
-eagerly (tests compare it with the HF path token for token).
+Prefill of newcomers is an eager right-padded forward that writes their K/V into their slots, in batches of at most
+`max_prefill_tokens` padded tokens, longest first (kv.prefill_chunks), so a batch pads to about its own lengths. On
+CPU the same code runs eagerly (tests compare it with the HF path token for token).
 
 Weights are the HF model's own parameters: weight updates copy into them in place, so captured graphs stay valid.
 """
@@ -28,6 +29,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from .kv import prefill_chunks
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 LEN_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192)
@@ -74,7 +77,8 @@ def _flash_works(p: torch.Tensor) -> bool:
 
 class StaticKV:
     def __init__(self, model: torch.nn.Module, slots: int, max_len: int, use_graphs: bool | None = None,
-                 decode_attention: str = "auto"):
+                 decode_attention: str = "auto", max_prefill_tokens: int | None = None):
+        self.max_prefill_tokens = max_prefill_tokens
         self.model, self.inner = model, model.model
         cfg = model.config
         self.layers = list(self.inner.layers)
@@ -141,8 +145,9 @@ class StaticKV:
         if fresh:
             if len(self.rows) + len(fresh) > self.slots:
                 raise RuntimeError(f"KV cache has {self.slots} slots; raise it or lower max_running_requests")
-            parts.append(self._prefill(fresh))
-            rows += fresh
+            for chunk in prefill_chunks(fresh, self.max_prefill_tokens):
+                parts.append(self._prefill(chunk))
+                rows += chunk
         return rows, torch.cat(parts) if len(parts) > 1 else parts[0]
 
     # ---- forwards -------------------------------------------------------------------------------------------
