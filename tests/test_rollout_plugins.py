@@ -3,6 +3,7 @@ eval datasets, and plug-in paths that name what failed. One in-process embedded 
 
 import inspect
 import json
+from pathlib import Path
 
 import anyio
 import pytest
@@ -13,6 +14,7 @@ from streamrl.rollout.manager import RolloutManager
 from streamrl.types import Status
 
 P = "tests/plugins/rollout_plugins.py:"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Local:
@@ -170,3 +172,26 @@ def test_token_versions_from_weight_version_starts():
     assert s.token_versions == [3, 3, 4, 5, 5] and s.weight_versions == ["5"]
     with pytest.raises(EngineError, match="do not cover"):
         token_versions({"weight_version_starts": [[0, "1"], [9, "2"]]}, 5)
+
+
+def test_long_tail_bench_generate_stops_each_sample_at_its_length(tiny_ckpt, prompts, engine):
+    """scripts/bench/long_tail.py (the GPU bench's job): every sample ends COMPLETED at the length its index fixes
+    (capped by --rollout-max-response-len), through the producers like any custom generate function."""
+    import importlib.util
+
+    path = ROOT / "scripts" / "bench" / "long_tail.py"
+    spec = importlib.util.spec_from_file_location("long_tail_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mgr, buf = make(tiny_ckpt, prompts, engine, rollout_max_response_len=40, custom_rm_path=P + "constant",
+                    custom_generate_function_path=f"{path}:generate")
+    run_to_end(mgr)
+    samples = [s for g in buf.groups for s in g]
+    assert len(samples) == 8
+    eos = mgr.tokenizer.eos_token_id
+    for s in samples:  # at its length, or earlier where the tiny model itself emitted EOS
+        target = mod.target_length(s.index, 40)
+        assert s.response_length == target or (s.response_length < target and s.tokens[-1] == eos), s.index
+        assert s.status == Status.COMPLETED
+    assert sum(s.response_length == mod.target_length(s.index, 40) for s in samples) >= 4
+    assert len({s.response_length for s in samples}) > 1
