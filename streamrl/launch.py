@@ -98,7 +98,8 @@ def start_engines(args: argparse.Namespace) -> tuple[list[Any], list[str]]:
         max_running_requests=args.sglang_server_concurrency,
         dtype=args.engine_dtype or ("bfloat16" if gpu else "float32"), max_context_len=args.engine_max_context_len,
         mem_fraction_static=getattr(args, "sglang_mem_fraction_static", None),
-        max_prefill_tokens=getattr(args, "sglang_max_prefill_tokens", None) or 16384)
+        max_prefill_tokens=getattr(args, "sglang_max_prefill_tokens", None) or 16384,
+        keep_kv_on_update=args.engine_keep_kv_on_update)
         for _ in range(args.rollout_num_engines)]
     return engines, ray.get([e.url.remote() for e in engines])
 

@@ -30,6 +30,9 @@ class ClusterConfig:
     engine_torch_threads: int = F(1, "torch threads per embedded engine process (CPU).")
     engine_dtype: str | None = F(None, "Embedded engine weights dtype (default: bfloat16 on GPU, float32 on CPU).")
     engine_max_context_len: int = F(1024, "Embedded engine KV cache length per request (GPU slot cache).")
+    engine_keep_kv_on_update: bool = F(False, "Embedded engine: requests kept through a weight update (in-place "
+                                       "pause) keep the K/V their prefix got from the old weights, as SGLang does "
+                                       "(cheaper); by default it is recomputed with the new weights.")
     use_mps: bool = F(False, "Start an NVIDIA MPS control daemon for this job (local Ray cluster, GPU) so that the "
                              "trainer's and the engines' kernels on a shared GPU run concurrently instead of "
                              "time-sliced. streamrl extension.")

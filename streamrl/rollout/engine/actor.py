@@ -78,6 +78,7 @@ class EmbeddedEngine:
         max_context_len: int = 1024,
         mem_fraction_static: float | None = None,
         max_prefill_tokens: int | None = 16384,
+        keep_kv_on_update: bool = False,
     ) -> None:
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)  # process-wide; engines share CPUs with trainers
@@ -103,6 +104,7 @@ class EmbeddedEngine:
             kv_backend=kv_backend,
             max_context_len=max_context_len,
             max_prefill_tokens=max_prefill_tokens,
+            keep_kv_on_update=keep_kv_on_update,
         )
         app = build_app(self.scheduler, loader=lambda path: load_model(path, "cpu", self.dtype))
         self.http = HttpServer(app, host=host, port=port)

@@ -107,8 +107,10 @@ class Scheduler:
         kv_backend: str = "auto",
         max_context_len: int = 1024,
         max_prefill_tokens: int | None = 16384,
+        keep_kv_on_update: bool = False,
     ) -> None:
         self.model = model
+        self.keep_kv_on_update = keep_kv_on_update
         self.kv_cache = kv_cache and supports_kv_cache(model)
         if kv_cache and not self.kv_cache:
             logger.warning("model has non-full-attention layers; the engine recomputes sequences without a KV cache")
@@ -395,8 +397,9 @@ class Scheduler:
         (kv.py); recompute: the whole left-padded sequences."""
         if not self.kv_cache:
             return batch, self._forward(*left_pad([r.prompt_ids + r.output_ids for r in batch]))
-        if self._kv_epoch != self._weights_epoch:  # K/V from older weights: re-prefill every running request
-            self._kv.clear()
+        if self._kv_epoch != self._weights_epoch:  # K/V from older weights: re-prefill every running request,
+            if not self.keep_kv_on_update:  # unless told to keep it (SGLang's in-place behaviour)
+                self._kv.clear()
             self._kv_epoch = self._weights_epoch
         return self._kv.step(batch, self._forward)
 
