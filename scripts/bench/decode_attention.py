@@ -17,9 +17,8 @@ import time
 
 def main() -> None:
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from streamrl.models.tiny import tiny_config
+    from streamrl.models.tiny import bench_model
     from streamrl.rollout.engine.static_kv import StaticKV
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,9 +26,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--max-len", type=int, default=1024)
     a = p.parse_args()
-    torch.manual_seed(0)
-    cfg = tiny_config("qwen3", "qwen3-0.6b", max_positions=4096)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda().eval()
+    model, _, _ = bench_model("qwen3-0.6b", max_positions=4096)  # bf16 on the GPU
     gen = torch.Generator().manual_seed(1)
 
     def lengths(case: str, b: int) -> list[int]:

@@ -25,9 +25,8 @@ class _Row:  # the two fields StaticKV reads from a scheduler Request
 
 def main() -> None:
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from streamrl.models.tiny import tiny_config
+    from streamrl.models.tiny import bench_model
     from streamrl.rollout.engine.protocol import SamplingParams
     from streamrl.rollout.engine.scheduler import Request, Scheduler
     from streamrl.rollout.engine.static_kv import StaticKV
@@ -39,11 +38,8 @@ def main() -> None:
     p.add_argument("--preset", default="qwen3-0.6b")
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    torch.manual_seed(0)
-    cfg = tiny_config("qwen3", a.preset, vocab_size=None if a.preset != "tiny" else 88, max_positions=4096)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(dev).eval()
+    model, dev, dtype = bench_model(a.preset, max_positions=4096)
+    cfg = model.config
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(1)
     results = []

@@ -18,9 +18,8 @@ import time
 
 def main() -> None:
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from streamrl.models.tiny import tiny_config
+    from streamrl.models.tiny import bench_model
     from streamrl.rollout.engine.kv import prefill_chunks
     from streamrl.rollout.engine.static_kv import StaticKV
 
@@ -30,11 +29,7 @@ def main() -> None:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--repeat", type=int, default=3)
     a = p.parse_args()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    torch.manual_seed(0)
-    cfg = tiny_config("qwen3", a.preset, vocab_size=None if a.preset != "tiny" else 88, max_positions=2048)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(dev).eval()
+    model, dev, _ = bench_model(a.preset, max_positions=2048)
     rnd = random.Random(0)
     lens = [int(min(1000, max(24, 96 * math.exp(0.9 * rnd.gauss(0, 1))))) for _ in range(a.rows)]
 

@@ -33,6 +33,19 @@ def tiny_config(arch: str = "qwen3", preset: str = "tiny", vocab_size: int | Non
     raise ValueError(f"unknown arch {arch!r}; choose qwen3 or llama")
 
 
+def bench_model(preset: str = "qwen3-0.6b", max_positions: int = 4096, seed: int = 0):
+    """A random-init Qwen3 of `preset` in memory, for benchmarks: (model in eval mode, device, dtype); bf16 on CUDA,
+    fp32 on CPU. The "tiny" preset gets the in-repo tokenizer's vocabulary size (88)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    torch.manual_seed(seed)
+    cfg = tiny_config("qwen3", preset, vocab_size=None if preset != "tiny" else 88, max_positions=max_positions)
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(dev).eval(), dev, dtype
+
+
 def build_tiny_model(out_dir: str | Path, arch: str = "qwen3", preset: str = "tiny", seed: int = 0) -> Path:
     """Create a random-init model with the in-repo tokenizer and save both to `out_dir`."""
     import torch
