@@ -168,3 +168,25 @@ def test_keep_kv_on_update_continues_on_the_old_weights_cache(model, backend):
     assert kept.output_logprobs[5] == pytest.approx(torch.log_softmax(stale, -1).max().item(), abs=1e-4)
     assert redone.output_logprobs[5] == pytest.approx(torch.log_softmax(fresh, -1).max().item(), abs=1e-4)
     assert abs(kept.output_logprobs[5] - redone.output_logprobs[5]) > 1e-3  # the option changes something
+
+
+def test_slot_compaction_moves_every_layer_in_one_go(model):
+    """Rows leaving from the middle and the end (several per step): each remaining request's K/V, in every layer,
+    is its own, at its own length, and the slots stay compacted."""
+    from streamrl.rollout.engine.static_kv import StaticKV
+
+    kv = StaticKV(model, slots=8, max_len=64, use_graphs=False)
+    reqs = [object() for _ in range(8)]
+    kv.rows, kv.lens = list(reqs), [3, 9, 5, 12, 7, 2, 10, 4]
+    for i in range(8):  # slot i holds values i + layer/1000 in the first lens[i] positions
+        kv.kv[:, i, : kv.lens[i]] = i + torch.arange(kv.kv.shape[0]).view(-1, 1, 1, 1) / 1000
+    mark = {id(r): (i, kv.lens[i]) for i, r in enumerate(reqs)}
+    for keep in ([reqs[0], reqs[2], reqs[3], reqs[5], reqs[6]], [reqs[3], reqs[6]], [reqs[6]]):
+        kv.retain(keep)
+        assert {id(r) for r in kv.rows} == {id(r) for r in keep} and len(kv.lens) == len(keep)
+        for slot, r in enumerate(kv.rows):
+            orig, n = mark[id(r)]
+            assert kv.lens[slot] == n
+            want = orig + torch.arange(kv.kv.shape[0]).view(-1, 1, 1) / 1000
+            assert torch.equal(kv.kv[:, slot, :n, :, 0], want.expand(-1, n, kv.kv.shape[3]))
+    assert kv.k[1].data_ptr() == kv.kv[2].data_ptr() and kv.nbytes() == kv.kv.numel() * kv.kv.element_size()

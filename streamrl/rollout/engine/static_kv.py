@@ -89,8 +89,11 @@ class StaticKV:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         shape = (slots, self.max_len, self.n_kv, self.head_dim)
-        self.k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
-        self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+        # K and V of every layer in one tensor (per-layer views below): slot compaction then moves the rows of all
+        # layers in one gather and one scatter, not 2 x layers copies per moved row
+        self.kv = torch.zeros((2 * len(self.layers), *shape), device=self.device, dtype=self.dtype)
+        self.k = [self.kv[2 * i] for i in range(len(self.layers))]
+        self.v = [self.kv[2 * i + 1] for i in range(len(self.layers))]
         self.rows: list[Any] = []  # request in slot i
         self.lens: list[int] = []  # tokens cached in slot i
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
@@ -118,19 +121,24 @@ class StaticKV:
     def retain(self, keep: Iterable[Any]) -> None:
         """Free the slots of requests not in `keep`, moving the last slots into the holes (stay compacted)."""
         keep_ids = {id(r) for r in keep}
+        rows, lens, src = self.rows, self.lens, list(range(len(self.rows)))  # src: the slot each row's K/V is in
         i = 0
-        while i < len(self.rows):
-            if id(self.rows[i]) in keep_ids:
+        while i < len(rows):
+            if id(rows[i]) in keep_ids:
                 i += 1
                 continue
-            last = len(self.rows) - 1
+            last = len(rows) - 1
             if i != last:
-                n = self.lens[last]
-                for t in self.k + self.v:
-                    t[i, :n].copy_(t[last, :n])
-                self.rows[i], self.lens[i] = self.rows[last], self.lens[last]
-            self.rows.pop()
-            self.lens.pop()
+                rows[i], lens[i], src[i] = rows[last], lens[last], src[last]
+            rows.pop()
+            lens.pop()
+            src.pop()
+        moves = [(dst, s) for dst, s in enumerate(src) if s != dst]
+        if moves:  # every layer's K and V at once; the gather reads all sources before the scatter writes
+            width = max(lens[dst] for dst, _ in moves)
+            dst_idx = torch.tensor([d for d, _ in moves], device=self.device)
+            src_idx = torch.tensor([s for _, s in moves], device=self.device)
+            self.kv[:, dst_idx, :width] = self.kv[:, src_idx, :width]
 
     # ---- one scheduler iteration ----------------------------------------------------------------------------
     def step(self, batch: Sequence[Any], forward: Any = None) -> tuple[list[Any], torch.Tensor]:
