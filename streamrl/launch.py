@@ -86,6 +86,7 @@ def start_engines(args: argparse.Namespace) -> tuple[list[Any], list[str]]:
 
         return start_sglang_engines(args)
     from streamrl.rollout.engine.actor import make_engine_actor
+    from streamrl.rollout.engine.kv import DEFAULT_MAX_PREFILL_TOKENS
 
     engine_gpus, _ = gpu_shares(args)
     cls = make_engine_actor(num_cpus=0, num_gpus=engine_gpus)
@@ -98,7 +99,7 @@ def start_engines(args: argparse.Namespace) -> tuple[list[Any], list[str]]:
         max_running_requests=args.sglang_server_concurrency,
         dtype=args.engine_dtype or ("bfloat16" if gpu else "float32"), max_context_len=args.engine_max_context_len,
         mem_fraction_static=getattr(args, "sglang_mem_fraction_static", None),
-        max_prefill_tokens=getattr(args, "sglang_max_prefill_tokens", None) or 16384,
+        max_prefill_tokens=getattr(args, "sglang_max_prefill_tokens", None) or DEFAULT_MAX_PREFILL_TOKENS,
         keep_kv_on_update=args.engine_keep_kv_on_update)
         for _ in range(args.rollout_num_engines)]
     return engines, ray.get([e.url.remote() for e in engines])

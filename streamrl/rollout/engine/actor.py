@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .kv import DEFAULT_MAX_PREFILL_TOKENS
 from .scheduler import Scheduler
 from .server import HttpServer, build_app
 
@@ -77,7 +78,7 @@ class EmbeddedEngine:
         kv_backend: str = "auto",
         max_context_len: int = 1024,
         mem_fraction_static: float | None = None,
-        max_prefill_tokens: int | None = 16384,
+        max_prefill_tokens: int | None = DEFAULT_MAX_PREFILL_TOKENS,
         keep_kv_on_update: bool = False,
     ) -> None:
         if torch_threads is not None:

@@ -57,6 +57,9 @@ def _stack(a: torch.Tensor, b: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([_pad_cols(a, width, 2), _pad_cols(b, width, 2)])
 
 
+DEFAULT_MAX_PREFILL_TOKENS = 16384  # SGLang's --max-prefill-tokens default
+
+
 def prefill_chunks(rows: Sequence[Any], max_prefill_tokens: int | None) -> list[list[Any]]:
     """Newcomers in prefill batches of at most `max_prefill_tokens` padded tokens (SGLang's --max-prefill-tokens).
 
@@ -65,11 +68,12 @@ def prefill_chunks(rows: Sequence[Any], max_prefill_tokens: int | None) -> list[
     """
     if not max_prefill_tokens:
         return [list(rows)] if rows else []
+    def length(r: Any) -> int:
+        return len(r.prompt_ids) + len(r.output_ids)
+
     chunks: list[list[Any]] = []
-    for r in sorted(rows, key=lambda r: len(r.prompt_ids) + len(r.output_ids), reverse=True):
-        # sorted longest first: a chunk pads to its first row's length
-        if chunks and (len(chunks[-1]) + 1) * (len(chunks[-1][0].prompt_ids) + len(chunks[-1][0].output_ids)) \
-                <= max_prefill_tokens:
+    for r in sorted(rows, key=length, reverse=True):  # a chunk pads to its first (longest) row's length
+        if chunks and (len(chunks[-1]) + 1) * length(chunks[-1][0]) <= max_prefill_tokens:
             chunks[-1].append(r)
         else:
             chunks.append([r])

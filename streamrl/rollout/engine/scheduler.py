@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .flat import flatten_parameters
-from .kv import KVBatch, left_pad, supports_kv_cache
+from .kv import DEFAULT_MAX_PREFILL_TOKENS, KVBatch, left_pad, supports_kv_cache
 from .protocol import SamplingParams
 from .sampling import sample_tokens
 from .static_kv import StaticKV, supports_static_kv
@@ -106,7 +106,7 @@ class Scheduler:
         kv_cache: bool = True,
         kv_backend: str = "auto",
         max_context_len: int = 1024,
-        max_prefill_tokens: int | None = 16384,
+        max_prefill_tokens: int | None = DEFAULT_MAX_PREFILL_TOKENS,
         keep_kv_on_update: bool = False,
     ) -> None:
         self.model = model
