@@ -106,13 +106,12 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
                 "samples_per_s": trained_samples / elapsed, "buffer_fill": bstats["size"],
                 "buffer_capacity": bstats["capacity"], "staleness_mean": sum(batch.staleness) / len(batch),
                 "staleness_max": max(batch.staleness), "trainer_wait_frac": wait_total / elapsed,
+                "trainer_wait_time": wait_total,
                 "response_len": sum(batch.response_lengths) / len(batch),
                 "mixed_version_samples": sum(len(set(s.token_versions)) > 1 for g in groups for s in g),
                 **m, **last_sync,
             }
-            busy = _engine_busy_time(c.engine_urls)
-            if busy is not None:
-                record["engine_busy_time"] = busy
+            record.update(_engine_counters(c.engine_urls))
             last_sync = {}
             if eval_ref is not None and ray.wait([eval_ref], timeout=0)[0]:
                 result = ray.get(eval_ref)  # logged at the step whose weights it measured
@@ -193,18 +192,21 @@ def _get_batch(c: Any, b: int, step: int, poll_s: float = 5.0) -> list:
                 raise RuntimeError(f"prompt data exhausted before step {step + 1} (--num-epoch too small?)") from None
 
 
-def _engine_busy_time(urls: list[str]) -> float | None:
-    """Seconds the embedded engines have spent in forward steps, summed (engine idle = 1 - d(busy) / d(wall));
-    None for engines that do not report it (SGLang)."""
+def _engine_counters(urls: list[str]) -> dict[str, float]:
+    """Cumulative counters of the embedded engines, summed: `engine_busy_time` (seconds in forward steps; engine
+    idle = 1 - d(busy) / d(wall)) and `engine_<k>` for the iteration stats (rows, iterations, time per phase).
+    Empty for engines that do not report them (SGLang)."""
     from streamrl.sync.base import http_client
 
-    total = 0.0
+    total: dict[str, float] = {}
     for u in urls:
         try:
             state = http_client().get(u + "/server_info", timeout=5).json()["internal_states"][0]
-            total += float(state["busy_time"])
+            counters = {"busy_time": state["busy_time"], **state.get("step_stats", {})}
         except Exception:  # not the embedded engine, or it is busy answering: no figure this step
-            return None
+            return {}
+        for k, v in counters.items():
+            total[f"engine_{k}"] = total.get(f"engine_{k}", 0.0) + float(v)
     return total
 
 

@@ -100,7 +100,8 @@ def start_engines(args: argparse.Namespace) -> tuple[list[Any], list[str]]:
         dtype=args.engine_dtype or ("bfloat16" if gpu else "float32"), max_context_len=args.engine_max_context_len,
         mem_fraction_static=getattr(args, "sglang_mem_fraction_static", None),
         max_prefill_tokens=getattr(args, "sglang_max_prefill_tokens", None) or DEFAULT_MAX_PREFILL_TOKENS,
-        keep_kv_on_update=args.engine_keep_kv_on_update)
+        keep_kv_on_update=args.engine_keep_kv_on_update,
+        num_continuous_decode_steps=getattr(args, "sglang_num_continuous_decode_steps", None) or 1)
         for _ in range(args.rollout_num_engines)]
     return engines, ray.get([e.url.remote() for e in engines])
 

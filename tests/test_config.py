@@ -66,6 +66,9 @@ def test_derived_values():
         ({"use_dynamic_batch_size": True}, "--max-tokens-per-gpu"),
         ({"engine_mps_thread_percentage": 30}, "--engine-mps-thread-percentage"),
         ({"use_mps": True, "engine_mps_thread_percentage": 0}, "--engine-mps-thread-percentage"),
+        ({"train_mps_thread_percentage": 70}, "--train-mps-thread-percentage"),
+        ({"use_mps": True, "train_mps_thread_percentage": 101}, "--train-mps-thread-percentage"),
+        ({"train_mps_low_priority": True}, "--train-mps-low-priority"),
     ],
 )
 def test_bad_combinations_name_the_flag(overrides, flag):

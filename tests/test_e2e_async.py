@@ -64,6 +64,11 @@ def test_async_job_loses_nothing_and_respects_staleness(ray_cluster, tiny_ckpt, 
     # engine busy time is reported (engine idle fraction) and grows
     busy = [r["engine_busy_time"] for r in steps_rows]
     assert 0 < busy[0] < busy[-1] and busy == sorted(busy)
+    # and where its iterations went: every token trained was one engine row (some more: cut by the stop, queued)
+    last = steps_rows[-1]
+    assert last["engine_iterations"] > 0 and last["engine_prefill_rows"] >= ledger["trained"]
+    assert last["engine_rows"] >= sum(r["response_len"] for r in steps_rows) * 16  # 4 groups x 4 samples a step
+    assert last["engine_time_decode"] > 0 and last["engine_time_sample"] > 0
 
     # the engines hold exactly the trainer's weights after the last sync
     assert summary["weight_check_max_diff"] == 0.0

@@ -264,3 +264,22 @@ def test_embedded_engine_kv_cache_flag(tmp_path):
         la = torch.tensor([lp for lp, _, _ in a["meta_info"]["output_token_logprobs"]])
         lb = torch.tensor([lp for lp, _, _ in b["meta_info"]["output_token_logprobs"]])
         torch.testing.assert_close(la, lb, atol=1e-4, rtol=0)
+
+
+def test_continuous_decode_steps_batch_joins_same_outputs():
+    """SGLang's --num-continuous-decode-steps k: requests arriving while others decode join at most every k
+    iterations (one prefill for several arrivals), and the greedy outputs do not change."""
+    plan = [([5, 6, 7, 8], None), ([1, 2], (0, 1)), ([3, 4, 5], (0, 2)), ([9], (0, 3))]
+    params = [greedy(12)] * len(plan)
+    base, _, s1 = run_plan(tiny(), plan, params, kv_cache=True)
+    out, _, s3 = run_plan(tiny(), plan, params, kv_cache=True, num_continuous_decode_steps=3)
+    assert_same(base, out)
+    # k=1: r0's prefill, then each arrival its own; k=3: r0, then r1..r3 together at the 4th iteration
+    assert s1.stats()["prefill_iterations"] == 4 and s3.stats()["prefill_iterations"] == 2
+    for s in (s1, s3):
+        st = s.stats()
+        assert st["prefill_rows"] == 4
+        assert st["rows"] == sum(len(o.output_ids) for o in out)  # one row per generated token
+        assert all(st[f"time_{k}"] > 0 for k in ("decode", "prefill", "sample", "host"))
+    with pytest.raises(ValueError, match="num_continuous_decode_steps"):
+        Scheduler(tiny(), vocab_size=VOCAB, max_positions=256, num_continuous_decode_steps=0)

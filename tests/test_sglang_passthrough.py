@@ -73,10 +73,12 @@ def test_passthrough_validation_names_the_flag(overrides, flag):
 
 
 def test_flags_the_embedded_engine_honours():
-    """--sglang-mem-fraction-static and --sglang-max-prefill-tokens work with the embedded engine too."""
-    a = default_args(sglang_mem_fraction_static=0.5, sglang_max_prefill_tokens=4096)
+    """--sglang-mem-fraction-static, --sglang-max-prefill-tokens and --sglang-num-continuous-decode-steps work
+    with the embedded engine too."""
+    a = default_args(sglang_mem_fraction_static=0.5, sglang_max_prefill_tokens=4096,
+                     sglang_num_continuous_decode_steps=4)
     assert a.rollout_engine == "embedded" and a.sglang_mem_fraction_static == 0.5
-    assert a.sglang_max_prefill_tokens == 4096
+    assert a.sglang_max_prefill_tokens == 4096 and a.sglang_num_continuous_decode_steps == 4
 
 
 def test_router_mode():

@@ -9,6 +9,10 @@ Runs the sync pipeline and the async pipeline at --update-weights-interval 1 and
 time per step, generation and training time, trainer idle fraction and the speedups.
 
     python3 -P scripts/bench/async_vs_sync_gpu.py [--job uniform] [--steps 10] [--flags="--use-mps --bf16"] [--tag x]
+        [--variant 'cds4=--sglang-num-continuous-decode-steps 4' ...]
+
+`--variant NAME=FLAGS` (repeatable) adds an async run at interval 2 with FLAGS on top of --flags, reported as
+NAME_* next to the others (A/B of engine or trainer settings in the same run, against the same sync baseline).
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 JOB = ("--rollout-batch-size 32 --n-samples-per-prompt 8 --lr 1e-6 "
        "--micro-batch-size 32 --use-tis --rollout-num-engines 1 --actor-num-gpus-per-node 1 "
-       "--sglang-server-concurrency 256 --rollout-temperature 1.0").split()
+       "--sglang-server-concurrency 256 --rollout-temperature 1.0 "
+       # arrivals join the running batch every 4 decode steps: one eager prefill for several groups (SGLang's flag)
+       "--sglang-num-continuous-decode-steps 4").split()
 JOBS = {
     "uniform": "--rollout-max-response-len 192 --engine-max-context-len 256".split(),
     "long_tail": ("--rollout-max-response-len 768 --engine-max-context-len 1024 --use-dynamic-batch-size "
@@ -45,8 +51,8 @@ def prepare(out: Path) -> Path:
 
 
 def run(mode: str, interval: int, steps: int, data: Path, out: Path, extra_flags: list[str], job: str,
-        pause_mode: str = "in_place") -> dict:
-    name = f"{job}_{mode}{interval}"
+        pause_mode: str = "in_place", label: str = "") -> dict:
+    name = f"{job}_{label or mode + str(interval)}"
     common = ["--hf-checkpoint", str(data / "model"), "--prompt-data", str(data / "train.jsonl"), "--label-key",
               "label", "--num-rollout", str(steps), "--run-dir", str(out / name), *JOB, *JOBS[job], *extra_flags]
     if mode == "async":
@@ -64,13 +70,25 @@ def run(mode: str, interval: int, steps: int, data: Path, out: Path, extra_flags
     summary["train_s_per_step"] = statistics.mean(r["train_time"] for r in rows)
     summary["sync_s_per_step"] = statistics.mean(r.get("sync_total_time", 0.0) for r in rows)
     summary["s_per_step"] = (rows[-1]["time"] - rows[0]["time"]) / max(len(rows) - 1, 1)
+    # the trainer's idle fraction over the same steps (the whole run's figure includes the first step's start-up)
+    summary["trainer_idle"] = (rows[-1]["trainer_wait_time"] - rows[0]["trainer_wait_time"]) / (
+        rows[-1]["time"] - rows[0]["time"])
     summary["response_len"] = statistics.mean(r["response_len"] for r in rows)
     synced = [r for r in rows if "sync_total_time" in r]  # where a weight sync's time goes, mean over the syncs
     keys = sorted({k for r in synced for k in r if k.startswith("sync_") and k.endswith("_time")})
     summary["sync_breakdown"] = {k: statistics.mean(r.get(k, 0.0) for r in synced) for k in keys} if synced else {}
-    busy = [r.get("engine_busy_time") for r in rows]
-    if busy[0] is not None and busy[-1] is not None:  # engine idle over the same steps (one engine)
-        summary["engine_idle"] = 1 - (busy[-1] - busy[0]) / (rows[-1]["time"] - rows[0]["time"])
+    summary["train_breakdown"] = {k: statistics.mean(r.get(k, 0.0) for r in rows) for k in (
+        "train_batch_time", "train_prepare_time", "train_fwd_bwd_time", "train_optimizer_time")}
+    first, last = rows[0], rows[-1]
+    if "engine_busy_time" in first and "engine_busy_time" in last:  # the engine over the same steps (one engine)
+        d = {k: last[k] - first.get(k, 0.0) for k in last if k.startswith("engine_")}
+        summary["engine_idle"] = 1 - d["engine_busy_time"] / (last["time"] - first["time"])
+        its = max(d.get("engine_iterations", 0.0), 1.0)
+        summary["engine_iterations"] = {  # mean rows per iteration and ms per iteration by phase
+            "per_s": d.get("engine_iterations", 0.0) / (last["time"] - first["time"]),
+            "mean_rows": d.get("engine_rows", 0.0) / its, "prefill_rows": d.get("engine_prefill_rows", 0.0) / its,
+            **{k.removeprefix("engine_time_") + "_ms": 1000 * v / its for k, v in d.items()
+               if k.startswith("engine_time_")}}
     return summary
 
 
@@ -84,12 +102,19 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench_gpu")
     p.add_argument("--flags", default="", help="extra flags for every run, e.g. '--use-mps --bf16'")
     p.add_argument("--tag", default="", help="a name for this configuration in the JSON line")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                   help="an extra async run (interval 2) with FLAGS added to --flags; repeatable")
     a = p.parse_args()
     out = ROOT / a.out
     data = prepare(out / "data")
     extra = a.flags.split()
     runs = {"sync": ("sync", 1), "async": ("async", 1), "async2": ("async", 2)}
     res = {k: run(*runs[k], a.steps, data, out, extra, a.job, a.pause_mode) for k in a.runs}
+    for spec in a.variant:
+        name, _, flags = spec.partition("=")
+        if not name.isidentifier() or name in res:
+            p.error(f"--variant {spec!r}: need a new NAME=FLAGS (NAME a word)")
+        res[name] = run("async", 2, a.steps, data, out, extra + flags.split(), a.job, a.pause_mode, label=name)
     import torch
 
     line = {"bench": "async_vs_sync_gpu", "job": a.job, "tag": a.tag, "flags": a.flags, "pause_mode": a.pause_mode,
@@ -99,18 +124,24 @@ def main() -> None:
         line[f"{k}_s_per_step"] = round(r["s_per_step"], 3)
         line[f"{k}_train_s_per_step"] = round(r["train_s_per_step"], 3)
         line[f"{k}_sync_s_per_step"] = round(r["sync_s_per_step"], 3)
-        line[f"{k}_trainer_idle"] = round(r["trainer_wait_frac"], 3)
+        line[f"{k}_trainer_idle"] = round(r["trainer_idle"], 3)
         line[f"{k}_engine_idle"] = round(r["engine_idle"], 3) if "engine_idle" in r else None
         line[f"{k}_response_len"] = round(r["response_len"], 1)
         line[f"{k}_staleness_hist"] = r["buffer"].get("staleness_hist")
         line[f"{k}_regenerated_groups"] = r["manager"].get("regenerated_groups")
         line[f"{k}_ledger"] = r["ledger"]
         line[f"{k}_sync_breakdown"] = {x: round(v, 3) for x, v in r["sync_breakdown"].items()}
+        line[f"{k}_train_breakdown"] = {x: round(v, 3) for x, v in r["train_breakdown"].items()}
+        line[f"{k}_engine_iterations"] = {x: round(v, 2) for x, v in r.get("engine_iterations", {}).items()}
     if "sync" in res:
-        line["sync_generation_s_per_step"] = round(res["sync"]["s_per_step"] * res["sync"]["trainer_wait_frac"], 3)
+        line["sync_generation_s_per_step"] = round(res["sync"]["s_per_step"] * res["sync"]["trainer_idle"], 3)
         for k, name in (("async", "speedup_interval1"), ("async2", "speedup_interval2")):
             if k in res:
                 line[name] = round(res["sync"]["s_per_step"] / res[k]["s_per_step"], 3)
+        for spec in a.variant:
+            k = spec.partition("=")[0]
+            line[f"{k}_flags"] = spec.partition("=")[2]
+            line[f"speedup_{k}"] = round(res["sync"]["s_per_step"] / res[k]["s_per_step"], 3)
     print(json.dumps(line), flush=True)
     with (out / "results.jsonl").open("a") as f:
         f.write(json.dumps(line) + "\n")

@@ -38,6 +38,12 @@ class ClusterConfig:
                              "time-sliced. streamrl extension.")
     engine_mps_thread_percentage: int | None = F(None, "With --use-mps: CUDA_MPS_ACTIVE_THREAD_PERCENTAGE of the "
                                                        "engines (their share of the SMs; the trainer keeps all).")
+    train_mps_thread_percentage: int | None = F(None, "With --use-mps: CUDA_MPS_ACTIVE_THREAD_PERCENTAGE of the "
+                                                      "trainer ranks (leaves the rest of the SMs to the engines).")
+    train_mps_low_priority: bool = F(False, "With --use-mps: run the trainer ranks as below-normal priority MPS "
+                                            "clients (CUDA_MPS_CLIENT_PRIORITY=1), so that the engines' decode "
+                                            "kernels are scheduled first; drivers without MPS client priorities "
+                                            "ignore it.")
     update_weight_transport: str = F("auto", "Weight sync transport: auto (CUDA IPC when trainer and engines share "
                                      "a GPU, host-pinned shared memory when they are on different GPUs of the "
                                      "host, msgpack over HTTP on CPU), ipc, pinned, http, disk.",

@@ -79,6 +79,11 @@ def validate(args: argparse.Namespace) -> None:
     if args.engine_mps_thread_percentage is not None and not (
             args.use_mps and 1 <= args.engine_mps_thread_percentage <= 100):
         raise ConfigError("--engine-mps-thread-percentage needs --use-mps and a value in 1..100.")
+    if args.train_mps_thread_percentage is not None and not (
+            args.use_mps and 1 <= args.train_mps_thread_percentage <= 100):
+        raise ConfigError("--train-mps-thread-percentage needs --use-mps and a value in 1..100.")
+    if args.train_mps_low_priority and not args.use_mps:
+        raise ConfigError("--train-mps-low-priority needs --use-mps.")
     if args.train_backend == "megatron":
         raise ConfigError("--train-backend megatron is not available yet in this build; use --train-backend fsdp.")
     from streamrl.config.rollout_rules import validate_rollout

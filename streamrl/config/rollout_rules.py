@@ -28,7 +28,7 @@ def _eval_datasets(spec: list[str] | None, error: type[Exception]) -> list[tuple
 
 
 # SGLang server flags the embedded engine honours too, with SGLang's meaning (the others need real SGLang)
-EMBEDDED_ENGINE_SGLANG_FLAGS = {"mem_fraction_static", "max_prefill_tokens"}
+EMBEDDED_ENGINE_SGLANG_FLAGS = {"mem_fraction_static", "max_prefill_tokens", "num_continuous_decode_steps"}
 
 
 def validate_rollout(args: argparse.Namespace, error: type[Exception]) -> None:

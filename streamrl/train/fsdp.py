@@ -149,6 +149,7 @@ class FSDPTrainRank:
             dist.all_reduce(n, op=dist.ReduceOp.MAX)
             n_mb = int(n.item())
         mbs = micro_batches(local, args.micro_batch_size, self.device, max_tokens=budget, min_micro_batches=n_mb)
+        t_prep = time.time()
         runner.prepare(mbs)
         runner.compute_advantages(mbs)
         reduce = runner.reducer(mbs, len(batch))
@@ -163,8 +164,10 @@ class FSDPTrainRank:
             self.critic_opt.step()
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
+        t_fwd = time.time()
         sums.update(runner.actor_backward(mbs, reduce))
         result["grad_norm"] = _norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad))
+        t_opt = time.time()  # the norm's .item() waited for the backward
         if self.steps_done >= args.num_critic_only_steps:
             self.opt.step()
         self.steps_done += 1
@@ -173,7 +176,10 @@ class FSDPTrainRank:
         dist.all_reduce(vec)
         result.update({k: float(v) for k, v in zip(names, vec.tolist(), strict=True)})
         result.update(staleness_histogram(batch.staleness, args.max_staleness))
-        result["train_time"] = time.time() - t0
+        t_end = time.time()  # the metrics' .tolist() waited for the optimizer
+        # where the step went: batch to micro-batches, no-grad prepare + critic, actor forward/backward, optimizer
+        result.update(train_batch_time=t_prep - t0, train_prepare_time=t_fwd - t_prep,
+                      train_fwd_bwd_time=t_opt - t_fwd, train_optimizer_time=t_end - t_opt, train_time=t_end - t0)
         return result
 
     def full_named_parameters(self, keep_on_device: bool = False) -> list[tuple[str, Any]] | None:

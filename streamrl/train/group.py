@@ -21,6 +21,10 @@ class TrainerGroup:
         share = gpu_shares(args)[1]
         opts = {"num_gpus": share, "num_cpus": 0} if share else {"num_cpus": 0}
         env = {"env_vars": {"OMP_NUM_THREADS": str(args.train_torch_threads), "TOKENIZERS_PARALLELISM": "false"}}
+        if args.train_mps_thread_percentage:  # the trainer's share of the SMs under MPS
+            env["env_vars"]["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(args.train_mps_thread_percentage)
+        if args.train_mps_low_priority:  # the engines' kernels first (MPS client priority, newer drivers)
+            env["env_vars"]["CUDA_MPS_CLIENT_PRIORITY"] = "1"
         cls = ray.remote(**opts)(FSDPTrainRank)
         self.ranks = [cls.options(runtime_env=env).remote(args, r, self.world) for r in range(self.world)]
         addr, port = ray.get(self.ranks[0].master_address.remote())

@@ -80,6 +80,7 @@ class EmbeddedEngine:
         mem_fraction_static: float | None = None,
         max_prefill_tokens: int | None = DEFAULT_MAX_PREFILL_TOKENS,
         keep_kv_on_update: bool = False,
+        num_continuous_decode_steps: int = 1,
     ) -> None:
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)  # process-wide; engines share CPUs with trainers
@@ -106,6 +107,7 @@ class EmbeddedEngine:
             max_context_len=max_context_len,
             max_prefill_tokens=max_prefill_tokens,
             keep_kv_on_update=keep_kv_on_update,
+            num_continuous_decode_steps=num_continuous_decode_steps,
         )
         app = build_app(self.scheduler, loader=lambda path: load_model(path, "cpu", self.dtype))
         self.http = HttpServer(app, host=host, port=port)

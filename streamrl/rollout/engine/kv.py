@@ -80,11 +80,17 @@ def prefill_chunks(rows: Sequence[Any], max_prefill_tokens: int | None) -> list[
     return chunks
 
 
+def no_phase(phase: str) -> None:
+    pass
+
+
 class KVBatch:
     """Left-padded K/V of a set of requests (`rows`: any objects, matched by identity, in row order); one thread."""
 
     def __init__(self, max_prefill_tokens: int | None = None) -> None:
         self.max_prefill_tokens = max_prefill_tokens
+        self.prefill_rows = 0  # requests prefilled so far (a counter for the engine's stats)
+        self.on_phase: Callable[[str], None] = no_phase  # the scheduler's timer marks "decode" / "prefill"
         self.clear()
 
     def clear(self) -> None:
@@ -119,12 +125,16 @@ class KVBatch:
             pos = torch.tensor([[len(r.prompt_ids) + len(r.output_ids) - 1] for r in rows], dtype=torch.long)
             parts.append(forward(ids, mask, pos, cache))
             self.after_decode(cache, mask)
+            self.on_phase("decode")
         for chunk in prefill_chunks(fresh, self.max_prefill_tokens):
             ids, mask, pos = left_pad([r.prompt_ids + r.output_ids for r in chunk])
             cache = DynamicCache()
             parts.append(forward(ids, mask, pos, cache))
             self.merge(KVBatch.from_prefill(chunk, cache, mask))
             rows += chunk
+        if fresh:
+            self.prefill_rows += len(fresh)
+            self.on_phase("prefill")
         return rows, torch.cat(parts) if len(parts) > 1 else parts[0]
 
     # ---- forwards --------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from .kv import DEFAULT_MAX_PREFILL_TOKENS, KVBatch, left_pad, supports_kv_cache
 from .protocol import SamplingParams
 from .sampling import sample_tokens
 from .static_kv import StaticKV, supports_static_kv
+from .timing import StepTimer
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +89,11 @@ class Request:
 class Scheduler:
     """Owns the model and the batching thread. Public methods are thread-safe.
 
-    Counters for tests/metrics: `forward_steps` (number of batched forwards) and `batch_sizes` (size of each).
+    Counters for tests/metrics: `forward_steps` (number of batched forwards), `batch_sizes` (size of each) and
+    `stats()` (decode/prefill rows and where the time goes, timing.py).
     `kv_cache=False` selects the recompute path; models with non-full-attention layers always use it.
+    `num_continuous_decode_steps` (SGLang's flag): waiting requests join the running batch at most every that many
+    iterations (unless nothing runs), so a steady trickle of arrivals does not pay an eager prefill per decode step.
     """
 
     def __init__(
@@ -108,8 +112,13 @@ class Scheduler:
         max_context_len: int = 1024,
         max_prefill_tokens: int | None = DEFAULT_MAX_PREFILL_TOKENS,
         keep_kv_on_update: bool = False,
+        num_continuous_decode_steps: int = 1,
     ) -> None:
+        if num_continuous_decode_steps < 1:
+            raise ValueError(f"num_continuous_decode_steps must be >= 1, got {num_continuous_decode_steps}")
         self.model = model
+        self.num_continuous_decode_steps = num_continuous_decode_steps
+        self._since_admit = num_continuous_decode_steps  # iterations since waiting requests were last admitted
         self.keep_kv_on_update = keep_kv_on_update
         self.kv_cache = kv_cache and supports_kv_cache(model)
         if kv_cache and not self.kv_cache:
@@ -128,6 +137,8 @@ class Scheduler:
         self.forward_steps = 0
         self.busy_time = 0.0  # seconds spent in forward steps (engine idle fraction = 1 - busy / wall)
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=100_000)
+        self.counts = {"iterations": 0, "rows": 0, "prefill_iterations": 0}
+        self.timer = StepTimer(self.device)
         self._cond = threading.Condition()
         self._model_lock = threading.RLock()
         self._waiting: collections.deque[Request] = collections.deque()
@@ -146,6 +157,7 @@ class Scheduler:
             StaticKV(model, slots=max_running_requests, max_len=min(max_context_len, max_positions),
                      max_prefill_tokens=max_prefill_tokens)
             if self.kv_cache and use_static else KVBatch(max_prefill_tokens=max_prefill_tokens))
+        self._kv.on_phase = self.timer.mark
         self._weights_epoch = 0  # bumped by every weight update
         self._params: dict[str, torch.Tensor] | None = None
         self._kv_epoch = 0  # the epoch whose weights produced `_kv`
@@ -232,6 +244,13 @@ class Scheduler:
         with self._cond:
             req = self._active.get(rid)
             return req.snapshot() if req is not None else None
+
+    def stats(self) -> dict[str, float]:
+        """Iterations, rows decoded or prefilled, and seconds per phase (`time_decode`, `time_prefill`,
+        `time_sample`, `time_host`; timing.py) since start: mean batch = rows / iterations."""
+        with self._cond:
+            return {**self.counts, "prefill_rows": self._kv.prefill_rows,
+                    **{f"time_{k}": v for k, v in self.timer.totals.items() if k}}
 
     def load(self) -> dict[str, int]:
         """Counts of running and waiting requests (waiting includes requests held by a pause)."""
@@ -334,13 +353,19 @@ class Scheduler:
                     if self._stopped and not self._active:
                         return
                     if not self._paused:
-                        while self._waiting and len(self._running) < self.max_running_requests:
-                            self._running.append(self._waiting.popleft())
+                        if not self._running or self._since_admit >= self.num_continuous_decode_steps:
+                            admitted = 0
+                            while self._waiting and len(self._running) < self.max_running_requests:
+                                self._running.append(self._waiting.popleft())
+                                admitted += 1
+                            if admitted:
+                                self._since_admit = 0
                         if self._running:
                             break
                     self._cond.wait()
                 batch = list(self._running)
                 self._stepping = True
+                self._since_admit += 1
             t0 = time.perf_counter()
             try:
                 self._step(batch)
@@ -361,6 +386,8 @@ class Scheduler:
     def _step(self, batch: list[Request]) -> None:
         # One lock hold for the whole iteration: a weight update never lands between its two forwards.
         with self._model_lock, torch.inference_mode():
+            self.timer.begin()
+            prefilled = self._kv.prefill_rows
             rows, logits = self._forward_batch(batch)
             p = [r.params for r in rows]
             dev = self.device
@@ -368,9 +395,15 @@ class Scheduler:
             top_ps = torch.tensor([x.top_p for x in p], dtype=torch.float32, device=dev)
             top_ks = torch.tensor([x.top_k for x in p], dtype=torch.long, device=dev)
             tokens, logprobs = sample_tokens(logits, temps, top_ps, top_ks, [r.generator for r in rows])
+            self.timer.mark("sample")
             version = self.weight_version
+            tokens, logprobs = tokens.tolist(), logprobs.tolist()  # the iteration's one host sync
+            self.timer.end()
         with self._cond:  # so that get() never sees ids and logprobs of different lengths
-            for r, tok, lp in zip(rows, tokens.tolist(), logprobs.tolist(), strict=True):
+            self.counts["iterations"] += 1
+            self.counts["rows"] += len(rows)
+            self.counts["prefill_iterations"] += int(self._kv.prefill_rows != prefilled)
+            for r, tok, lp in zip(rows, tokens, logprobs, strict=True):
                 if version != r.weight_version:
                     r.version_starts.append((len(r.output_ids), version))
                 r.output_ids.append(tok)

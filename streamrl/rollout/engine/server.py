@@ -286,7 +286,8 @@ def build_app(scheduler: Scheduler, *, loader: Callable[[str], Any] | None = Non
 
     async def server_info(request: HttpRequest) -> Response:
         state = {"weight_version": sch.weight_version, "paused": sch.paused, **sch.load(),
-                 "busy_time": sch.busy_time}  # seconds in forward steps since start (engine idle fraction)
+                 "busy_time": sch.busy_time,  # seconds in forward steps since start (engine idle fraction)
+                 "step_stats": sch.stats()}  # iterations, rows, seconds per phase (streamrl extension)
         limits = {"context_length": sch.max_positions, "max_running_requests": sch.max_running_requests}
         return _json({**info(), **limits, "device": str(sch.device), "version": "streamrl-embedded",
                       "internal_states": [state]})  # fmt: skip

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .kv import prefill_chunks
+from .kv import no_phase, prefill_chunks
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 LEN_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192)
@@ -79,6 +79,8 @@ class StaticKV:
     def __init__(self, model: torch.nn.Module, slots: int, max_len: int, use_graphs: bool | None = None,
                  decode_attention: str = "auto", max_prefill_tokens: int | None = None):
         self.max_prefill_tokens = max_prefill_tokens
+        self.prefill_rows = 0  # requests prefilled so far (a counter for the engine's stats)
+        self.on_phase: Any = no_phase  # the scheduler's timer marks "decode" / "prefill"
         self.model, self.inner = model, model.model
         cfg = model.config
         self.layers = list(self.inner.layers)
@@ -150,12 +152,15 @@ class StaticKV:
         if self.rows:
             rows = list(self.rows)
             parts.append(self._decode([r.output_ids[-1] for r in rows]))
+            self.on_phase("decode")
         if fresh:
             if len(self.rows) + len(fresh) > self.slots:
                 raise RuntimeError(f"KV cache has {self.slots} slots; raise it or lower max_running_requests")
             for chunk in prefill_chunks(fresh, self.max_prefill_tokens):
                 parts.append(self._prefill(chunk))
                 rows += chunk
+            self.prefill_rows += len(fresh)
+            self.on_phase("prefill")
         return rows, torch.cat(parts) if len(parts) > 1 else parts[0]
 
     # ---- forwards -------------------------------------------------------------------------------------------
