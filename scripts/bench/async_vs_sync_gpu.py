@@ -9,7 +9,7 @@ Runs the sync pipeline and the async pipeline at --update-weights-interval 1 and
 time per step, generation and training time, trainer idle fraction and the speedups.
 
     python3 -P scripts/bench/async_vs_sync_gpu.py [--job uniform] [--steps 10] [--flags="--use-mps --bf16"] [--tag x]
-        [--variant 'cds4=--sglang-num-continuous-decode-steps 4' ...]
+        [--variant 'keepkv=--engine-keep-kv-on-update' ...]
 
 `--variant NAME=FLAGS` (repeatable) adds an async run at interval 2 with FLAGS on top of --flags, reported as
 NAME_* next to the others (A/B of engine or trainer settings in the same run, against the same sync baseline).
@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 JOB = ("--rollout-batch-size 32 --n-samples-per-prompt 8 --lr 1e-6 "
        "--micro-batch-size 32 --use-tis --rollout-num-engines 1 --actor-num-gpus-per-node 1 "
        "--sglang-server-concurrency 256 --rollout-temperature 1.0 "
-       # arrivals join the running batch every 4 decode steps: one eager prefill for several groups (SGLang's flag)
-       "--sglang-num-continuous-decode-steps 4").split()
+       # arrivals join the running batch every 8 decode steps: one eager prefill for several groups (SGLang's flag)
+       "--sglang-num-continuous-decode-steps 8").split()
 JOBS = {
     "uniform": "--rollout-max-response-len 192 --engine-max-context-len 256".split(),
     "long_tail": ("--rollout-max-response-len 768 --engine-max-context-len 1024 --use-dynamic-batch-size "
@@ -66,18 +66,21 @@ def run(mode: str, interval: int, steps: int, data: Path, out: Path, extra_flags
     subprocess.run([sys.executable, "-P", "-c", code, *common, *extra], cwd=ROOT, check=True)
     summary = json.loads((out / name / "summary.json").read_text())
     rows = [json.loads(x) for x in (out / name / "metrics.jsonl").open()]
-    rows = [r for r in rows if "train_time" in r][1:]  # the first step pays CUDA-graph capture and warm-up
-    summary["train_s_per_step"] = statistics.mean(r["train_time"] for r in rows)
-    summary["sync_s_per_step"] = statistics.mean(r.get("sync_total_time", 0.0) for r in rows)
+    # measured window: from the end of step 2 to the end of the last step (steps 1-2 pay CUDA-graph capture, the
+    # allocator's growth and the trainer's first kernels); per-step means are over the steps inside it
+    rows = [r for r in rows if "train_time" in r][1:]
+    inside = rows[1:]
+    summary["train_s_per_step"] = statistics.mean(r["train_time"] for r in inside)
+    summary["sync_s_per_step"] = statistics.mean(r.get("sync_total_time", 0.0) for r in inside)
     summary["s_per_step"] = (rows[-1]["time"] - rows[0]["time"]) / max(len(rows) - 1, 1)
     # the trainer's idle fraction over the same steps (the whole run's figure includes the first step's start-up)
     summary["trainer_idle"] = (rows[-1]["trainer_wait_time"] - rows[0]["trainer_wait_time"]) / (
         rows[-1]["time"] - rows[0]["time"])
-    summary["response_len"] = statistics.mean(r["response_len"] for r in rows)
-    synced = [r for r in rows if "sync_total_time" in r]  # where a weight sync's time goes, mean over the syncs
+    summary["response_len"] = statistics.mean(r["response_len"] for r in inside)
+    synced = [r for r in inside if "sync_total_time" in r]  # where a weight sync's time goes, mean over the syncs
     keys = sorted({k for r in synced for k in r if k.startswith("sync_") and k.endswith("_time")})
     summary["sync_breakdown"] = {k: statistics.mean(r.get(k, 0.0) for r in synced) for k in keys} if synced else {}
-    summary["train_breakdown"] = {k: statistics.mean(r.get(k, 0.0) for r in rows) for k in (
+    summary["train_breakdown"] = {k: statistics.mean(r.get(k, 0.0) for r in inside) for k in (
         "train_batch_time", "train_prepare_time", "train_fwd_bwd_time", "train_optimizer_time")}
     first, last = rows[0], rows[-1]
     if "engine_busy_time" in first and "engine_busy_time" in last:  # the engine over the same steps (one engine)
@@ -108,13 +111,25 @@ def main() -> None:
     out = ROOT / a.out
     data = prepare(out / "data")
     extra = a.flags.split()
-    runs = {"sync": ("sync", 1), "async": ("async", 1), "async2": ("async", 2)}
-    res = {k: run(*runs[k], a.steps, data, out, extra, a.job, a.pause_mode) for k in a.runs}
+    runs = {"sync": ("sync", 1, []), "async": ("async", 1, []), "async2": ("async", 2, [])}
+    plan = [(k, *runs[k]) for k in a.runs]
     for spec in a.variant:
         name, _, flags = spec.partition("=")
-        if not name.isidentifier() or name in res:
+        if not name.isidentifier() or name in runs or name in [x[0] for x in plan]:
             p.error(f"--variant {spec!r}: need a new NAME=FLAGS (NAME a word)")
-        res[name] = run("async", 2, a.steps, data, out, extra + flags.split(), a.job, a.pause_mode, label=name)
+        plan.append((name, "async", 2, flags.split()))
+    res: dict[str, dict] = {}
+    for key, mode, interval, flags in plan:
+        res[key] = run(mode, interval, a.steps, data, out, extra + flags, a.job, a.pause_mode,
+                       label="" if key in runs else key)
+        line = result_line(a, res)  # after every run, so that a run cut short still leaves the earlier ones
+        (out / "partial.json").write_text(json.dumps(line))
+    print(json.dumps(line), flush=True)
+    with (out / "results.jsonl").open("a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def result_line(a: argparse.Namespace, res: dict[str, dict]) -> dict:
     import torch
 
     line = {"bench": "async_vs_sync_gpu", "job": a.job, "tag": a.tag, "flags": a.flags, "pause_mode": a.pause_mode,
@@ -140,11 +155,10 @@ def main() -> None:
                 line[name] = round(res["sync"]["s_per_step"] / res[k]["s_per_step"], 3)
         for spec in a.variant:
             k = spec.partition("=")[0]
-            line[f"{k}_flags"] = spec.partition("=")[2]
-            line[f"speedup_{k}"] = round(res["sync"]["s_per_step"] / res[k]["s_per_step"], 3)
-    print(json.dumps(line), flush=True)
-    with (out / "results.jsonl").open("a") as f:
-        f.write(json.dumps(line) + "\n")
+            if k in res:
+                line[f"{k}_flags"] = spec.partition("=")[2]
+                line[f"speedup_{k}"] = round(res["sync"]["s_per_step"] / res[k]["s_per_step"], 3)
+    return line
 
 
 if __name__ == "__main__":
