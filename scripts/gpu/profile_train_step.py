@@ -43,7 +43,8 @@ def main() -> None:
     args = parse_args(["--hf-checkpoint", model, "--bf16", "--use-dynamic-batch-size",
                        "--max-tokens-per-gpu", "6144", "--micro-batch-size", "32", "--use-tis", "--lr", "1e-6",
                        "--rollout-max-response-len", "768", "--rollout-batch-size", str(a.samples // 8),
-                       "--n-samples-per-prompt", "8", "--actor-num-gpus-per-node", "1", *a.flags.split()])
+                       "--n-samples-per-prompt", "8", "--async-buffer-size", str(a.samples // 8),
+                       "--actor-num-gpus-per-node", "1", *a.flags.split()])
     rank = FSDPTrainRank(args, 0, 1)
     rank.init(*rank.master_address(), shares_gpu=True)
     rng = random.Random(0)
