@@ -1,0 +1,69 @@
+"""--log-probs-chunk-size: log-probs and entropies through the LM head in chunks equal the plain path, values and
+gradients, and a hand-computed case."""
+
+import math
+
+import pytest
+import torch
+
+from streamrl.algos import entropy_from_logits, token_log_probs
+from streamrl.algos.chunked_logprobs import chunked_log_probs
+
+
+def test_hand_computed_two_token_vocabulary():
+    # logits [1, 0]: ℓ(token 0) = 1 − log(e + 1), H = log(e + 1) − e / (e + 1)
+    lp, ent = chunked_log_probs(torch.tensor([[1.0]]), torch.tensor([[1.0], [0.0]]), torch.tensor([0]))
+    lse = math.log(math.e + 1)
+    assert lp.item() == pytest.approx(1 - lse, abs=1e-6)
+    assert ent.item() == pytest.approx(lse - math.e / (math.e + 1), abs=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 37, 100])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_values_and_gradients_equal_the_plain_path(chunk, temperature):
+    g = torch.Generator().manual_seed(0)
+    n, c, v = 37, 8, 50
+    # float64, so that the comparison is tight (gradcheck below; fp32 agrees to ~1e-5)
+    h0 = torch.randn(n, c, generator=g, dtype=torch.float64)
+    w0 = torch.randn(v, c, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, v, (n,), generator=g)
+    a, b = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)  # weights of a loss using both outputs
+
+    h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    logits = h @ w.t()
+    ref_lp, ref_ent = token_log_probs(logits, targets, temperature), entropy_from_logits(logits, temperature)
+    ((a * ref_lp).sum() + (b * ref_ent).sum()).backward()
+
+    hc, wc = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    lp, ent = chunked_log_probs(hc, wc, targets, temperature, chunk=chunk)
+    ((a * lp).sum() + (b * ent).sum()).backward()
+    for x, y in ((lp, ref_lp), (ent, ref_ent), (hc.grad, h.grad), (wc.grad, w.grad)):
+        torch.testing.assert_close(x.detach(), y.detach(), atol=1e-10, rtol=1e-10)
+
+
+def test_entropy_as_a_metric_has_no_gradient():
+    g = torch.Generator().manual_seed(1)
+    h, w = torch.randn(6, 4, generator=g, requires_grad=True), torch.randn(9, 4, generator=g, requires_grad=True)
+    t = torch.randint(0, 9, (6,), generator=g)
+    lp, ent = chunked_log_probs(h, w, t, chunk=4, entropy_grad=False)
+    assert lp.requires_grad and not ent.requires_grad
+    lp.sum().backward()
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    token_log_probs(h2 @ w2.t(), t).sum().backward()
+    torch.testing.assert_close(h.grad, h2.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(w.grad, w2.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 7, (5,), generator=g)
+    assert torch.autograd.gradcheck(lambda h, w: chunked_log_probs(h, w, t, 0.8, chunk=2), (h, w))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="chunk"):
+        chunked_log_probs(torch.zeros(1, 1), torch.zeros(2, 1), torch.tensor([0]), chunk=0)
+    with pytest.raises(ValueError, match="temperature"):
+        chunked_log_probs(torch.zeros(1, 1), torch.zeros(2, 1), torch.tensor([0]), temperature=0.0)
