@@ -2,10 +2,11 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from streamrl.config import ConfigError, build_parser, default_args
+from streamrl.config import ConfigError, build_parser, default_args, parse_args
 
 SLIME_FLAGS = [
     "--num-rollout", "--rollout-batch-size", "--n-samples-per-prompt", "--rollout-max-response-len",
@@ -121,3 +122,14 @@ def test_offpolicy_correction_defaults():
     assert default_args(disable_tis=True, allow_uncorrected_offpolicy=True).use_tis is False
     b = default_args(use_rollout_logprobs=True)  # the other correction; TIS's ratio would be 1
     assert b.use_rollout_logprobs and not b.use_tis
+
+
+@pytest.mark.parametrize("script", sorted(Path(__file__).resolve().parents[1].glob("scripts/models/*.sh")),
+                         ids=lambda p: p.name)
+def test_model_scripts_flags_parse(script):
+    """Every scripts/models/*.sh defines MODEL_ARGS that streamrl's parser accepts (no stale or misspelt flag)."""
+    out = subprocess.run(["bash", "-c", f'source "{script}" && printf "%s\\n" "${{MODEL_ARGS[@]}}"'],
+                         capture_output=True, text=True, check=True).stdout.split("\n")
+    flags = [x for x in out if x]
+    assert flags, f"{script.name} defines no MODEL_ARGS"
+    parse_args([*flags, "--hf-checkpoint", "m", "--prompt-data", "p.jsonl"])

@@ -8,6 +8,7 @@ with prompt length p and response length r are scored by the logits at positions
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
@@ -41,6 +42,46 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
     z = _scaled(logits, temperature)
     p = torch.softmax(z, dim=-1)
     return torch.logsumexp(z, dim=-1) - (p * z).sum(dim=-1)
+
+
+class ChunkedLogProbHead(torch.nn.Module):
+    """`--log-probs-chunk-size N`: stands in for a causal LM's `lm_head` with the same weight Parameter, so state-dict
+    names, weight tying and FSDP sharding do not change. Outside `scoring(...)` it returns plain logits; inside, the
+    model's forward returns [B, R, 2] (log-prob, entropy) of the given response positions, computed by
+    `chunked_log_probs` N tokens at a time instead of logits for every position (`response_log_probs` uses it)."""
+
+    def __init__(self, head: torch.nn.Module, chunk: int):
+        super().__init__()
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("--log-probs-chunk-size needs an LM head without bias")
+        self.weight = head.weight
+        self.chunk = chunk
+        self._request: tuple[Tensor, Tensor, float, bool] | None = None
+
+    @contextmanager
+    def scoring(self, positions: Tensor, targets: Tensor, temperature: float, entropy_grad: bool):
+        self._request = (positions, targets, temperature, entropy_grad)
+        try:
+            yield
+        finally:
+            self._request = None
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        if self._request is None:
+            return torch.nn.functional.linear(hidden, self.weight)
+        from streamrl.algos.chunked_logprobs import chunked_log_probs
+
+        positions, targets, temperature, entropy_grad = self._request
+        h = gather_positions(hidden, positions)  # [B, R, C]: the response positions only
+        b, r, c = h.shape
+        lp, ent = chunked_log_probs(h.reshape(b * r, c), self.weight, targets.reshape(-1), temperature, self.chunk,
+                                    entropy_grad)
+        return torch.stack([lp.view(b, r), ent.view(b, r)], dim=-1)
+
+
+def use_chunked_log_probs(model: Any, chunk: int) -> None:
+    """Swap an HF causal LM's `lm_head` for a `ChunkedLogProbHead` (before FSDP wraps the model)."""
+    model.set_output_embeddings(ChunkedLogProbHead(model.get_output_embeddings(), chunk))
 
 
 class ResponseLogProbs(NamedTuple):
@@ -130,6 +171,16 @@ def response_log_probs(
     """
     packed = pack_responses(batch_tokens, prompt_lengths, response_lengths, pad_id)
     device = _model_device(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, ChunkedLogProbHead):  # --log-probs-chunk-size: the head scores the responses itself
+        grad_ent = with_entropy and entropy_grad and torch.is_grad_enabled()
+        with head.scoring(packed.positions.to(device), packed.targets.to(device), temperature, grad_ent):
+            out = model(input_ids=packed.input_ids.to(device), attention_mask=packed.attention_mask.to(device))
+        both = out.logits if hasattr(out, "logits") else out  # [B, Rmax, 2]
+        mask = packed.mask.to(both.device)
+        lp = both[..., 0].masked_fill(~mask, 0.0)
+        ent = both[..., 1].masked_fill(~mask, 0.0) if with_entropy else None
+        return ResponseLogProbs(lp, mask.to(lp.dtype), ent)
     out = model(input_ids=packed.input_ids.to(device), attention_mask=packed.attention_mask.to(device))
     logits = out.logits if hasattr(out, "logits") else out  # [B, Lmax, V]
     resp_logits = gather_positions(logits, packed.positions)  # [B, Rmax, V]

@@ -198,6 +198,10 @@ class TrainConfig:
                                             "--micro-batch-size samples, longest first (less padding).")
     max_tokens_per_gpu: int | None = F(None, "With --use-dynamic-batch-size: padded tokens (samples x longest "
                                              "prompt+response) per micro-batch on one rank.")
+    log_probs_chunk_size: int = F(-1, "slime's flag: compute the trainer's log-probs and entropies through the LM "
+                                      "head this many response tokens at a time (backward recomputes each chunk), "
+                                      "never materialising [tokens, vocab] fp32 logits; -1: the plain full-logits "
+                                      "path.")
     num_steps_per_rollout: int = F(1, "Optimizer steps per rollout.")
     lr: float = F(1e-6, "Learning rate (AdamW).")
     weight_decay: float = F(0.0, "AdamW weight decay.")

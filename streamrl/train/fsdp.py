@@ -48,6 +48,8 @@ class FSDPTrainRank:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         from transformers import AutoModelForCausalLM
 
+        from streamrl.algos.logprobs import use_chunked_log_probs
+
         args = self.args
         self.shares_gpu = shares_gpu  # with the engines (picks the weight transport)
         torch.manual_seed(args.seed)
@@ -73,11 +75,16 @@ class FSDPTrainRank:
             fully_shard(m, **opts)
             return m
 
+        def chunked(m):  # --log-probs-chunk-size: the LM head scores responses in chunks (algos/logprobs.py)
+            if args.log_probs_chunk_size > 0:
+                use_chunked_log_probs(m, args.log_probs_chunk_size)
+            return m
+
         def frozen(path):
             m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if args.bf16 else torch.float32)
-            return m.to(self.device).eval().requires_grad_(False)
+            return chunked(m.to(self.device).eval().requires_grad_(False))
 
-        model = AutoModelForCausalLM.from_pretrained(args.hf_checkpoint, dtype=torch.float32).to(self.device)
+        model = chunked(AutoModelForCausalLM.from_pretrained(args.hf_checkpoint, dtype=torch.float32).to(self.device))
         self.model = shard(model, model.model.layers)
         self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                      betas=(args.adam_beta1, args.adam_beta2))

@@ -27,7 +27,8 @@ def test_values_and_gradients_equal_the_plain_path(chunk, temperature):
     h0 = torch.randn(n, c, generator=g, dtype=torch.float64)
     w0 = torch.randn(v, c, generator=g, dtype=torch.float64)
     targets = torch.randint(0, v, (n,), generator=g)
-    a, b = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)  # weights of a loss using both outputs
+    # the weights of a loss that uses both outputs
+    a, b = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
 
     h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
     logits = h @ w.t()
@@ -67,3 +68,38 @@ def test_bad_arguments():
         chunked_log_probs(torch.zeros(1, 1), torch.zeros(2, 1), torch.tensor([0]), chunk=0)
     with pytest.raises(ValueError, match="temperature"):
         chunked_log_probs(torch.zeros(1, 1), torch.zeros(2, 1), torch.tensor([0]), temperature=0.0)
+
+
+def test_response_log_probs_through_the_chunked_head_equal_the_plain_path():
+    """The HF model with its lm_head swapped (--log-probs-chunk-size 3): same log-probs, entropies and parameter
+    gradients as the full-logits path, the same state-dict names and a still-tied head."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from streamrl.algos import response_log_probs
+    from streamrl.algos.logprobs import ChunkedLogProbHead, use_chunked_log_probs
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+    plain = Qwen3ForCausalLM(cfg)
+    chunked = Qwen3ForCausalLM(cfg)
+    chunked.load_state_dict(plain.state_dict())
+    use_chunked_log_probs(chunked, 3)
+    assert isinstance(chunked.lm_head, ChunkedLogProbHead)
+    assert chunked.lm_head.weight is chunked.model.embed_tokens.weight
+    assert set(chunked.state_dict()) == set(plain.state_dict())
+    tokens = [[1, 2, 3, 4, 5, 6], [7, 8, 9], [3, 3, 3, 3]]
+    prompts, resp = [2, 1, 3], [4, 2, 1]
+    outs = []
+    for m in (plain, chunked):
+        r = response_log_probs(m, tokens, prompts, resp, temperature=0.9, with_entropy=True)
+        ((r.log_probs * 2.0).sum() + r.entropy.sum()).backward()
+        outs.append((r, {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (a, ga), (b, gb) = outs
+    for x, y in ((a.log_probs, b.log_probs), (a.entropy, b.entropy), (a.mask, b.mask)):
+        torch.testing.assert_close(x.detach(), y.detach(), atol=1e-5, rtol=1e-5)
+    assert b.log_probs[2, 1:].eq(0).all()  # padding stays zero
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], atol=1e-5, rtol=1e-4)
+    # outside scoring the head is a plain LM head
+    torch.testing.assert_close(chunked(torch.tensor([[1, 2]])).logits, plain(torch.tensor([[1, 2]])).logits)

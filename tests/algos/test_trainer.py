@@ -146,3 +146,24 @@ def test_opd_with_teacher_checkpoint(tiny_ckpt, samples):
         rank.shutdown()
     # teacher == student: the distillation advantage ℓteacher − ℓstudent is ~0, so is the policy loss
     assert abs(m["pg_loss"]) < 1e-5
+
+
+def test_log_probs_chunk_size_gives_the_same_step(tiny_ckpt, samples):
+    """--log-probs-chunk-size 5 (FSDP2 rank): same metrics and the same weights after the step as the plain path."""
+    batch = to_batch(samples)
+    results = []
+    for over in ({}, {"log_probs_chunk_size": 5}):
+        rank = make_rank(tiny_ckpt, rollout_temperature=0.8, entropy_coef=0.01, **over)
+        try:
+            m = rank.train_step(batch)
+            results.append((m, dict(rank.full_named_parameters())))
+        finally:
+            rank.shutdown()
+    (m0, w0), (m1, w1) = results
+    for k in ("loss", "pg_loss", "entropy", "grad_norm", "train_rollout_logprob_abs_diff"):
+        assert m1[k] == pytest.approx(m0[k], rel=1e-4, abs=1e-6), k
+    assert set(w0) == set(w1)
+    # AdamW's first step moves each weight by ~lr * sign(grad) (lr 1e-2): a wrong gradient would differ by ~lr on
+    # many weights; equal gradients up to float rounding differ only where a gradient is ~0
+    diff = torch.cat([(w0[k] - w1[k]).abs().flatten() for k in w0])
+    assert diff.max().item() < 1e-3 and diff.mean().item() < 1e-6
