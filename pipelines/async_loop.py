@@ -194,7 +194,8 @@ def _get_batch(c: Any, b: int, step: int, poll_s: float = 5.0) -> list:
 
 def _engine_counters(urls: list[str]) -> dict[str, float]:
     """Cumulative counters of the embedded engines, summed: `engine_busy_time` (seconds in forward steps; engine
-    idle = 1 - d(busy) / d(wall)) and `engine_<k>` for the iteration stats (rows, iterations, time per phase).
+    idle = 1 - d(busy) / d(wall) / engine_count) and `engine_<k>` for the iteration stats (rows, iterations, time
+    per phase).
     Empty for engines that do not report them (SGLang)."""
     from streamrl.sync.base import http_client
 
@@ -207,6 +208,8 @@ def _engine_counters(urls: list[str]) -> dict[str, float]:
             return {}
         for k, v in counters.items():
             total[f"engine_{k}"] = total.get(f"engine_{k}", 0.0) + float(v)
+    if total:
+        total["engine_count"] = len(urls)
     return total
 
 

@@ -1,7 +1,7 @@
 """What a person sees: one status line per step (fixed field order), metrics.jsonl, wandb (offline by default).
 
 Status line fields, in order: step, reward, samples/s, buffer fill, staleness mean/max, trainer wait %, weight
-version, ETA.
+version, ETA, and with the embedded engines their busy % and mean rows per iteration since the previous line.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ class MetricsLogger:
         else:
             self.file = path.open("w")
         self.t0 = time.time()
+        self._prev: dict[str, Any] | None = None  # the record of the previous status line (engine deltas)
         self.wandb = None
         if args.use_wandb:
             import wandb  # optional extra: pip install streamrl[wandb]
@@ -53,7 +54,20 @@ class MetricsLogger:
         return (f"step {step:>4}/{self.total} | reward {m['reward']:.3f} | {m['samples_per_s']:6.1f} samples/s | "
                 f"buffer {m['buffer_fill']:>3}/{m['buffer_capacity']} | stale {m['staleness_mean']:.2f}/"
                 f"{m['staleness_max']} | wait {100 * m['trainer_wait_frac']:4.1f}% | v{m['version']} | "
-                f"eta {eta:4.0f}s{ev}")
+                f"eta {eta:4.0f}s{ev}{self._engine_field(m)}")
+
+    def _engine_field(self, m: dict[str, Any]) -> str:
+        """" | engine 97% busy, 240 rows/it" over the interval since the previous status line (embedded engines)."""
+        prev, self._prev = self._prev, {"time": time.time() - self.t0, **m}  # a logged row has its own time
+        keys = ("engine_busy_time", "engine_iterations", "engine_rows")
+        if prev is None or not all(k in m and k in prev for k in keys):
+            return ""
+        dt = self._prev["time"] - prev["time"]
+        its = m["engine_iterations"] - prev["engine_iterations"]
+        if dt <= 0 or its <= 0:
+            return ""
+        busy = (m["engine_busy_time"] - prev["engine_busy_time"]) / dt / m.get("engine_count", 1)
+        return f" | engine {100 * busy:3.0f}% busy, {(m['engine_rows'] - prev['engine_rows']) / its:.0f} rows/it"
 
     def close(self) -> None:
         self.file.close()
@@ -71,7 +85,11 @@ def plot_run(run_dir: Path) -> Path:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     train = [r for r in rows if "reward" in r and "step" in r]
     evals = [r for r in rows if "eval/reward" in r]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    # per-step idle fractions from the cumulative counters (trainer wait; embedded engines' busy time)
+    util = [(b, a) for a, b in zip(train, train[1:], strict=False)
+            if all(k in a and k in b for k in ("trainer_wait_time", "engine_busy_time")) and b["time"] > a["time"]]
+    fig, axes = plt.subplots(3 if util else 2, 1, figsize=(8, 8.5 if util else 6), sharex=True)
+    ax1, ax2 = axes[0], axes[1]
     ax1.plot([r["step"] for r in train], [r["reward"] for r in train], label="train reward", alpha=0.6)
     if evals:
         ax1.plot([r["step"] for r in evals], [r["eval/reward"] for r in evals], "o-", label="eval reward (held out)")
@@ -85,6 +103,18 @@ def plot_run(run_dir: Path) -> Path:
     ax2.set_ylabel("versions behind")
     ax2.legend(loc="upper right")
     ax2.grid(alpha=0.3)
+    if util:
+        ax3 = axes[2]
+        steps = [b["step"] for b, _ in util]
+        ax3.plot(steps, [(b["trainer_wait_time"] - a["trainer_wait_time"]) / (b["time"] - a["time"])
+                         for b, a in util], label="trainer idle")
+        ax3.plot(steps, [1 - (b["engine_busy_time"] - a["engine_busy_time"]) / (b["time"] - a["time"])
+                         / b.get("engine_count", 1) for b, a in util], label="engine idle (mean over engines)")
+        ax3.set_ylabel("fraction of the step")
+        ax3.set_ylim(-0.02, 1.02)
+        ax3.legend(loc="upper right")
+        ax3.grid(alpha=0.3)
+        ax3.set_xlabel("train step")
     fig.tight_layout()
     out = run_dir / "reward_staleness.png"
     fig.savefig(out, dpi=100)

@@ -84,7 +84,7 @@ def run(mode: str, interval: int, steps: int, data: Path, out: Path, extra_flags
         "train_batch_time", "train_prepare_time", "train_fwd_bwd_time", "train_optimizer_time")}
     first, last = rows[0], rows[-1]
     if "engine_busy_time" in first and "engine_busy_time" in last:  # the engine over the same steps (one engine)
-        d = {k: last[k] - first.get(k, 0.0) for k in last if k.startswith("engine_")}
+        d = {k: last[k] - first.get(k, 0.0) for k in last if k.startswith("engine_") and k != "engine_count"}
         summary["engine_idle"] = 1 - d["engine_busy_time"] / (last["time"] - first["time"])
         its = max(d.get("engine_iterations", 0.0), 1.0)
         summary["engine_iterations"] = {  # mean rows per iteration and ms per iteration by phase
