@@ -283,3 +283,30 @@ def test_continuous_decode_steps_batch_joins_same_outputs():
         assert all(st[f"time_{k}"] > 0 for k in ("decode", "prefill", "sample", "host"))
     with pytest.raises(ValueError, match="num_continuous_decode_steps"):
         Scheduler(tiny(), vocab_size=VOCAB, max_positions=256, num_continuous_decode_steps=0)
+
+
+@pytest.mark.parametrize("mode", ["in_place", "abort"])
+def test_held_back_arrivals_survive_pauses(mode):
+    """A request waiting for its admission turn (--sglang-num-continuous-decode-steps) is neither lost nor run
+    early by a pause: in_place keeps it waiting, abort returns it (no tokens) as it does every active request."""
+    model = tiny(0)
+    plan = [([5, 6, 7, 8], None), ([1, 2, 3], (0, 1))]  # r1 arrives at r0's first token
+    params = [SamplingParams(max_new_tokens=30, temperature=0.0, ignore_eos=True), greedy(5)]
+    seen = {}
+
+    def during(sch):
+        while (snap := sch.get("r0")) is not None and len(snap.output_ids) < 4:
+            threading.Event().wait(0.002)
+        assert sch.pause(mode, timeout=30)
+        seen["load"] = sch.load()
+        sch.resume()
+
+    outs, _, sch = run_plan(model, plan, params, kv_cache=True, during=during, num_continuous_decode_steps=50)
+    if mode == "in_place":  # r1 held back (50 iterations), kept through the pause, admitted once r0 finished
+        assert seen["load"] == {"num_running_reqs": 1, "num_waiting_reqs": 1}
+        assert len(outs[0].output_ids) == 30 and outs[1].output_ids == hf_reference(model, [1, 2, 3], 5)[0]
+        assert sch.stats()["prefill_iterations"] == 2
+    else:
+        assert seen["load"] == {"num_running_reqs": 0, "num_waiting_reqs": 0}
+        assert outs[1].finish_reason["type"] == "abort" and outs[1].output_ids == []
+        assert outs[0].finish_reason["type"] == "abort" and 4 <= len(outs[0].output_ids) < 30
