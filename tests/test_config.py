@@ -70,6 +70,8 @@ def test_derived_values():
         ({"train_mps_thread_percentage": 70}, "--train-mps-thread-percentage"),
         ({"use_mps": True, "train_mps_thread_percentage": 101}, "--train-mps-thread-percentage"),
         ({"train_mps_low_priority": True}, "--train-mps-low-priority"),
+        ({"use_unbiased_kl": True}, "--use-unbiased-kl"),
+        ({"log_probs_chunk_size": 0}, "--log-probs-chunk-size"),
     ],
 )
 def test_bad_combinations_name_the_flag(overrides, flag):

@@ -157,13 +157,15 @@ def policy_loss(
     ref_log_probs: Tensor | None = None,
     kl_loss_coef: float = 0.0,
     kl_loss_type: KLKind = "low_var_kl",
+    unbiased_kl: bool = False,
     entropy: Tensor | None = None,
     entropy_coef: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-token policy loss  L = w·L_pg(ℓθ, ℓold, A) + β·KL(ℓθ, ℓref) − c_H·H.
 
     L_pg from `pg_loss(kind)` (GSPO needs `mask`; default all ones); w: TIS weights (detached; omitted = 1); the KL
-    term only when `ref_log_probs` is given (β = kl_loss_coef, estimator kl_loss_type); the entropy bonus only when
+    term only when `ref_log_probs` is given (β = kl_loss_coef, estimator kl_loss_type; `unbiased_kl`: β·ρ·KL with
+    ρ = exp(ℓθ − ℓold) not detached, slime's --use-unbiased-kl); the entropy bonus only when
     `entropy` (token entropy of the temperature-scaled logits, with grad) is given (c_H = entropy_coef).
     Metrics are detached per-token tensors (reduce them with `reduce_metrics`): pg_loss (after TIS), pg_clipfrac,
     ppo_kl = ℓold − ℓθ, and kl_loss / entropy when those terms are present.
@@ -178,6 +180,8 @@ def policy_loss(
     metrics = {"pg_loss": pg.detach(), "pg_clipfrac": clipfrac, "ppo_kl": ppo_kl}
     if ref_log_probs is not None:
         kl = kl_estimate(log_probs, ref_log_probs, kl_loss_type)
+        if unbiased_kl:
+            kl = torch.exp(log_probs - old_log_probs) * kl
         loss = loss + kl_loss_coef * kl
         metrics["kl_loss"] = kl.detach()
     if entropy is not None:

@@ -168,6 +168,9 @@ class AlgoConfig:
     use_kl_loss: bool = F(False, "Add a KL penalty to a frozen reference model.")
     kl_loss_coef: float = F(0.0, "KL loss coefficient.")
     kl_loss_type: str = F("low_var_kl", "KL estimator.", choices=["k1", "k2", "k3", "low_var_kl"])
+    use_unbiased_kl: bool = F(False, "With --use-kl-loss: multiply each token's KL estimate by the importance ratio "
+                                     "pi_theta/pi_old = exp(logp - logp_old) (DeepSeek-V3.2), which makes the "
+                                     "KL loss's gradient that of KL(pi_theta || pi_ref) also off-policy.")
     entropy_coef: float = F(0.0, "Entropy bonus coefficient.")
     use_tis: bool = F(True, "Importance-weight tokens by pi_old / pi_rollout. ON by default in streamrl "
                             "(slime: off); --disable-tis turns it off.")

@@ -71,6 +71,8 @@ def validate(args: argparse.Namespace) -> None:
             "--colocate is not supported: streamrl overlaps generation and training on separate devices. "
             "Drop --colocate and give the engines their own GPUs with --rollout-num-gpus."
         )
+    if args.use_unbiased_kl and not args.use_kl_loss:
+        raise ConfigError("--use-unbiased-kl weights the KL loss: it needs --use-kl-loss.")
     if args.log_probs_chunk_size == 0 or args.log_probs_chunk_size < -1:
         raise ConfigError(f"--log-probs-chunk-size must be -1 (off) or > 0, got {args.log_probs_chunk_size}.")
     if args.use_dynamic_batch_size and not (args.max_tokens_per_gpu and args.max_tokens_per_gpu > 0):

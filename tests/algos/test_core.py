@@ -168,6 +168,18 @@ def test_policy_loss_by_hand_2x3():
     assert set(m2) == {"pg_loss", "pg_clipfrac", "ppo_kl"}
 
 
+def test_unbiased_kl_by_hand():
+    """--use-unbiased-kl: β·ρ·KL with ρ = exp(ℓθ − ℓold) kept in the graph. ℓθ = −1, ℓold = −1.2, ℓref = −1.5, k1:
+    δ = 0.5, ρ = e^0.2, loss ρδ = 0.61070, d/dℓθ = ρ(δ + 1) = 1.83210 (plain k1: 0.5 and 1)."""
+    for unbiased, value, grad in ((True, math.exp(0.2) * 0.5, math.exp(0.2) * 1.5), (False, 0.5, 1.0)):
+        lp = T([[-1.0]]).requires_grad_()
+        loss, m = policy_loss(lp, T([[-1.2]]), T([0.0]), ref_log_probs=T([[-1.5]]), kl_loss_coef=1.0,
+                              kl_loss_type="k1", unbiased_kl=unbiased)
+        loss.sum().backward()
+        assert loss.item() == pytest.approx(value, rel=1e-6) and m["kl_loss"].item() == pytest.approx(value, rel=1e-6)
+        assert lp.grad.item() == pytest.approx(grad, rel=1e-6)
+
+
 def test_reductions_and_sft():
     v = T([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
     m = T([[1, 1, 1], [1, 0, 0], [0, 0, 0]])

@@ -91,6 +91,7 @@ CONFIGS = {
     "ppo_critic": dict(advantage_estimator="ppo", gamma=0.95, lambd=0.9, eps_clip_c=3.0, normalize_advantages=True),
     "opd_klloss_dualclip": dict(use_opd=True, opd_teacher_load="t", opd_kl_coef=0.3, use_kl_loss=True,
                                 kl_loss_coef=0.1, kl_loss_type="k3", eps_clip_c=3.0, entropy_coef=0.01),
+    "unbiased_kl_k3": dict(use_kl_loss=True, kl_loss_coef=0.2, kl_loss_type="k3", use_unbiased_kl=True),
     "rollout_logprobs_rfppb": dict(advantage_estimator="reinforce_plus_plus_baseline", normalize_advantages=True,
                                    use_rollout_logprobs=True, calculate_per_token_loss=True),
 }
