@@ -195,3 +195,18 @@ def test_long_tail_bench_generate_stops_each_sample_at_its_length(tiny_ckpt, pro
         assert s.status == Status.COMPLETED
     assert sum(s.response_length == mod.target_length(s.index, 40) for s in samples) >= 4
     assert len({s.response_length for s in samples}) > 1
+
+
+def test_eval_keys_and_skipped_prompts(tiny_ckpt, prompts, engine, tmp_path):
+    """--eval-input-key / --eval-label-key read eval files with their own keys; a prompt over
+    --rollout-max-prompt-len is counted in eval/<name>/skipped, not silently dropped."""
+    path = tmp_path / "e.jsonl"
+    rows = [{"question": "sort:21=", "answer": "abc"}, {"question": "sort:3=", "answer": "de"},
+            {"question": "sort:" + "9" * 60 + "=", "answer": "x"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mgr, _ = make(tiny_ckpt, prompts, engine, eval_prompt_data=["e", str(path)], eval_input_key="question",
+                  eval_label_key="answer", eval_max_response_len=2, rollout_max_prompt_len=30,
+                  custom_rm_path=P + "label_length")
+    m = anyio.run(mgr.evaluate, 0)
+    assert m["eval/e/n"] == 2 and m["eval/e/skipped"] == 1
+    assert m["eval/e/reward"] == 2.5  # labels "abc" and "de": read from "answer"

@@ -74,6 +74,9 @@ class DataConfig:
                                                  "named after its file); repeatable.", nargs="+", action="extend")
     eval_interval: int | None = F(None, "Evaluate every this many train steps.")
     n_samples_per_eval_prompt: int = F(1, "Samples per eval prompt.")
+    eval_input_key: str | None = F(None, "JSONL key of the eval datasets' prompts (default --input-key).")
+    eval_label_key: str | None = F(None, "JSONL key of the eval datasets' labels (default --label-key).")
+    eval_reward_key: str | None = F(None, "Key of a dict reward reported by eval (default --reward-key).")
     eval_temperature: float | None = F(None, "Eval sampling temperature (default: rollout temperature).")
     eval_max_response_len: int | None = F(None, "Eval max new tokens (default: --rollout-max-response-len).")
     skip_eval_before_train: bool = F(False, "Do not evaluate before the first train step.")
@@ -166,6 +169,8 @@ class AlgoConfig:
     eps_clip_high: float | None = F(None, "Upper clip range (DAPO clip-higher); default --eps-clip.")
     eps_clip_c: float | None = F(None, "Dual-clip PPO: bound the loss of negative-advantage tokens by c*|A| (c > 1).")
     use_kl_loss: bool = F(False, "Add a KL penalty to a frozen reference model.")
+    ref_load: str | None = F(None, "Reference model for --use-kl-loss / --kl-coef (slime's flag; here an HF "
+                                   "checkpoint directory). Default: --hf-checkpoint.")
     kl_loss_coef: float = F(0.0, "KL loss coefficient.")
     kl_loss_type: str = F("low_var_kl", "KL estimator.", choices=["k1", "k2", "k3", "low_var_kl"])
     use_unbiased_kl: bool = F(False, "With --use-kl-loss: multiply each token's KL estimate by the importance ratio "

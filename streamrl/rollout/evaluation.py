@@ -38,12 +38,18 @@ async def _dataset(mgr: Any, name: str, path: str, params: dict[str, Any]) -> tu
     from streamrl.data import load_prompts
 
     a = mgr.args
-    if path not in mgr._eval_cache:
-        mgr._eval_cache[path] = load_prompts(path, a.input_key, a.label_key, a.metadata_key, tokenizer=mgr.tokenizer,
-                                             apply_chat_template=a.apply_chat_template)[0]
+    if path not in mgr._eval_cache:  # slime's --eval-input-key / --eval-label-key, else the training keys
+        records, skipped = load_prompts(path, a.eval_input_key or a.input_key, a.eval_label_key or a.label_key,
+                                        a.metadata_key, tokenizer=mgr.tokenizer,
+                                        apply_chat_template=a.apply_chat_template,
+                                        max_prompt_len=a.rollout_max_prompt_len)
+        for line, why in skipped[:3]:  # counted in eval/<name>/skipped; the first reasons are shown once
+            print(f"[streamrl] eval {name}: skipped {path} line {line}: {why}", flush=True)
+        mgr._eval_cache[path] = (records, len(skipped))
+    records, n_skipped = mgr._eval_cache[path]
     samples = [Sample(index=i * a.n_samples_per_eval_prompt + k, group_id=f"eval-{name}-{i}", prompt=rec.prompt,
                       tokens=list(rec.prompt_ids), label=rec.label, metadata=dict(rec.metadata))
-               for i, rec in enumerate(mgr._eval_cache[path]) for k in range(a.n_samples_per_eval_prompt)]
+               for i, rec in enumerate(records) for k in range(a.n_samples_per_eval_prompt)]
     async with anyio.create_task_group() as tg:
         for s in samples:
             tg.start_soon(_one, mgr, s, params)
@@ -51,9 +57,10 @@ async def _dataset(mgr: Any, name: str, path: str, params: dict[str, Any]) -> tu
         s.response = mgr.tokenizer.decode(s.tokens[s.prompt_length:], skip_special_tokens=True)
     await score_group(a, samples, mgr.reward_fn, mgr.group_reward_fn)
     ok = [s for s in samples if s.status != Status.FAILED]
-    rewards = [s.get_reward_value(a.reward_key) for s in ok]
+    rewards = [s.get_reward_value(a.eval_reward_key or a.reward_key) for s in ok]
     m = {f"eval/{name}/reward": sum(rewards) / len(rewards) if rewards else float("nan"),
          f"eval/{name}/n": float(len(samples)), f"eval/{name}/failed": float(len(samples) - len(ok)),
+         f"eval/{name}/skipped": float(n_skipped),
          f"eval/{name}/truncated_ratio": sum(s.status == Status.TRUNCATED for s in samples) / max(1, len(samples)),
          f"eval/{name}/response_len": sum(s.response_length for s in samples) / max(1, len(samples))}
     return m, [v for s in samples for v in s.token_versions[:1]]

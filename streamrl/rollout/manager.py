@@ -82,7 +82,7 @@ class RolloutManager:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._errors: list[str] = []
-        self._eval_cache: dict[str, list] = {}
+        self._eval_cache: dict[str, tuple[list, int]] = {}  # eval path -> (records, skipped lines)
         self.fatal: str | None = None
 
     # --- control (called by the driver) ---------------------------------------------------------------------

@@ -89,7 +89,7 @@ class FSDPTrainRank:
         self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                      betas=(args.adam_beta1, args.adam_beta2))
         if args.use_kl_loss or args.kl_coef > 0:
-            self.ref_model = frozen(args.hf_checkpoint)
+            self.ref_model = frozen(args.ref_load or args.hf_checkpoint)
         if args.use_opd or args.advantage_estimator == "on_policy_distillation":
             self.teacher = frozen(args.opd_teacher_load)
         if args.advantage_estimator == "ppo":

@@ -167,3 +167,21 @@ def test_log_probs_chunk_size_gives_the_same_step(tiny_ckpt, samples):
     # many weights; equal gradients up to float rounding differ only where a gradient is ~0
     diff = torch.cat([(w0[k] - w1[k]).abs().flatten() for k in w0])
     assert diff.max().item() < 1e-3 and diff.mean().item() < 1e-6
+
+
+def test_ref_load_picks_the_reference_model(tiny_ckpt, samples, tmp_path):
+    """--ref-load: the KL loss is taken against that checkpoint; by default against --hf-checkpoint, where it is
+    exactly 0 before the first update (k1 = logp - logp_ref)."""
+    from streamrl.models.tiny import build_tiny_model
+
+    other = str(build_tiny_model(tmp_path / "ref", seed=1))
+    batch = to_batch(samples)
+    kl = {}
+    for name, over in (("same", {}), ("other", {"ref_load": other})):
+        rank = make_rank(tiny_ckpt, rollout_temperature=0.8, use_kl_loss=True, kl_loss_coef=0.1, kl_loss_type="k1",
+                         **over)
+        try:
+            kl[name] = rank.train_step(batch)["kl_loss"]
+        finally:
+            rank.shutdown()
+    assert kl["same"] == 0.0 and abs(kl["other"]) > 0.1

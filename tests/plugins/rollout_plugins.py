@@ -46,3 +46,8 @@ class TwoGroups:
                                metadata={"generate_function_path": "tests/plugins/rollout_plugins.py:tagged_generate"})
                         for _ in range(self.args.n_samples_per_prompt)])
         return out
+
+
+async def label_length(args, sample) -> float:
+    """The label's length: shows which key the label came from."""
+    return float(len(sample.label or ""))
