@@ -45,6 +45,12 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
     logger = MetricsLogger(args, run_dir, total, resume_offset=resume and resume["metrics_offset"])
     c = build(args)
     eos = _eos_id(args.hf_checkpoint)
+    post_process = None  # --custom-reward-post-process-path, loaded once (a bad spec fails before any work)
+    if args.custom_reward_post_process_path:
+        from streamrl.plugins import load_function
+
+        post_process = load_function(args.custom_reward_post_process_path,
+                                     what="--custom-reward-post-process-path")
     b, n_int = groups_per_step(args), args.update_weights_interval
     version, wait_total, trained_samples, last_sync = 0, 0.0, 0, {}
     eval_ref, eval_started_at = None, 0
@@ -92,7 +98,7 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
             t0 = time.time()
             groups = _get_batch(c, b, step)
             wait_total += time.time() - t0
-            batch = build_train_batch(args, groups, version, eos)
+            batch = build_train_batch(args, groups, version, eos, post_process)
             stats_ref = c.buffer.stats.remote()  # answered while the trainer works
             m = c.trainer.train_step(batch)
             trained_samples += len(batch)

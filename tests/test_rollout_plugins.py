@@ -210,3 +210,34 @@ def test_eval_keys_and_skipped_prompts(tiny_ckpt, prompts, engine, tmp_path):
     m = anyio.run(mgr.evaluate, 0)
     assert m["eval/e/n"] == 2 and m["eval/e/skipped"] == 1
     assert m["eval/e/reward"] == 2.5  # labels "abc" and "de": read from "answer"
+
+
+def test_rollout_stop_strings_reach_the_engine():
+    """--rollout-stop: SGLang's `stop` in every request's sampling params (the engine's stop handling is tested in
+    test_engine.py); absent by default."""
+    from types import SimpleNamespace
+
+    from streamrl.rollout.manager import RolloutManager
+
+    params = RolloutManager.sampling_params(SimpleNamespace(args=default_args(rollout_stop=["</answer>", "\n\n"])), 5)
+    assert params["stop"] == ["</answer>", "\n\n"] and params["max_new_tokens"] == 5 and params["no_stop_trim"]
+    assert "stop" not in RolloutManager.sampling_params(SimpleNamespace(args=default_args()), 5)
+
+
+def test_pass_at_k_by_hand():
+    """--log-passrate's estimator: n = 4 samples per prompt, c = 1, 4, 0 passing. Prompt 1: pass@1 = 1 − 3/4,
+    pass@2 = 1 − C(3,2)/C(4,2) = 1/2, pass@4 = 1; prompt 2: all 1; prompt 3: all 0."""
+    from streamrl.rollout.evaluation import pass_at_k
+
+    got = pass_at_k([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    assert got == pytest.approx({"pass@1": 1.25 / 3, "pass@2": 0.5, "pass@4": 2 / 3})
+    assert pass_at_k([[0.5, 1.0]]) == {"pass@1": 0.5, "pass@2": 1.0}  # only reward 1 passes
+    with pytest.raises(ValueError, match="same number"):
+        pass_at_k([[1.0], [1.0, 0.0]])
+
+
+def test_eval_logs_pass_at_k(tiny_ckpt, prompts, engine):
+    mgr, _ = make(tiny_ckpt, prompts, engine, eval_prompt_data=["a", prompts], n_samples_per_eval_prompt=4,
+                  eval_max_response_len=2, custom_rm_path=P + "constant", log_passrate=True)
+    m = anyio.run(mgr.evaluate, 0)
+    assert m["eval/a/pass@1"] == m["eval/a/pass@2"] == m["eval/a/pass@4"] == 1.0 and "eval/a/pass@8" not in m

@@ -74,6 +74,9 @@ class DataConfig:
                                                  "named after its file); repeatable.", nargs="+", action="extend")
     eval_interval: int | None = F(None, "Evaluate every this many train steps.")
     n_samples_per_eval_prompt: int = F(1, "Samples per eval prompt.")
+    log_passrate: bool = F(False, "Eval: also log eval/<name>/pass@k for k = 1, 2, 4, ... up to "
+                                  "--n-samples-per-eval-prompt (a sample passes with reward 1; the unbiased "
+                                  "estimator 1 - C(n-c, k)/C(n, k), averaged over prompts), as slime.")
     eval_input_key: str | None = F(None, "JSONL key of the eval datasets' prompts (default --input-key).")
     eval_label_key: str | None = F(None, "JSONL key of the eval datasets' labels (default --label-key).")
     eval_reward_key: str | None = F(None, "Key of a dict reward reported by eval (default --reward-key).")
@@ -97,6 +100,9 @@ class RolloutConfig:
     rollout_temperature: float = F(1.0, "Sampling temperature (> 0).")
     rollout_top_p: float = F(1.0, "Nucleus sampling p.")
     rollout_top_k: int = F(-1, "Top-k sampling (-1: off).")
+    rollout_stop: list[str] | None = F(None, "Stop strings (SGLang's `stop`): generation ends once the response text "
+                                             "contains one; the string is kept in the response (no_stop_trim).",
+                                       nargs="*")
     rollout_stop_token_ids: list[int] | None = F(None, "Extra stop token ids.", nargs="*")
     partial_rollout: bool = F(False, "Keep generations aborted by a weight update and resume them.")
     mask_offpolicy_in_partial_rollout: bool = F(False, "Mask the loss on tokens from before a resume.")
@@ -113,6 +119,10 @@ class RolloutConfig:
     rollout_function_path: str | None = F(None, "slime `generate_rollout(args, rollout_id, data_source, evaluation)`: "
                                                 "replaces the streaming producers by rollout-sized batches.")
     group_rm: bool = F(False, "--custom-rm-path is `async def rm(args, samples) -> list[float]`, once per group.")
+    custom_reward_post_process_path: str | None = F(
+        None, "slime's `fn(args, samples) -> (raw_rewards, rewards)` over a train step's samples (whole groups, in "
+              "order): `rewards` replace the built-in group normalisation as the per-sample advantages; "
+              "`raw_rewards` are logged.")
     rm_timeout: float | None = F(None, "Seconds a reward call may take; then the sample is FAILED.")
     dynamic_sampling_filter_path: str | None = F(None, "`fn(args, group) -> DynamicFilterOutput | bool`; dropped "
                                                        "groups are `filtered` in the ledger (built-in: "

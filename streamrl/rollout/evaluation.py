@@ -14,6 +14,7 @@ Metrics: `eval/<name>/reward`, `eval/<name>/n`, `eval/<name>/truncated_ratio`, `
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import anyio
@@ -32,6 +33,21 @@ async def _one(mgr: Any, s: Sample, params: dict[str, Any]) -> None:
         if s.status != Status.ABORTED:
             return
         s.reset_response()  # cut by a weight sync: start over, so the sample has one version
+
+
+def pass_at_k(groups: list[list[float]]) -> dict[str, float]:
+    """{"pass@k": mean over prompts of 1 − C(n−c, k) / C(n, k)} for k = 1, 2, 4, ... ≤ n, where each prompt has n
+    samples of which c have reward 1: the unbiased estimate that at least one of k samples passes."""
+    n = len(groups[0]) if groups else 0
+    if any(len(g) != n for g in groups):
+        raise ValueError("pass@k needs the same number of samples for every prompt")
+    out: dict[str, float] = {}
+    k = 1
+    while groups and k <= n:
+        vals = [1.0 - math.comb(n - c, k) / math.comb(n, k) for c in (sum(r == 1.0 for r in g) for g in groups)]
+        out[f"pass@{k}"] = sum(vals) / len(vals)
+        k *= 2
+    return out
 
 
 async def _dataset(mgr: Any, name: str, path: str, params: dict[str, Any]) -> tuple[dict[str, float], list[int]]:
@@ -63,6 +79,12 @@ async def _dataset(mgr: Any, name: str, path: str, params: dict[str, Any]) -> tu
          f"eval/{name}/skipped": float(n_skipped),
          f"eval/{name}/truncated_ratio": sum(s.status == Status.TRUNCATED for s in samples) / max(1, len(samples)),
          f"eval/{name}/response_len": sum(s.response_length for s in samples) / max(1, len(samples))}
+    if a.log_passrate and a.n_samples_per_eval_prompt > 1:  # a failed sample counts as not passing
+        n = a.n_samples_per_eval_prompt
+        scored = [s.get_reward_value(a.eval_reward_key or a.reward_key) if s.status != Status.FAILED else 0.0
+                  for s in samples]
+        groups = [scored[i : i + n] for i in range(0, len(scored), n)]
+        m.update({f"eval/{name}/{k}": v for k, v in pass_at_k(groups).items()})
     return m, [v for s in samples for v in s.token_versions[:1]]
 
 

@@ -346,6 +346,8 @@ class RolloutManager:
         params = {"temperature": a.rollout_temperature if temperature is None else temperature,
                   "top_p": a.rollout_top_p, "top_k": a.rollout_top_k, "max_new_tokens": max_new_tokens,
                   "no_stop_trim": True, "skip_special_tokens": False}
+        if a.rollout_stop:
+            params["stop"] = list(a.rollout_stop)
         if a.rollout_stop_token_ids:
             params["stop_token_ids"] = list(a.rollout_stop_token_ids)
         return params

@@ -13,6 +13,7 @@ signal). `--disable-rewards-normalization` keeps the raw reward for every estima
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import msgspec
 
@@ -62,11 +63,34 @@ def sample_advantages(args: argparse.Namespace, rewards: list[float]) -> list[fl
     ).tolist()
 
 
-def build_train_batch(args: argparse.Namespace, groups: list[Group], version: int, eos_id: int) -> TrainBatch:
+def post_processed_rewards(args: argparse.Namespace, samples: list, post_process: Any) -> tuple[list, list]:
+    """slime's `--custom-reward-post-process-path fn(args, samples) -> (raw_rewards, rewards)`, checked: two lists
+    of one number per sample (else a ValueError naming the plug-in)."""
+    what = f"--custom-reward-post-process-path {args.custom_reward_post_process_path}"
+    out = post_process(args, samples)
+    try:
+        raw, rewards = out
+        raw, rewards = [float(x) for x in raw], [float(x) for x in rewards]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} must return (raw_rewards, rewards), two lists of numbers: {e}") from None
+    if len(raw) != len(samples) or len(rewards) != len(samples):
+        raise ValueError(f"{what} returned {len(raw)} raw rewards and {len(rewards)} rewards for {len(samples)} "
+                         "samples")
+    return raw, rewards
+
+
+def build_train_batch(args: argparse.Namespace, groups: list[Group], version: int, eos_id: int,
+                      post_process: Any = None) -> TrainBatch:
+    """The step's batch from whole groups; `post_process` (the loaded --custom-reward-post-process-path) replaces
+    the built-in per-sample advantages (`sample_advantages`)."""
     samples = [s for g in groups for s in g]
-    rewards = [s.get_reward_value(args.reward_key) for s in samples]
+    if post_process is not None:
+        rewards, advantages = post_processed_rewards(args, samples, post_process)
+    else:
+        rewards = [s.get_reward_value(args.reward_key) for s in samples]
+        advantages = sample_advantages(args, rewards)
     out = TrainBatch(tokens=[], prompt_lengths=[], response_lengths=[], loss_masks=[], rollout_log_probs=[],
-                     advantages=sample_advantages(args, rewards), rewards=rewards, staleness=[])
+                     advantages=advantages, rewards=rewards, staleness=[])
     for s in samples:
         tokens, r = list(s.tokens), s.response_length
         mask = list(s.loss_mask) if s.loss_mask is not None else [1] * r

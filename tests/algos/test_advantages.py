@@ -117,3 +117,25 @@ def test_batch_keeps_behaviour_logprobs_of_partial_rollouts_and_masks_removed_sa
     assert batch.advantages == pytest.approx([0.5 / (math.sqrt(0.5) + 1e-6), -0.5 / (math.sqrt(0.5) + 1e-6)])
     half = batch.shard(1, 2)
     assert half.tokens == [b.tokens] and half.token_advantages is None
+
+
+def test_custom_reward_post_process_replaces_the_group_normalisation():
+    """--custom-reward-post-process-path fn(args, samples) -> (raw_rewards, rewards): `rewards` become the per-sample
+    advantages, `raw_rewards` the logged rewards; a wrong answer names the plug-in."""
+    samples = []
+    for r in (1.0, 0.0, 1.0, 1.0):
+        s = Sample(tokens=[5, 6], reward=r)
+        s.append_response_tokens(tokens=[7], log_probs=[-0.5], version=0, finish_reason="stop")
+        samples.append(s)
+    args = default_args(n_samples_per_prompt=2, rollout_batch_size=2, custom_reward_post_process_path="x.py:f")
+
+    def mean_centred(args, samples):  # one baseline over the whole step instead of per group
+        raw = [s.reward for s in samples]
+        return raw, [r - sum(raw) / len(raw) for r in raw]
+
+    batch = build_train_batch(args, [samples[:2], samples[2:]], version=0, eos_id=2, post_process=mean_centred)
+    assert batch.rewards == [1.0, 0.0, 1.0, 1.0] and batch.advantages == [0.25, -0.75, 0.25, 0.25]
+    with pytest.raises(ValueError, match="x.py:f returned 1 raw rewards and 1 rewards for 4 samples"):
+        build_train_batch(args, [samples[:2], samples[2:]], 0, 2, post_process=lambda a, s: ([1.0], [1.0]))
+    with pytest.raises(ValueError, match="x.py:f must return"):
+        build_train_batch(args, [samples[:2], samples[2:]], 0, 2, post_process=lambda a, s: None)
