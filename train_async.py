@@ -18,6 +18,12 @@ def main(argv: list[str] | None = None) -> dict:
         args = parse_args(argv)
     except ConfigError as e:
         sys.exit(f"streamrl: error: {e}")
+    if args.load_debug_rollout_data:  # train only, on saved rollouts (slime's --debug-train-only)
+        if not args.hf_checkpoint:
+            sys.exit("streamrl: error: --hf-checkpoint is required")
+        from pipelines.debug_train import run as run_debug
+
+        return run_debug(args)
     if not args.hf_checkpoint or not args.prompt_data:
         sys.exit("streamrl: error: --hf-checkpoint and --prompt-data are required")
     if args.loss_type == "sft_loss":

@@ -40,6 +40,7 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
     total = steps_total(args, len(records))
     run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     from pipelines.checkpoint import latest_meta, load_checkpoint, save_checkpoint, saved_weight_diff
+    from pipelines.debug_train import save_debug_rollout
 
     resume = latest_meta(args.load) if args.load else None
     logger = MetricsLogger(args, run_dir, total, resume_offset=resume and resume["metrics_offset"])
@@ -98,6 +99,8 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
             t0 = time.time()
             groups = _get_batch(c, b, step)
             wait_total += time.time() - t0
+            if args.save_debug_rollout_data:  # for --load-debug-rollout-data (pipelines/debug_train.py)
+                save_debug_rollout(args.save_debug_rollout_data, step, version, groups)
             batch = build_train_batch(args, groups, version, eos, post_process)
             stats_ref = c.buffer.stats.remote()  # answered while the trainer works
             m = c.trainer.train_step(batch)

@@ -71,6 +71,8 @@ def test_derived_values():
         ({"use_mps": True, "train_mps_thread_percentage": 101}, "--train-mps-thread-percentage"),
         ({"train_mps_low_priority": True}, "--train-mps-low-priority"),
         ({"use_unbiased_kl": True}, "--use-unbiased-kl"),
+        ({"load_debug_rollout_data": "a_{rollout_id}", "save_debug_rollout_data": "b_{rollout_id}"},
+         "--load-debug-rollout-data"),
         ({"log_probs_chunk_size": 0}, "--log-probs-chunk-size"),
     ],
 )

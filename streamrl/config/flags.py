@@ -248,6 +248,12 @@ class LogConfig:
     wandb_project: str = F("streamrl", "wandb project.")
     wandb_group: str | None = F(None, "wandb group.")
     log_interval: int = F(1, "Print a status line every this many steps.")
+    save_debug_rollout_data: str | None = F(
+        None, "slime's flag: write what each train step consumed (its groups and weight version) to this path, "
+              "formatted with {rollout_id} (the 0-based step), for --load-debug-rollout-data.")
+    load_debug_rollout_data: str | None = F(
+        None, "slime's flag: train --num-rollout steps on files written by --save-debug-rollout-data (same "
+              "template) with no engines and no weight sync (slime's --debug-train-only); pipelines/debug_train.py.")
 
 
 GROUPS: dict[str, type] = {

@@ -71,6 +71,9 @@ def validate(args: argparse.Namespace) -> None:
             "--colocate is not supported: streamrl overlaps generation and training on separate devices. "
             "Drop --colocate and give the engines their own GPUs with --rollout-num-gpus."
         )
+    if args.load_debug_rollout_data and args.save_debug_rollout_data:
+        raise ConfigError("--load-debug-rollout-data trains on saved rollouts; --save-debug-rollout-data would "
+                          "write rollouts that are not generated: use one of them.")
     if args.use_unbiased_kl and not args.use_kl_loss:
         raise ConfigError("--use-unbiased-kl weights the KL loss: it needs --use-kl-loss.")
     if args.log_probs_chunk_size == 0 or args.log_probs_chunk_size < -1:
