@@ -241,3 +241,21 @@ def test_eval_logs_pass_at_k(tiny_ckpt, prompts, engine):
                   eval_max_response_len=2, custom_rm_path=P + "constant", log_passrate=True)
     m = anyio.run(mgr.evaluate, 0)
     assert m["eval/a/pass@1"] == m["eval/a/pass@2"] == m["eval/a/pass@4"] == 1.0 and "eval/a/pass@8" not in m
+
+
+def test_rollout_max_context_len_caps_new_tokens():
+    """--rollout-max-context-len: new tokens <= context − (prompt + response so far); a prompt that fills the
+    context ends TRUNCATED with nothing to generate."""
+    from types import SimpleNamespace
+
+    from streamrl.rollout.manager import RolloutManager
+    from streamrl.types import Sample, Status
+
+    mgr = SimpleNamespace(args=default_args(rollout_max_response_len=64, rollout_max_context_len=10), stats={})
+    s = Sample(tokens=[1, 2, 3, 4, 5])
+    s.append_response_tokens(tokens=[6, 7, 8], log_probs=[-1.0] * 3, version=0)
+    assert RolloutManager._prepare(mgr, s) == 2  # 10 − 8 left, not 64 − 3
+    full = Sample(tokens=list(range(12)))
+    assert RolloutManager._prepare(mgr, full) == 0 and full.status == Status.TRUNCATED
+    mgr.args = default_args(rollout_max_response_len=64)
+    assert RolloutManager._prepare(mgr, Sample(tokens=list(range(12)))) == 64  # off by default

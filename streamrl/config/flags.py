@@ -97,6 +97,9 @@ class RolloutConfig:
     rollout_batch_size: int = F(8, "Prompts (groups) per rollout.")
     n_samples_per_prompt: int = F(8, "Samples per prompt (group size).")
     rollout_max_response_len: int = F(64, "Maximum new tokens per sample.")
+    rollout_max_context_len: int | None = F(None, "slime's flag: prompt + response tokens per sample at most; a "
+                                                  "sample's new tokens are capped by what is left of it (a prompt "
+                                                  "that fills it ends TRUNCATED with no response).")
     rollout_temperature: float = F(1.0, "Sampling temperature (> 0).")
     rollout_top_p: float = F(1.0, "Nucleus sampling p.")
     rollout_top_k: int = F(-1, "Top-k sampling (-1: off).")

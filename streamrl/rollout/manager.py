@@ -281,6 +281,8 @@ class RolloutManager:
         """Bookkeeping before a (re)submission; returns the remaining token budget (0: nothing to generate)."""
         a = self.args
         remaining = a.rollout_max_response_len - s.response_length
+        if a.rollout_max_context_len is not None:  # prompt + response within the context (slime)
+            remaining = min(remaining, a.rollout_max_context_len - len(s.tokens))
         if remaining <= 0:
             s.status = Status.TRUNCATED
             return 0
