@@ -103,9 +103,9 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
                 save_debug_rollout(args.save_debug_rollout_data, step, version, groups)
             batch = build_train_batch(args, groups, version, eos, post_process)
             stats_ref = c.buffer.stats.remote()  # answered while the trainer works
-            m = c.trainer.train_step(batch)
+            m = c.trainer.train_step(batch) if c.trainer is not None else {}  # none with --debug-rollout-only
             trained_samples += len(batch)
-            if (step + 1) % n_int == 0:
+            if (step + 1) % n_int == 0 and c.trainer is not None:
                 last_sync = publish(version + 1)
                 version += 1
             elapsed = time.time() - t_start
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
                 save_checkpoint(c, args.save, step + 1, version, logger.position())
         summary["wall_time"] = time.time() - t_start
         summary["trainer_wait_frac"] = wait_total / summary["wall_time"]
-        if total % n_int:  # the engines serve the final weights for the final eval
+        if total % n_int and c.trainer is not None:  # the engines serve the final weights for the final eval
             publish(version + 1)
             version += 1
         if args.check_weight_update_equal:

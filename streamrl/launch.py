@@ -135,7 +135,7 @@ def build(args: argparse.Namespace) -> Components:
     router, router_url = start_router(args, urls)
     buffer = make_buffer_actor(args)
     manager = ray.remote(num_cpus=0, max_concurrency=1000)(RolloutManager).remote(args, buffer, urls, router_url)
-    trainer = TrainerGroup(args)
+    trainer = None if args.debug_rollout_only else TrainerGroup(args)  # slime's --debug-rollout-only: none
     ray.get(manager.get_stats.remote())  # surface constructor errors (bad data, bad plug-in path) now
     return Components(engines, urls, buffer, manager, trainer, router, router_url)
 
@@ -147,7 +147,8 @@ def shutdown(c: Components) -> None:
         ray.get(c.manager.close.remote(), timeout=10)
     except Exception:  # the manager may already be gone; shutting down regardless
         pass
-    c.trainer.shutdown()
+    if c.trainer is not None:
+        c.trainer.shutdown()
     if c.router is not None:
         c.router.stop()
     elif c.router_url:  # an external router: leave it without our (soon dead) engines

@@ -63,3 +63,34 @@ def test_bad_debug_rollout_paths_name_the_problem(tmp_path):
         load_debug_rollout(str(tmp_path / "junk_{rollout_id}"), 0)
     with pytest.raises(ValueError, match="only {rollout_id}"):
         debug_path("r_{step}.msgpack", 0)
+
+
+def test_rollout_only_run_records_data_for_a_replay(ray_cluster, tiny_ckpt, sort_data, tmp_path):
+    """--debug-rollout-only: engines and producers run, no trainer: every step's groups are consumed and saved,
+    the weights and version never change, the ledger is exact; the files then train with --load-debug-rollout-data."""
+    from pipelines.async_loop import run
+    from pipelines.debug_train import load_debug_rollout
+    from pipelines.debug_train import run as run_debug
+
+    template = str(tmp_path / "gen" / "r_{rollout_id}.msgpack")
+    common = dict(hf_checkpoint=tiny_ckpt, label_key="label", rollout_batch_size=2, n_samples_per_prompt=4,
+                  micro_batch_size=4, rollout_max_response_len=16, num_rollout=STEPS, rollout_num_engines=1,
+                  actor_num_gpus_per_node=1,
+                  custom_rm_path=str(Path(__file__).parent / "plugins" / "rewards.py") + ":digit_fraction")
+    summary = run(default_args(prompt_data=sort_data[0], async_buffer_size=4, debug_rollout_only=True,
+                               save_debug_rollout_data=template, run_dir=str(tmp_path / "gen_run"), **common))
+    assert summary["version"] == 0 and summary["ledger"]["trained"] == STEPS * 2
+    assert sum(summary["ledger"].values()) == summary["manager"]["admitted"]
+    rows = [r for r in map(json.loads, (tmp_path / "gen_run" / "metrics.jsonl").open()) if "reward" in r]
+    assert len(rows) == STEPS and not any("loss" in r for r in rows)
+    assert all(load_debug_rollout(template, i).version == 0 for i in range(STEPS))
+    replay = run_debug(default_args(load_debug_rollout_data=template, run_dir=str(tmp_path / "replay"), lr=1e-3,
+                                    **common))
+    assert replay["steps"] == STEPS
+
+
+def test_rollout_only_refuses_trainer_flags():
+    from streamrl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--debug-rollout-only runs no trainer: drop --save"):
+        default_args(debug_rollout_only=True, save="out")

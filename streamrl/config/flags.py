@@ -254,6 +254,9 @@ class LogConfig:
     save_debug_rollout_data: str | None = F(
         None, "slime's flag: write what each train step consumed (its groups and weight version) to this path, "
               "formatted with {rollout_id} (the 0-based step), for --load-debug-rollout-data.")
+    debug_rollout_only: bool = F(False, "slime's flag: generate and consume rollouts with no trainer (no training, no "
+                                        "weight sync, no staleness bound): measures generation, or with "
+                                        "--save-debug-rollout-data records data for --load-debug-rollout-data.")
     load_debug_rollout_data: str | None = F(
         None, "slime's flag: train --num-rollout steps on files written by --save-debug-rollout-data (same "
               "template) with no engines and no weight sync (slime's --debug-train-only); pipelines/debug_train.py.")

@@ -71,6 +71,13 @@ def validate(args: argparse.Namespace) -> None:
             "--colocate is not supported: streamrl overlaps generation and training on separate devices. "
             "Drop --colocate and give the engines their own GPUs with --rollout-num-gpus."
         )
+    if args.debug_rollout_only:
+        clash = [f for f, on in (("--load-debug-rollout-data", args.load_debug_rollout_data), ("--save", args.save),
+                                 ("--load", args.load), ("--check-weight-update-equal",
+                                                         args.check_weight_update_equal)) if on]
+        if clash:
+            raise ConfigError(f"--debug-rollout-only runs no trainer: drop {clash[0]}.")
+        args.max_staleness = 2**31 - 1  # the weights never change: admission is bounded by the buffer alone
     if args.load_debug_rollout_data and args.save_debug_rollout_data:
         raise ConfigError("--load-debug-rollout-data trains on saved rollouts; --save-debug-rollout-data would "
                           "write rollouts that are not generated: use one of them.")
