@@ -109,3 +109,34 @@ def test_mem_fraction_static_caps_the_engine_kv_cache(tiny_ckpt):
         assert sch._kv.slots == want and sch._kv.nbytes() == want * slot
     finally:
         eng.stop()
+
+
+def test_engine_step_stats_with_cuda_events(cuda_model):
+    """The engine's iteration stats on CUDA (timing.py: device time per phase from CUDA events): 4 requests of 10
+    greedy tokens joining together = 1 prefill iteration + 9 decode iterations, 40 rows."""
+    import threading
+
+    from streamrl.rollout.engine.protocol import SamplingParams
+    from streamrl.rollout.engine.scheduler import Request, Scheduler
+
+    sch = Scheduler(cuda_model, vocab_size=cuda_model.config.vocab_size, max_positions=256, eos_token_ids=[],
+                    max_context_len=128)
+    outs, done = [], threading.Event()
+
+    def on_event(o):
+        outs.append(o)
+        if len(outs) == 4:
+            done.set()
+
+    sch.pause("in_place")  # all four join the first iteration
+    sch.start()
+    for i in range(4):
+        sch.submit(Request(rid=f"r{i}", prompt_ids=[5, 6, 7 + i], on_event=on_event,
+                           params=SamplingParams(temperature=0.0, max_new_tokens=10)))
+    sch.resume()
+    assert done.wait(60)
+    sch.stop()
+    st = sch.stats()
+    assert (st["iterations"], st["rows"], st["prefill_rows"], st["prefill_iterations"]) == (10, 40, 4, 1)
+    assert all(st[f"time_{k}"] > 0 for k in ("decode", "prefill", "sample", "host"))
+    assert st["time_decode"] + st["time_prefill"] + st["time_sample"] <= sch.busy_time
