@@ -398,8 +398,8 @@ class Scheduler:
             self.timer.mark("sample")
             version = self.weight_version
             tokens, logprobs = tokens.tolist(), logprobs.tolist()  # the iteration's one host sync
-            self.timer.end()
         with self._cond:  # so that get() never sees ids and logprobs of different lengths
+            self.timer.end()  # under the lock that stats() reads the totals with
             self.counts["iterations"] += 1
             self.counts["rows"] += len(rows)
             self.counts["prefill_iterations"] += int(self._kv.prefill_rows != prefilled)
