@@ -38,6 +38,8 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
 
     records, _ = load_prompts(args.prompt_data, args.input_key, args.label_key, args.metadata_key)
     total = steps_total(args, len(records))
+    if args.lr_decay_iters is None:  # the learning-rate schedule decays over the whole job (Megatron's default)
+        args.lr_decay_iters = total
     run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     from pipelines.checkpoint import latest_meta, load_checkpoint, save_checkpoint, saved_weight_diff
     from pipelines.debug_train import save_debug_rollout

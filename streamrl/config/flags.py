@@ -224,7 +224,20 @@ class TrainConfig:
                                       "never materialising [tokens, vocab] fp32 logits; -1: the plain full-logits "
                                       "path.")
     num_steps_per_rollout: int = F(1, "Optimizer steps per rollout.")
-    lr: float = F(1e-6, "Learning rate (AdamW).")
+    lr: float = F(1e-6, "Learning rate (peak, with a schedule).")
+    lr_decay_style: str = F("constant", "Megatron's: learning-rate decay after the warm-up "
+                                        "(streamrl/train/schedule.py).", choices=["constant", "linear", "cosine"])
+    lr_warmup_iters: int = F(0, "Megatron's: optimizer steps of linear warm-up from --lr-warmup-init to --lr.")
+    lr_warmup_init: float = F(0.0, "Megatron's: learning rate at the start of the warm-up.")
+    lr_decay_iters: int | None = F(None, "Megatron's: steps over which the rate decays to --min-lr (default: the "
+                                         "job's train steps).")
+    min_lr: float = F(0.0, "Megatron's: learning rate at the end of the decay.")
+    optimizer: str = F("adam", "Megatron's: adam (AdamW with --weight-decay, --adam-beta1/2) or sgd (momentum "
+                               "--sgd-momentum).", choices=["adam", "sgd"])
+    sgd_momentum: float = F(0.9, "Megatron's: SGD momentum.")
+    recompute_granularity: str | None = F(None, "Megatron's: `full` recomputes each decoder layer's activations in "
+                                                "backward (activation checkpointing: less memory, one more "
+                                                "forward).", choices=["full"])
     weight_decay: float = F(0.0, "AdamW weight decay.")
     adam_beta1: float = F(0.9, "AdamW beta1.")
     adam_beta2: float = F(0.999, "AdamW beta2.")

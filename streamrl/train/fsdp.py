@@ -85,9 +85,15 @@ class FSDPTrainRank:
             return chunked(m.to(self.device).eval().requires_grad_(False))
 
         model = chunked(AutoModelForCausalLM.from_pretrained(args.hf_checkpoint, dtype=torch.float32).to(self.device))
+        if args.recompute_granularity == "full":  # Megatron's full recompute = checkpointing every decoder layer
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = shard(model, model.model.layers)
-        self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                     betas=(args.adam_beta1, args.adam_beta2))
+        if args.optimizer == "sgd":
+            self.opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.sgd_momentum,
+                                       weight_decay=args.weight_decay)
+        else:
+            self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                         betas=(args.adam_beta1, args.adam_beta2))
         if args.use_kl_loss or args.kl_coef > 0:
             self.ref_model = frozen(args.ref_load or args.hf_checkpoint)
         if args.use_opd or args.advantage_estimator == "on_policy_distillation":
@@ -141,6 +147,7 @@ class FSDPTrainRank:
         import torch
         import torch.distributed as dist
 
+        from streamrl.train.schedule import lr_at
         from streamrl.train.step import micro_batches, staleness_histogram
 
         args, t0, runner = self.args, time.time(), self.runner
@@ -175,6 +182,10 @@ class FSDPTrainRank:
         sums.update(runner.actor_backward(mbs, reduce))
         result["grad_norm"] = _norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad))
         t_opt = time.time()  # the norm's .item() waited for the backward
+        result["lr"] = lr_at(self.steps_done, lr=args.lr, style=args.lr_decay_style, warmup=args.lr_warmup_iters,
+                             warmup_init=args.lr_warmup_init, decay_iters=args.lr_decay_iters, min_lr=args.min_lr)
+        for group in self.opt.param_groups:  # the schedule's rate for this step (streamrl/train/schedule.py)
+            group["lr"] = result["lr"]
         if self.steps_done >= args.num_critic_only_steps:
             self.opt.step()
         self.steps_done += 1

@@ -185,3 +185,36 @@ def test_ref_load_picks_the_reference_model(tiny_ckpt, samples, tmp_path):
         finally:
             rank.shutdown()
     assert kl["same"] == 0.0 and abs(kl["other"]) > 0.1
+
+
+def test_lr_schedule_warmup_sgd_and_recompute(tiny_ckpt, samples):
+    """Megatron's flags in the FSDP trainer: the warm-up's first step has lr 0 (weights unchanged), the second
+    lr/2; SGD (no momentum history yet) moves the weights by exactly lr·clip(g); `--recompute-granularity full`
+    (activation checkpointing) gives the same step."""
+    import math
+
+    batch = to_batch(samples)
+
+    def run(**over):
+        rank = make_rank(tiny_ckpt, rollout_temperature=0.8, **over)
+        try:
+            w0 = dict(rank.full_named_parameters())
+            m1 = rank.train_step(batch)
+            w1 = dict(rank.full_named_parameters())
+            m2 = rank.train_step(batch)
+            w2 = dict(rank.full_named_parameters())
+        finally:
+            rank.shutdown()
+        return (w0, w1, w2), (m1, m2)
+
+    (w0, w1, w2), (m1, m2) = run(optimizer="sgd", lr_warmup_iters=2, sgd_momentum=0.0)
+    assert (m1["lr"], m2["lr"]) == (0.0, 0.005)  # --lr 1e-2 (make_rank), warm-up over 2 steps
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    step = math.sqrt(sum(((w2[k] - w1[k]).double() ** 2).sum().item() for k in w1))
+    assert step == pytest.approx(0.005 * min(m2["grad_norm"], 1.0), rel=1e-3)  # --clip-grad 1
+
+    (_, _, _), (p1, p2) = run()
+    (_, _, _), (r1, r2) = run(recompute_granularity="full")
+    for a, b in ((p1, r1), (p2, r2)):
+        for k in ("loss", "grad_norm", "entropy"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
