@@ -222,6 +222,9 @@ def test_rollout_stop_strings_reach_the_engine():
     params = RolloutManager.sampling_params(SimpleNamespace(args=default_args(rollout_stop=["</answer>", "\n\n"])), 5)
     assert params["stop"] == ["</answer>", "\n\n"] and params["max_new_tokens"] == 5 and params["no_stop_trim"]
     assert "stop" not in RolloutManager.sampling_params(SimpleNamespace(args=default_args()), 5)
+    eval_args = default_args(rollout_top_p=0.9, eval_top_p=0.5)  # --eval-top-p: eval's own nucleus p
+    assert RolloutManager.sampling_params(SimpleNamespace(args=eval_args), 5)["top_p"] == 0.9
+    assert RolloutManager.sampling_params(SimpleNamespace(args=eval_args), 5, top_p=0.5)["top_p"] == 0.5
 
 
 def test_pass_at_k_by_hand():

@@ -81,6 +81,7 @@ class DataConfig:
     eval_label_key: str | None = F(None, "JSONL key of the eval datasets' labels (default --label-key).")
     eval_reward_key: str | None = F(None, "Key of a dict reward reported by eval (default --reward-key).")
     eval_temperature: float | None = F(None, "Eval sampling temperature (default: rollout temperature).")
+    eval_top_p: float | None = F(None, "Eval nucleus sampling p (default: --rollout-top-p).")
     eval_max_response_len: int | None = F(None, "Eval max new tokens (default: --rollout-max-response-len).")
     skip_eval_before_train: bool = F(False, "Do not evaluate before the first train step.")
     eval_function_path: str | None = F(None, "slime `generate_rollout(args, rollout_id, data_source, evaluation=True)` "

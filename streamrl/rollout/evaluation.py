@@ -108,7 +108,7 @@ async def evaluate(mgr: Any, step: int) -> dict[str, float]:
             metrics[f"eval/{name}/reward"] = sum(rewards) / len(rewards) if rewards else float("nan")
             metrics[f"eval/{name}/n"] = float(len(rewards))
     else:
-        params = mgr.sampling_params(a.eval_max_response_len, temperature=a.eval_temperature)
+        params = mgr.sampling_params(a.eval_max_response_len, temperature=a.eval_temperature, top_p=a.eval_top_p)
         results: dict[str, tuple[dict[str, float], list[int]]] = {}
 
         async def run(name: str, path: str) -> None:

@@ -343,10 +343,12 @@ class RolloutManager:
         if s.status == Status.PENDING:  # a function that neither finished nor aborted the sample: stop it there
             s.status = Status.COMPLETED
 
-    def sampling_params(self, max_new_tokens: int, temperature: float | None = None) -> dict[str, Any]:
+    def sampling_params(self, max_new_tokens: int, temperature: float | None = None,
+                        top_p: float | None = None) -> dict[str, Any]:
         a = self.args
         params = {"temperature": a.rollout_temperature if temperature is None else temperature,
-                  "top_p": a.rollout_top_p, "top_k": a.rollout_top_k, "max_new_tokens": max_new_tokens,
+                  "top_p": a.rollout_top_p if top_p is None else top_p, "top_k": a.rollout_top_k,
+                  "max_new_tokens": max_new_tokens,
                   "no_stop_trim": True, "skip_special_tokens": False}
         if a.rollout_stop:
             params["stop"] = list(a.rollout_stop)
