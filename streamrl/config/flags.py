@@ -216,6 +216,9 @@ class AlgoConfig:
 class TrainConfig:
     global_batch_size: int | None = F(None, "Samples per optimizer step (default: rollout batch / steps).")
     micro_batch_size: int = F(1, "Samples per forward/backward on one rank.")
+    balance_data: bool = F(False, "slime's flag: give every data-parallel rank the same number of samples with "
+                                  "near-equal token totals (longest first to the lightest rank) instead of contiguous "
+                                  "slices; the loss is a global sum, so the step's gradient does not change.")
     use_dynamic_batch_size: bool = F(False, "Form micro-batches by token budget (--max-tokens-per-gpu) instead of "
                                             "--micro-batch-size samples, longest first (less padding).")
     max_tokens_per_gpu: int | None = F(None, "With --use-dynamic-batch-size: padded tokens (samples x longest "

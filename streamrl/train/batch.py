@@ -36,12 +36,30 @@ class TrainBatch(msgspec.Struct, kw_only=True):
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def shard(self, rank: int, world: int) -> TrainBatch:
-        """Contiguous slice for data-parallel rank `rank` (sizes are checked equal by the config)."""
+    def shard(self, rank: int, world: int, balance: bool = False) -> TrainBatch:
+        """Data-parallel rank `rank`'s samples (sizes are checked equal by the config): a contiguous slice, or with
+        `balance` (slime's --balance-data) the `balanced_partition` part, so that ranks get near-equal tokens."""
         n = len(self) // world
-        sl = slice(rank * n, (rank + 1) * n)
-        return TrainBatch(**{f: (v[sl] if v is not None else None)
+        if balance:
+            idx = balanced_partition([len(t) for t in self.tokens], world)[rank]
+        else:
+            idx = list(range(rank * n, (rank + 1) * n))
+        return TrainBatch(**{f: ([v[i] for i in idx] if v is not None else None)
                              for f in self.__struct_fields__ for v in [getattr(self, f)]})
+
+
+def balanced_partition(lengths: list[int], world: int) -> list[list[int]]:
+    """Sample indices in `world` parts of equal count and near-equal token totals: longest first, each to the part
+    with the fewest tokens that still has room (ties: the lower rank); every part keeps the batch order. Every rank
+    computes the same partition, so no communication is needed."""
+    per = len(lengths) // world
+    parts: list[list[int]] = [[] for _ in range(world)]
+    tokens = [0] * world
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        k = min((r for r in range(world) if len(parts[r]) < per), key=lambda r: (tokens[r], r))
+        parts[k].append(i)
+        tokens[k] += lengths[i]
+    return [sorted(p) for p in parts]
 
 
 def sample_advantages(args: argparse.Namespace, rewards: list[float]) -> list[float]:

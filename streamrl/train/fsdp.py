@@ -151,7 +151,7 @@ class FSDPTrainRank:
         from streamrl.train.step import micro_batches, staleness_histogram
 
         args, t0, runner = self.args, time.time(), self.runner
-        local = batch.shard(self.rank, self.world)
+        local = batch.shard(self.rank, self.world, balance=args.balance_data)
         budget = args.max_tokens_per_gpu if args.use_dynamic_batch_size else None
         n_mb = 0
         if budget and self.world > 1:  # every rank runs as many forwards as the rank that needs the most

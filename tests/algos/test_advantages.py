@@ -139,3 +139,18 @@ def test_custom_reward_post_process_replaces_the_group_normalisation():
         build_train_batch(args, [samples[:2], samples[2:]], 0, 2, post_process=lambda a, s: ([1.0], [1.0]))
     with pytest.raises(ValueError, match="x.py:f must return"):
         build_train_batch(args, [samples[:2], samples[2:]], 0, 2, post_process=lambda a, s: None)
+
+
+def test_balance_data_partition_by_hand():
+    """--balance-data: lengths [10, 1, 1, 10, 5, 5] on 2 ranks -> tokens 16/16 (contiguous slices: 12/20)."""
+    from streamrl.train.batch import TrainBatch, balanced_partition
+
+    assert balanced_partition([10, 1, 1, 10, 5, 5], 2) == [[0, 1, 4], [2, 3, 5]]
+    assert balanced_partition([3, 3, 3, 3], 4) == [[0], [1], [2], [3]]
+    lengths = [10, 1, 1, 10, 5, 5]
+    resp = [n - 1 for n in lengths]
+    batch = TrainBatch(tokens=[[7] * n for n in lengths], prompt_lengths=[1] * 6, response_lengths=resp,
+                       loss_masks=[[1] * r for r in resp], rollout_log_probs=[[0.0] * r for r in resp],
+                       advantages=[float(i) for i in range(6)], rewards=[0.0] * 6, staleness=[0] * 6)
+    assert batch.shard(1, 2, balance=True).advantages == [2.0, 3.0, 5.0]
+    assert batch.shard(1, 2).advantages == [3.0, 4.0, 5.0]

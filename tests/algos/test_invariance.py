@@ -91,6 +91,7 @@ CONFIGS = {
     "ppo_critic": dict(advantage_estimator="ppo", gamma=0.95, lambd=0.9, eps_clip_c=3.0, normalize_advantages=True),
     "opd_klloss_dualclip": dict(use_opd=True, opd_teacher_load="t", opd_kl_coef=0.3, use_kl_loss=True,
                                 kl_loss_coef=0.1, kl_loss_type="k3", eps_clip_c=3.0, entropy_coef=0.01),
+    "balance_data_token_mean": dict(balance_data=True, calculate_per_token_loss=True, entropy_coef=0.01),
     "unbiased_kl_k3": dict(use_kl_loss=True, kl_loss_coef=0.2, kl_loss_type="k3", use_unbiased_kl=True),
     "rollout_logprobs_rfppb": dict(advantage_estimator="reinforce_plus_plus_baseline", normalize_advantages=True,
                                    use_rollout_logprobs=True, calculate_per_token_loss=True),
@@ -113,7 +114,7 @@ def run_rank(args, models, batch: TrainBatch, rank: int, world: int, mbs: int, a
         kw["critic"] = None
     runner = StepRunner(args, models["model"], world=world, **({"all_reduce": all_reduce} if all_reduce else {}),
                         **kw)
-    shard = micro_batches(batch.shard(rank, world), mbs, max_tokens=max_tokens)
+    shard = micro_batches(batch.shard(rank, world, balance=args.balance_data), mbs, max_tokens=max_tokens)
     runner.prepare(shard)
     runner.compute_advantages(shard)
     reduce = runner.reducer(shard, len(batch))
