@@ -47,7 +47,7 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
     resume = latest_meta(args.load) if args.load else None
     logger = MetricsLogger(args, run_dir, total, resume_offset=resume and resume["metrics_offset"])
     c = build(args)
-    eos = _eos_id(args.hf_checkpoint)
+    eos = eos_id(args.hf_checkpoint)
     post_process = None  # --custom-reward-post-process-path, loaded once (a bad spec fails before any work)
     if args.custom_reward_post_process_path:
         from streamrl.plugins import load_function
@@ -238,7 +238,8 @@ def _weight_diff(c: Any) -> float:
     return worst
 
 
-def _eos_id(path: str) -> int:
+def eos_id(path: str) -> int:
+    """The checkpoint's EOS token id (the first, if it lists several; 0 if none)."""
     from transformers import AutoConfig
 
     eos = AutoConfig.from_pretrained(path).eos_token_id

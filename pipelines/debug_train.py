@@ -56,7 +56,7 @@ def load_debug_rollout(template: str, rollout_id: int) -> DebugRollout:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train `--num-rollout` steps on saved rollouts (rollout ids 0, 1, ...): trainer ranks only."""
-    from pipelines.async_loop import _eos_id
+    from pipelines.async_loop import eos_id
     from streamrl.launch import init_ray
     from streamrl.metrics import MetricsLogger, plot_run
     from streamrl.plugins import load_function
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.custom_reward_post_process_path else None)
     init_ray(args)
     trainer = TrainerGroup(args)
-    eos, t0, trained = _eos_id(args.hf_checkpoint), time.time(), 0
+    eos, t0, trained = eos_id(args.hf_checkpoint), time.time(), 0
     summary: dict[str, Any] = {"run_dir": str(run_dir), "steps": total,
                                "debug_rollout_data": args.load_debug_rollout_data}
     try:

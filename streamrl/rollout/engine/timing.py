@@ -22,17 +22,21 @@ class StepTimer:
         self.totals: dict[str, float] = {}
         self._marks: list[tuple[str, object]] = []
         self._t0 = 0.0
+        self._events: list[torch.cuda.Event] = []  # reused every iteration (a decode step is on the hot path)
 
     def _stamp(self) -> object:
         if not self.cuda:
             return time.perf_counter()
-        ev = torch.cuda.Event(enable_timing=True)
+        if len(self._marks) == len(self._events):
+            self._events.append(torch.cuda.Event(enable_timing=True))
+        ev = self._events[len(self._marks)]
         ev.record()
         return ev
 
     def begin(self) -> None:
         self._t0 = time.perf_counter()
-        self._marks = [("", self._stamp())]
+        self._marks = []  # an iteration that failed midway leaves nothing behind
+        self._marks.append(("", self._stamp()))
 
     def mark(self, phase: str) -> None:
         if self._marks:
