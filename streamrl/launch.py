@@ -1,7 +1,8 @@
 """Start the moving parts as Ray actors: engines, router, buffer, producers (RolloutManager), trainer ranks.
 
-Ray starts a local cluster itself unless `--ray-address` is given. CPU counts are bookkeeping only on a laptop:
-actors ask for 0 CPUs and each sets its own torch thread count (`--engine-torch-threads`, `--train-torch-threads`).
+Ray starts a local cluster itself, bound to 127.0.0.1, unless `--ray-address` is given. CPU counts are bookkeeping
+only on a laptop: actors ask for 0 CPUs and each sets its own torch thread count (`--engine-torch-threads`,
+`--train-torch-threads`).
 
 Engines: `--rollout-engine embedded` (the in-repo engine, CPU or GPU) or `sglang` (real SGLang servers,
 `streamrl/rollout/sglang/launcher.py`). Router (`args.router_mode`, set by validate):
@@ -17,6 +18,7 @@ Abort, pause/continue and weight updates always go to every engine URL: routers 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +28,8 @@ _ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_
         "HF_HUB_DISABLE_PROGRESS_BARS": "1", "RAY_DEDUP_LOGS": "0",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
 
+
+logger = logging.getLogger("streamrl.launch")
 
 _MPS: Any = None  # the job's MPS daemon (--use-mps), stopped by shutdown()
 
@@ -46,9 +50,9 @@ def init_ray(args: argparse.Namespace) -> None:
         env.update(_MPS.env)
     if args.ray_address:
         ray.init(address=args.ray_address, runtime_env={"env_vars": env})
-    else:
+    else:  # a private local cluster: GCS, raylet, agents and workers listen on loopback only, not on every interface
         ray.init(include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True,
-                 num_cpus=max(4, os.cpu_count() or 1))
+                 num_cpus=max(4, os.cpu_count() or 1), _node_ip_address="127.0.0.1")
 
 
 @dataclass
@@ -140,33 +144,38 @@ def build(args: argparse.Namespace) -> Components:
     return Components(engines, urls, buffer, manager, trainer, router, router_url)
 
 
-def shutdown(c: Components) -> None:
+def shutdown(c: Components) -> list[str]:
+    """Stop everything, best effort: each step runs whatever failed before it, and a failure (a dead actor, a
+    router already gone) is logged on one line and returned, never raised. Called from a `finally`, raising here
+    would put e.g. `ActorDiedError` last in the user's traceback, over the error that named the real culprit."""
     import ray
 
-    try:
-        ray.get(c.manager.close.remote(), timeout=10)
-    except Exception:  # the manager may already be gone; shutting down regardless
-        pass
+    errors: list[str] = []
+
+    def step(what: str, fn: Any) -> None:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - a fault boundary: recorded and logged, the rest still stops
+            errors.append(f"{what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+            logger.warning("shutdown: %s", errors[-1])
+
+    step("manager close", lambda: ray.get(c.manager.close.remote(), timeout=10))
     if c.trainer is not None:
-        c.trainer.shutdown()
+        step("trainer shutdown", c.trainer.shutdown)
     if c.router is not None:
-        c.router.stop()
+        step("router stop", c.router.stop)
     elif c.router_url:  # an external router: leave it without our (soon dead) engines
         from streamrl.rollout.sglang.router import remove_worker
 
         for u in c.engine_urls:
-            try:
-                remove_worker(c.router_url, u, timeout=30)
-            except Exception:  # best effort: the router may be gone
-                pass
-    for e in c.engines:
-        try:
-            ray.get(e.shutdown.remote(), timeout=10)
-        finally:
-            ray.kill(e)
-    ray.kill(c.manager)
-    ray.kill(c.buffer)
+            step(f"router {c.router_url} remove worker {u}", lambda u=u: remove_worker(c.router_url, u, timeout=30))
+    for i, e in enumerate(c.engines):
+        step(f"engine {i} shutdown", lambda e=e: ray.get(e.shutdown.remote(), timeout=10))
+        step(f"engine {i} kill", lambda e=e: ray.kill(e))
+    step("manager kill", lambda: ray.kill(c.manager))
+    step("buffer kill", lambda: ray.kill(c.buffer))
     global _MPS
     if _MPS is not None:  # every CUDA process of the job is gone by now
-        _MPS.stop()
+        step("MPS daemon stop", _MPS.stop)
         _MPS = None
+    return errors
