@@ -121,3 +121,57 @@ def test_streamed_abort_through_the_router_keeps_a_coherent_prefix(cluster, tiny
         await client.aclose()
 
     asyncio.run(run())
+
+
+_DRIVER = """
+import json, sys, time
+from streamrl.config import default_args
+from streamrl.rollout.sglang.router import start_router
+r = start_router(default_args(use_router=True, rollout_engine_startup_timeout=60), [], log_path=sys.argv[1])
+print(json.dumps({"pid": r.proc.pid, "port": r.port, "argv": r.argv}), flush=True)
+time.sleep(3600)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie waiting for its new parent to reap it
+    except FileNotFoundError:
+        return True
+
+
+def test_router_binds_loopback_only_and_dies_with_its_parent(tmp_path):
+    """A driver starts the router and is SIGKILLed (no stop(), no finally): the router must not outlive it."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from netutil import listening, process_tree
+
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER, str(tmp_path / "router.log")], stdout=subprocess.PIPE,
+                              text=True)
+    router_pid = None
+    try:
+        info = json.loads(driver.stdout.readline() or "null")
+        assert info is not None, f"driver exited ({driver.wait()}): {(tmp_path / 'router.log').read_text()[-2000:]}"
+        router_pid = info["pid"]
+        prometheus = int(info["argv"][info["argv"].index("--prometheus-port") + 1])
+        socks = listening(process_tree(router_pid))
+        assert {s[2] for s in socks} >= {info["port"], prometheus}
+        assert {s[1] for s in socks} == {"127.0.0.1"}
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        for _ in range(600):  # polling a condition (bounded so that a surviving router fails the test)
+            if _gone(router_pid):
+                break
+            time.sleep(0.05)
+        assert _gone(router_pid), f"router {router_pid} outlived its parent"
+    finally:
+        driver.kill()
+        driver.wait()
+        if router_pid is not None and not _gone(router_pid):
+            os.kill(router_pid, signal.SIGKILL)

@@ -7,13 +7,16 @@ a missing model), not with "connection refused" from a later request.
 from __future__ import annotations
 
 import collections
+import ctypes
 import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -32,8 +35,35 @@ def free_port(host: str = "127.0.0.1", avoid: set[int] | frozenset[int] = frozen
             return port
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> Any:
+    """A `preexec_fn` that makes the child get SIGKILL when its parent dies (Linux `PR_SET_PDEATHSIG`), so a
+    driver or actor killed without a `stop()` leaves no orphan server behind; None where prctl is missing.
+
+    The signal follows the parent *thread*: start servers from a thread that lives as long as they should (the
+    driver's main thread, an actor's method). libc is looked up here, in the parent: between fork and exec the
+    child only makes the two calls."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
 class ManagedProcess:
-    """`Popen` with stdout+stderr in a log file, a liveness-aware HTTP readiness wait and a clean stop."""
+    """`Popen` with stdout+stderr in a log file, a liveness-aware HTTP readiness wait and a clean stop. The process
+    dies with its parent (see `_die_with_parent`)."""
 
     def __init__(self, argv: list[str], name: str, log_path: str | Path | None = None, env: dict | None = None):
         self.argv, self.name = list(argv), name
@@ -49,7 +79,8 @@ class ManagedProcess:
         with open(self.log_path, "ab") as log:
             try:  # own session: stop() ends the whole tree (SGLang starts scheduler/detokenizer children)
                 self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             env={**os.environ, **(self.env or {})}, start_new_session=True)
+                                             env={**os.environ, **(self.env or {})}, start_new_session=True,
+                                             preexec_fn=_die_with_parent())
             except OSError as e:
                 raise LaunchError(f"{self.name}: cannot start {self.argv[0]!r}: {e}") from e
         return self

@@ -1,5 +1,8 @@
 """sglang-router: started by streamrl on 127.0.0.1 in front of the engines, and its `/workers` admin API.
 
+The router and its Prometheus endpoint listen on 127.0.0.1 only; the process dies with the one that started it
+(ManagedProcess: parent-death signal), so a killed driver leaves no router behind.
+
     router = start_router(args, worker_urls)        # python -m sglang_router.launch_router ... (a child process)
     add_worker(router.url, url); remove_worker(router.url, url); list_workers(router.url)
 
@@ -43,8 +46,9 @@ def router_command(args: argparse.Namespace, worker_urls: list[str], host: str, 
                    prometheus_port: int) -> list[str]:
     from streamrl.config.passthrough import to_cli
 
+    # metrics on the router's own host (sglang-router's default is 0.0.0.0: every interface)
     defaults = {**ROUTER_DEFAULTS, "request_timeout_secs": args.sglang_router_request_timeout_secs,
-                "prometheus_port": prometheus_port}
+                "prometheus_port": prometheus_port, "prometheus_host": host}
     argv = [sys.executable, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port)]
     if worker_urls:
         argv += ["--worker-urls", *worker_urls]
