@@ -1,8 +1,9 @@
 """Resumable checkpoints of an async job (`--save DIR --save-interval N`, resumed with `--load DIR`).
 
-A checkpoint is a directory `<save>/step_<k>/` written under a temporary name and renamed when complete; the file
-`<save>/latest` names the newest one (written atomically after the rename), so a crash leaves the previous
-checkpoint intact. It holds:
+A checkpoint is a directory `<save>/step_<k>/` written under a temporary name, fsynced and renamed when complete;
+the file `<save>/latest` names the newest one (written atomically after the rename), so a crash leaves the previous
+checkpoint intact; the next save removes the leftovers, and `--keep-latest-k` prunes old ones (checkpoint_dir.py).
+It holds:
 
     trainer.pt         model + optimizer (+ critic) as full state dicts (any number of FSDP ranks can load it)
     buffer.msgpack     the RolloutBuffer's state: queued groups, ledger, version, replay, stashed partials
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,39 +31,9 @@ import msgspec
 
 from buffers.ledger import DROPPED_STALE, IN_FLIGHT, PARTIAL, QUEUED, TRAINED
 from buffers.persist import atomic_write, read_state
+from pipelines.checkpoint_dir import commit_dir, latest_dir, staging_dir
 
 REGENERATED = "regenerated at resume"
-
-
-def staging_dir(root: str | os.PathLike, step: int) -> Path:
-    """A fresh, hidden directory in `root` to write checkpoint `step` into."""
-    tmp = Path(root) / f".step_{step}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def commit_dir(root: str | os.PathLike, step: int, tmp: Path) -> Path:
-    """Rename a complete staging dir to `step_<step>` (replacing an older one) and point `latest` at it."""
-    final = Path(root) / f"step_{step}"
-    if final.exists():
-        old = final.with_name(f".{final.name}.old{os.getpid()}")
-        final.rename(old)
-        shutil.rmtree(old)
-    tmp.rename(final)
-    atomic_write(Path(root) / "latest", final.name.encode())
-    return final
-
-
-def latest_dir(root: str | os.PathLike) -> Path | None:
-    """The checkpoint `latest` names, or None when `root` has none."""
-    pointer = Path(root) / "latest"
-    if not pointer.exists():
-        return None
-    d = Path(root) / pointer.read_text().strip()
-    if not (d / "meta.json").exists():
-        raise FileNotFoundError(f"{pointer} names {d}, which is not a complete checkpoint")
-    return d
 
 
 def latest_meta(root: str) -> dict[str, Any]:

@@ -256,6 +256,9 @@ class TrainConfig:
     save_interval: int | None = F(None, "Write a resumable checkpoint to --save every this many train steps (and "
                                         "at the end).")
     load: str | None = F(None, "Resume from the latest checkpoint in this directory (written by --save-interval).")
+    keep_latest_k: int = F(0, "Keep only the newest this many checkpoints in --save (torchtitan's "
+                              "checkpoint.keep_latest_k; slime and Megatron keep all): older step_<k>/ are deleted "
+                              "once a new one is complete and `latest` names it. 0: keep every checkpoint.")
     update_weight_buffer_size: int = F(512 * 1024**2, "Bytes per weight-sync bucket.")
     check_weight_update_equal: bool = F(False, "After the last sync, check engine weights equal the trainer's.")
 

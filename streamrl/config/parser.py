@@ -107,6 +107,8 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError("--rollout-temperature must be > 0 (the trainer divides logits by it).")
     if args.save_interval is not None and (args.save_interval < 1 or not args.save):
         raise ConfigError("--save-interval needs --save DIR (the checkpoint directory) and must be >= 1.")
+    if args.keep_latest_k < 0:
+        raise ConfigError("--keep-latest-k must be >= 0 (0 keeps every checkpoint).")
     if args.eps_clip_high is None:
         args.eps_clip_high = args.eps_clip
     if args.eval_temperature is None:
