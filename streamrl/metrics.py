@@ -88,7 +88,11 @@ def plot_run(run_dir: Path) -> Path:
     # per-step idle fractions from the cumulative counters (trainer wait; embedded engines' busy time)
     util = [(b, a) for a, b in zip(train, train[1:], strict=False)
             if all(k in a and k in b for k in ("trainer_wait_time", "engine_busy_time")) and b["time"] > a["time"]]
-    fig, axes = plt.subplots(3 if util else 2, 1, figsize=(8, 8.5 if util else 6), sharex=True)
+    # off-policy mismatch per staleness bucket (KL(µ‖π_prox), streamrl/algos/corrections.py)
+    buckets = sorted({int(k.split("/")[1][1:]) for r in train for k in r if k.startswith("mismatch/")
+                      and k.endswith("/kl")})
+    n = 2 + bool(util) + bool(buckets)
+    fig, axes = plt.subplots(n, 1, figsize=(8, {2: 6, 3: 8.5}.get(n, 11)), sharex=True)
     ax1, ax2 = axes[0], axes[1]
     ax1.plot([r["step"] for r in train], [r["reward"] for r in train], label="train reward", alpha=0.6)
     if evals:
@@ -115,6 +119,16 @@ def plot_run(run_dir: Path) -> Path:
         ax3.legend(loc="upper right")
         ax3.grid(alpha=0.3)
         ax3.set_xlabel("train step")
+    if buckets:
+        ax4 = axes[-1]
+        for k in buckets:
+            pts = [(r["step"], r[f"mismatch/s{k}/kl"]) for r in train if f"mismatch/s{k}/kl" in r]
+            ax4.plot(*zip(*pts, strict=True), ".-", ms=3, label=f"staleness {k}")
+        ax4.set_ylabel("KL(µ‖π_prox) per token")
+        ax4.set_yscale("symlog", linthresh=1e-3)
+        ax4.legend(loc="upper left", fontsize=7, ncol=2)
+        ax4.grid(alpha=0.3)
+        ax4.set_xlabel("train step")
     fig.tight_layout()
     out = run_dir / "reward_staleness.png"
     fig.savefig(out, dpi=100)

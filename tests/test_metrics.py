@@ -33,3 +33,12 @@ def test_plot_has_a_utilisation_panel_when_counters_are_logged(tmp_path):
     without = plot_run(tmp_path).read_bytes()
     height = lambda png: struct.unpack(">I", png[20:24])[0]  # noqa: E731  (PNG IHDR)
     assert height(with_util) == 850 and height(without) == 600  # three panels vs two (figure inches x 100 dpi)
+
+
+def test_plot_has_a_mismatch_panel_when_buckets_are_logged(tmp_path):
+    rows = [row(1, 10.0, 1.0, 5.0, 100, 1000), row(2, 20.0, 1.5, 23.0, 200, 25000)]
+    rows[0].update({"mismatch/s0/kl": 0.0, "mismatch/s1/kl": 0.2})
+    rows[1].update({"mismatch/s0/kl": 0.001, "mismatch/s2/kl": 0.5})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    height = struct.unpack(">I", plot_run(tmp_path).read_bytes()[20:24])[0]
+    assert height == 1100  # reward, staleness, utilisation, KL(µ‖π_prox) per staleness bucket

@@ -127,7 +127,11 @@ class RolloutConfig:
         None, "slime's `fn(args, samples) -> (raw_rewards, rewards)` over a train step's samples (whole groups, in "
               "order): `rewards` replace the built-in group normalisation as the per-sample advantages; "
               "`raw_rewards` are logged.")
-    rm_timeout: float | None = F(None, "Seconds a reward call may take; then the sample is FAILED.")
+    rollout_watchdog_timeout: float | None = F(
+        900.0, "Seconds the trainer may wait with no rollout progress (no group settled, no token generated) before "
+               "the job stops naming what is stuck (the oldest group and its stage, or the pacing bound). 0: never.")
+    rm_timeout: float | None = F(300.0, "Seconds a reward call may take; then the sample is FAILED (a hung reward "
+                                        "must not hold its group's admission slot forever). 0: no limit.")
     dynamic_sampling_filter_path: str | None = F(None, "`fn(args, group) -> DynamicFilterOutput | bool`; dropped "
                                                        "groups are `filtered` in the ledger (built-in: "
                                                        "check_reward_nonzero_std).")
@@ -207,6 +211,11 @@ class AlgoConfig:
     use_rollout_logprobs: bool = F(False, "Use the engine's log-probs as pi_old: PPO clips against the behaviour "
                                           "policy (replaces TIS; the better correction under high staleness, see "
                                           "scripts/bench/offpolicy.py).")
+    m2_threshold: float | None = F(None, "M2 trust region (M2PO, AReaL's m2_threshold): drop the tokens with the "
+                                         "largest (log pi_prox - log pi_rollout)^2 until the batch's mean over the "
+                                         "kept tokens is below this (M2PO uses 0.04); off when unset.")
+    staleness_decay: float = F(1.0, "Multiply each sample's policy loss by this to the power of its staleness "
+                                    "(versions): stale groups count less; 1 = off.")
     allow_uncorrected_offpolicy: bool = F(False, "Allow --max-staleness > 0 with no off-policy correction.")
     true_on_policy_mode: bool = F(False, "Recompute pi_old exactly as the embedded engine decodes (bit-identical "
                                          "on CPU fp32 when the engine runs one request at a time).")
@@ -228,6 +237,10 @@ class TrainConfig:
                                       "never materialising [tokens, vocab] fp32 logits; -1: the plain full-logits "
                                       "path.")
     num_steps_per_rollout: int = F(1, "Optimizer steps per rollout.")
+    num_mini_batches: int = F(1, "Optimizer steps per train step: the step's batch is split into this many equal "
+                                 "parts, one optimizer step each, all against pi_prox recomputed once before the "
+                                 "first (AReaL's ppo_n_minibatches). With 1, pi_theta = pi_prox at the step and the "
+                                 "PPO clip is inert; > 1 makes it a trust region around pi_prox (decoupled PPO).")
     lr: float = F(1e-6, "Learning rate (peak, with a schedule).")
     lr_decay_style: str = F("constant", "Megatron's: learning-rate decay after the warm-up "
                                         "(streamrl/train/schedule.py).", choices=["constant", "linear", "cosine"])

@@ -141,6 +141,12 @@ def validate(args: argparse.Namespace) -> None:
             f"--global-batch-size ({args.global_batch_size}) must be divisible by trainer ranks ({world}) x "
             f"--micro-batch-size ({args.micro_batch_size})."
         )
+    if args.num_mini_batches < 1 or args.global_batch_size % (args.num_mini_batches * world):
+        raise ConfigError(
+            f"--global-batch-size ({args.global_batch_size}) must be divisible by --num-mini-batches "
+            f"({args.num_mini_batches}) x trainer ranks ({world}).")
+    if args.m2_threshold is not None and args.m2_threshold <= 0:
+        raise ConfigError("--m2-threshold must be > 0 (leave it unset to turn the M2 trust region off).")
     if args.mask_offpolicy_in_partial_rollout and not args.partial_rollout:
         raise ConfigError("--mask-offpolicy-in-partial-rollout needs --partial-rollout.")
     if args.pause_generation_mode == "in_place" and not args.partial_rollout:

@@ -1,7 +1,9 @@
 """Synthetic tasks: sort or reverse a short digit string, add two numbers.
 
 Each example is a JSONL record `{"input": prompt, "label": answer, "metadata": {"rm_type": task}}`. The reward is
-exact match of the response (special tokens stripped) with the label. For SFT warm-up data, `noise` replaces a
+exact match of the response (special tokens stripped) with the label, or with
+`--custom-rm-path streamrl.tasks.synthetic:partial_credit_rm` the fraction of positions right (a denser reward
+shape, used as the second task of scripts/bench/staleness_sweep.py). For SFT warm-up data, `noise` replaces a
 fraction of the answers with a near miss (two positions swapped or one digit changed): the model then learns the
 format and roughly `1 - noise` of the skill, and RL has something left to learn.
 """
@@ -79,3 +81,26 @@ def exact_match_reward(response: str, label: str | None) -> float:
     0.0
     """
     return float(label is not None and response.strip() == str(label).strip())
+
+
+def digit_match_reward(response: str, label: str | None) -> float:
+    """Partial credit: positions where the response matches the label, over the longer of the two lengths.
+
+    >>> digit_match_reward("1349", "1349")
+    1.0
+    >>> digit_match_reward("1394", "1349")
+    0.5
+    >>> digit_match_reward("13", "1349")
+    0.5
+    """
+    if label is None:
+        return 0.0
+    r, lab = response.strip(), str(label).strip()
+    if not r and not lab:
+        return 1.0
+    return sum(a == b for a, b in zip(r, lab, strict=False)) / max(len(r), len(lab))
+
+
+async def partial_credit_rm(args, sample) -> float:
+    """`--custom-rm-path streamrl.tasks.synthetic:partial_credit_rm`: `digit_match_reward` of the sample."""
+    return digit_match_reward(sample.response, sample.label)

@@ -36,6 +36,16 @@ class TrainBatch(msgspec.Struct, kw_only=True):
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def select(self, idx: list[int]) -> TrainBatch:
+        return TrainBatch(**{f: ([v[i] for i in idx] if v is not None else None)
+                             for f in self.__struct_fields__ for v in [getattr(self, f)]})
+
+    def mini_batches(self, k: int) -> list[TrainBatch]:
+        """`k` equal contiguous parts (--num-mini-batches): one optimizer step each, the same parts on any number
+        of ranks (each part is then sharded over the ranks)."""
+        n = len(self) // k
+        return [self.select(list(range(j * n, (j + 1) * n))) for j in range(k)]
+
     def shard(self, rank: int, world: int, balance: bool = False) -> TrainBatch:
         """Data-parallel rank `rank`'s samples (sizes are checked equal by the config): a contiguous slice, or with
         `balance` (slime's --balance-data) the `balanced_partition` part, so that ranks get near-equal tokens."""
@@ -44,8 +54,7 @@ class TrainBatch(msgspec.Struct, kw_only=True):
             idx = balanced_partition([len(t) for t in self.tokens], world)[rank]
         else:
             idx = list(range(rank * n, (rank + 1) * n))
-        return TrainBatch(**{f: ([v[i] for i in idx] if v is not None else None)
-                             for f in self.__struct_fields__ for v in [getattr(self, f)]})
+        return self.select(idx)
 
 
 def balanced_partition(lengths: list[int], world: int) -> list[list[int]]:

@@ -14,11 +14,15 @@ teacher (--use-opd, --opd-teacher-load) and, for --advantage-estimator ppo, the 
 from __future__ import annotations
 
 import argparse
+import logging
+import math
 import os
 import time
 from typing import Any
 
 from streamrl.train.batch import TrainBatch
+
+logger = logging.getLogger("streamrl.train")
 
 
 class FSDPTrainRank:
@@ -28,6 +32,7 @@ class FSDPTrainRank:
         self.args, self.rank, self.world = args, rank, world
         self.model = self.ref_model = self.teacher = self.critic = self.opt = self.critic_opt = None
         self.steps_done = 0
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite grad norm
         self._staged = None  # sync phase 2, between stage_weights and push_staged
         self.shares_gpu = True
 
@@ -138,67 +143,99 @@ class FSDPTrainRank:
         )
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One optimizer step on this rank's slice of `batch`; returns metrics of the global batch.
+        """One train step (--num-mini-batches optimizer steps) on this rank's slice of `batch`; returns metrics of
+        the global batch (averaged over the mini-batches).
 
         Keys: loss, pg_loss, pg_clipfrac, ppo_kl, entropy, tis (mean π_old/µ), tis_clipfrac, tis_abs,
         tis_rejected_frac, train_rollout_logprob_abs_diff (mean |ℓtrainer − ℓroll|), kl_loss (with --use-kl-loss),
-        value_loss / value_clipfrac / values / returns (ppo), staleness_hist/k, grad_norm, train_time.
+        value_loss / value_clipfrac / values / returns (ppo), staleness_hist/k, grad_norm, train_time, and per
+        staleness bucket k: mismatch/s{k}/{ratio, abs_diff, kl, clipfrac, rejected, tis_clipfrac} (π_prox/µ,
+        |ℓprox − ℓµ|, KL(µ‖π_prox), PPO clip, rejected and TIS-truncated token fractions).
         """
         import torch
         import torch.distributed as dist
 
+        from streamrl.algos import bucket_means
         from streamrl.train.schedule import lr_at
-        from streamrl.train.step import micro_batches, staleness_histogram
+        from streamrl.train.step import staleness_histogram
 
         args, t0, runner = self.args, time.time(), self.runner
-        local = batch.shard(self.rank, self.world, balance=args.balance_data)
+        # --num-mini-batches: equal parts of the global batch, each sharded over the ranks, one optimizer step each;
+        # π_prox (ℓold), advantages and the M2 mask are computed once, for all of them, before the first step
+        parts = batch.mini_batches(args.num_mini_batches)
+        per_part = [self._micro_batches(p.shard(self.rank, self.world, balance=args.balance_data)) for p in parts]
+        mbs = [mb for part in per_part for mb in part]
+        t_prep = time.time()
+        runner.prepare(mbs)
+        runner.compute_advantages(mbs)
+        runner.apply_m2(mbs)
+        sums: dict[str, torch.Tensor] = {}
+        critic_sums: dict[str, torch.Tensor] = {}
+        result: dict[str, float] = {}
+        if self.critic is not None:
+            self.critic.train()
+            self.critic_opt.zero_grad(set_to_none=True)
+            critic_sums = runner.critic_backward(mbs, runner.reducer(mbs, len(batch)))
+            result["critic_grad_norm"] = _norm(torch.nn.utils.clip_grad_norm_(self.critic.parameters(),
+                                                                             args.clip_grad))
+            self.critic_opt.step()
+        self.model.train()
+        t_fwd = time.time()
+        result["lr"] = lr_at(self.steps_done, lr=args.lr, style=args.lr_decay_style, warmup=args.lr_warmup_iters,
+                             warmup_init=args.lr_warmup_init, decay_iters=args.lr_decay_iters, min_lr=args.min_lr)
+        for group in self.opt.param_groups:  # the schedule's rate for this step (streamrl/train/schedule.py)
+            group["lr"] = result["lr"]
+        norms = []
+
+        def opt_step() -> None:
+            norm = _norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad))
+            norms.append(norm)
+            if not math.isfinite(norm):  # the same total norm on every rank: all skip together, weights stay sane
+                self.skipped_steps += 1
+                logger.warning("optimizer step skipped: non-finite grad norm %s (%d skipped so far)", norm,
+                               self.skipped_steps)
+            elif self.steps_done >= args.num_critic_only_steps:
+                self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+
+        self.opt.zero_grad(set_to_none=True)
+        sums.update(runner.actor_steps(per_part, [len(p) for p in parts], opt_step))
+        result["grad_norm"] = sum(norms) / len(norms)
+        result["skipped_optimizer_steps"] = self.skipped_steps
+        t_opt = t_end_bwd = time.time()
+        self.steps_done += 1
+        # each part's actor metrics are means over that part: average them (bucket sums and the critic's are exact)
+        div = {k: 1 if k.startswith("mismatch_sum/") else len(parts) for k in sums}
+        sums.update(critic_sums)
+        names = sorted(sums)
+        vec = torch.stack([sums[k].to(self.device) for k in names])
+        dist.all_reduce(vec)
+        reduced = {k: float(v) / div.get(k, 1) for k, v in zip(names, vec.tolist(), strict=True)}
+        result.update(bucket_means(reduced))
+        result.update(staleness_histogram(batch.staleness, args.max_staleness))
+        t_end = time.time()  # the metrics' .tolist() waited for the optimizer
+        # where the step went: batch to micro-batches, no-grad prepare + critic, actor forward/backward + optimizer
+        # steps, metrics
+        result.update(train_batch_time=t_prep - t0, train_prepare_time=t_fwd - t_prep,
+                      train_fwd_bwd_time=t_end_bwd - t_fwd, train_optimizer_time=t_end - t_opt, train_time=t_end - t0)
+        return result
+
+    def _micro_batches(self, local: TrainBatch) -> list:
+        import torch
+        import torch.distributed as dist
+
+        from streamrl.train.step import micro_batches, token_budget_groups
+
+        args = self.args
         budget = args.max_tokens_per_gpu if args.use_dynamic_batch_size else None
         n_mb = 0
         if budget and self.world > 1:  # every rank runs as many forwards as the rank that needs the most
-            from streamrl.train.step import token_budget_groups
-
             mine = len(token_budget_groups([p + r for p, r in zip(local.prompt_lengths, local.response_lengths,
                                                                    strict=True)], budget))
             n = torch.tensor([mine], device=self.device)
             dist.all_reduce(n, op=dist.ReduceOp.MAX)
             n_mb = int(n.item())
-        mbs = micro_batches(local, args.micro_batch_size, self.device, max_tokens=budget, min_micro_batches=n_mb)
-        t_prep = time.time()
-        runner.prepare(mbs)
-        runner.compute_advantages(mbs)
-        reduce = runner.reducer(mbs, len(batch))
-        sums: dict[str, torch.Tensor] = {}
-        result: dict[str, float] = {}
-        if self.critic is not None:
-            self.critic.train()
-            self.critic_opt.zero_grad(set_to_none=True)
-            sums.update(runner.critic_backward(mbs, reduce))
-            result["critic_grad_norm"] = _norm(torch.nn.utils.clip_grad_norm_(self.critic.parameters(),
-                                                                             args.clip_grad))
-            self.critic_opt.step()
-        self.model.train()
-        self.opt.zero_grad(set_to_none=True)
-        t_fwd = time.time()
-        sums.update(runner.actor_backward(mbs, reduce))
-        result["grad_norm"] = _norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad))
-        t_opt = time.time()  # the norm's .item() waited for the backward
-        result["lr"] = lr_at(self.steps_done, lr=args.lr, style=args.lr_decay_style, warmup=args.lr_warmup_iters,
-                             warmup_init=args.lr_warmup_init, decay_iters=args.lr_decay_iters, min_lr=args.min_lr)
-        for group in self.opt.param_groups:  # the schedule's rate for this step (streamrl/train/schedule.py)
-            group["lr"] = result["lr"]
-        if self.steps_done >= args.num_critic_only_steps:
-            self.opt.step()
-        self.steps_done += 1
-        names = sorted(sums)
-        vec = torch.stack([sums[k].to(self.device) for k in names])
-        dist.all_reduce(vec)
-        result.update({k: float(v) for k, v in zip(names, vec.tolist(), strict=True)})
-        result.update(staleness_histogram(batch.staleness, args.max_staleness))
-        t_end = time.time()  # the metrics' .tolist() waited for the optimizer
-        # where the step went: batch to micro-batches, no-grad prepare + critic, actor forward/backward, optimizer
-        result.update(train_batch_time=t_prep - t0, train_prepare_time=t_fwd - t_prep,
-                      train_fwd_bwd_time=t_opt - t_fwd, train_optimizer_time=t_end - t_opt, train_time=t_end - t0)
-        return result
+        return micro_batches(local, args.micro_batch_size, self.device, max_tokens=budget, min_micro_batches=n_mb)
 
     def full_named_parameters(self, keep_on_device: bool = False) -> list[tuple[str, Any]] | None:
         """Gather every parameter in full (collective on all ranks); rank 0 gets CPU tensors, others None."""

@@ -55,8 +55,11 @@ from streamrl.algos import (
     LossReducer,
     call_tis_function,
     importance_weights,
+    kl_behaviour_prox,
     kl_estimate,
+    mismatch_by_staleness,
     pg_loss,
+    staleness_weights,
     value_loss,
 )
 
@@ -75,6 +78,8 @@ class MicroBatch:
     rollout_log_probs: Tensor  # ℓroll (µ)
     sample_advantages: Tensor  # [B] from the driver (group-normalised rewards, per estimator)
     rewards: Tensor  # [B] raw rewards
+    staleness: Tensor | None = None  # [B] trainer version − oldest token version
+    offpolicy_keep: Tensor | None = None  # [B, T] 0 on tokens the M2 trust region drops (--m2-threshold)
     token_advantages: Tensor | None = None  # [B, T] from the driver, when it computed them
     old_log_probs: Tensor | None = None  # ℓold when known before the loop
     trainer_log_probs: Tensor | None = None  # the trainer's own ℓ at the start of the step (for the mismatch metric)
@@ -133,6 +138,10 @@ def actor_loss(
                                                       mb.response_lengths)
     elif args.use_tis:
         pg, num_mask = pg * w, tis_mask
+    if mb.offpolicy_keep is not None:
+        num_mask = num_mask * mb.offpolicy_keep
+    if args.staleness_decay != 1.0 and mb.staleness is not None:  # γ^staleness per sample (a constant)
+        pg = pg * staleness_weights(mb.staleness, args.staleness_decay).to(pg.dtype).unsqueeze(-1)
     per_token.update(tis_metrics)  # logged even with TIS off: they measure the behaviour/proximal mismatch
     per_token["pg_loss"] = pg.detach()
     loss = reduce(pg, num_mask, mask)
@@ -147,8 +156,16 @@ def actor_loss(
             loss = loss - args.entropy_coef * reduce(entropy, num_mask, mask)
         per_token["entropy"] = entropy.detach()
     out = reduce.metrics(per_token, mask)
-    out["tis_rejected_frac"] = reduce((mask - num_mask).to(pg.dtype), mask)
+    rejected = (mask - num_mask).to(pg.dtype)
+    out["tis_rejected_frac"] = reduce(rejected, mask)
     out["loss"] = loss.detach()
+    if mb.staleness is not None:  # how far π_prox is from µ, per staleness bucket (sums; fsdp.py divides)
+        prox = mb.trainer_log_probs if mb.trainer_log_probs is not None else log_probs.detach()
+        out.update(mismatch_by_staleness(
+            {"ratio": torch.exp((prox - roll).clamp(-20, 20)), "abs_diff": (prox - roll).abs(),
+             "kl": kl_behaviour_prox(prox, roll), "clipfrac": clipfrac, "rejected": rejected,
+             "tis_clipfrac": tis_metrics.get("tis_clipfrac", torch.zeros_like(rejected))},
+            mask, mb.staleness, max(args.max_staleness, 0)))
     return loss, out
 
 

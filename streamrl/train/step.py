@@ -27,6 +27,7 @@ from streamrl.algos import (
     gae,
     kl_estimate,
     kl_shaped_rewards,
+    m2_keep_mask,
     masked_whiten,
     opd_advantages,
     reinforce_pp_baseline,
@@ -95,6 +96,7 @@ def micro_batches(local: TrainBatch, size: int, device: torch.device | str | Non
             rollout_log_probs=_pad(pick(local.rollout_log_probs), b, t),
             sample_advantages=torch.tensor(pick(local.advantages), dtype=torch.float32),
             rewards=torch.tensor(pick(local.rewards), dtype=torch.float32),
+            staleness=torch.tensor(pick(local.staleness), dtype=torch.long),
             token_advantages=_pad(tok_adv, b, t) * resp if tok_adv is not None else None,
         ))
     if device is not None:
@@ -126,7 +128,23 @@ class StepRunner:
     def needs_old_up_front(self) -> bool:
         a = self.args
         return bool(a.true_on_policy_mode or a.kl_coef > 0 or a.use_opd or self.custom_adv_fn is not None
-                    or a.advantage_estimator == "on_policy_distillation")
+                    or a.advantage_estimator == "on_policy_distillation" or a.num_mini_batches > 1
+                    or a.m2_threshold is not None)
+
+    def apply_m2(self, mbs: list[MicroBatch]) -> None:
+        """--m2-threshold: the M2 trust region over the whole step's batch (every mini-batch, every rank)."""
+        a = self.args
+        if a.m2_threshold is None:
+            return
+        t = max(mb.mask.shape[1] for mb in mbs)
+
+        def cat(key: str) -> Tensor:
+            return torch.cat([torch.nn.functional.pad(getattr(mb, key), (0, t - mb.mask.shape[1])) for mb in mbs])
+
+        keep = m2_keep_mask(cat("trainer_log_probs"), cat("rollout_log_probs"), cat("mask"), a.m2_threshold,
+                            self.all_reduce)
+        for mb, chunk in zip(mbs, keep.split([len(mb) for mb in mbs]), strict=True):
+            mb.offpolicy_keep = chunk[:, : mb.mask.shape[1]]
 
     def reducer(self, mbs: list[MicroBatch], num_samples: int) -> LossReducer:
         """The reduction of this step; the token count is all-reduced over ranks before any loss is computed."""
@@ -247,6 +265,18 @@ class StepRunner:
                                        self.custom_loss_fn)
             (loss * self.world).backward()
             _accumulate(sums, metrics)
+        return sums
+
+    def actor_steps(self, per_part: list[list[MicroBatch]], part_sizes: list[int], opt_step: Callable[[], None]
+                    ) -> dict[str, Tensor]:
+        """--num-mini-batches: for each part, backward over its micro-batches then `opt_step()` (clip, step,
+        zero the gradients). ℓold was fixed for every part by `prepare`, so from the second part on ρ = πθ/π_prox
+        ≠ 1 and the clip bounds the update. Returns the metric sums over all parts (each part's in its own units:
+        divide the mean metrics by the number of parts)."""
+        sums: dict[str, Tensor] = {}
+        for mbs, n in zip(per_part, part_sizes, strict=True):
+            _accumulate(sums, self.actor_backward(mbs, self.reducer(mbs, n)))
+            opt_step()
         return sums
 
     def critic_backward(self, mbs: list[MicroBatch], reduce: LossReducer) -> dict[str, Tensor]:

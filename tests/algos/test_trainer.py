@@ -54,8 +54,8 @@ def to_batch(reqs) -> TrainBatch:
 
 
 def make_rank(ckpt: str, **over) -> FSDPTrainRank:
-    args = default_args(hf_checkpoint=ckpt, rollout_batch_size=2, n_samples_per_prompt=4, micro_batch_size=2,
-                        lr=1e-2, **over)
+    args = default_args(**{"hf_checkpoint": ckpt, "rollout_batch_size": 2, "n_samples_per_prompt": 4,
+                           "micro_batch_size": 2, "lr": 1e-2, **over})
     rank = FSDPTrainRank(args, 0, 1)
     rank.init(*rank.master_address())
     return rank
@@ -218,3 +218,32 @@ def test_lr_schedule_warmup_sgd_and_recompute(tiny_ckpt, samples):
     for a, b in ((p1, r1), (p2, r2)):
         for k in ("loss", "grad_norm", "entropy"):
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+
+
+def test_mini_batches_fix_prox_and_clip_from_the_second_step(tiny_ckpt, samples):
+    """--num-mini-batches 2: two optimizer steps per train step against ℓprox from before the first, so the PPO
+    clip (inert with one step: ρ = 1) bites on the second; the result does not depend on --micro-batch-size;
+    the M2 mask and the per-staleness-bucket mismatch metrics are reported."""
+    batch = to_batch(samples)
+    for i in range(1, len(batch), 2):  # the "stale" samples (staleness 1): µ away from the trainer's weights
+        batch.rollout_log_probs[i] = [x - 0.3 * (j % 2) for j, x in enumerate(batch.rollout_log_probs[i])]
+    params, metrics = {}, {}
+    for name, over in {"mb1": {}, "mb2": dict(num_mini_batches=2), "mb2_micro1": dict(num_mini_batches=2,
+                                                                                      micro_batch_size=1),
+                       "mb2_m2": dict(num_mini_batches=2, m2_threshold=1e-3)}.items():
+        rank = make_rank(tiny_ckpt, rollout_temperature=0.8, eps_clip=0.02, **over)
+        try:
+            metrics[name] = rank.train_step(batch)
+            params[name] = [p.detach().full_tensor().clone() for p in rank.model.parameters()]
+        finally:
+            rank.shutdown()
+    assert metrics["mb1"]["pg_clipfrac"] == 0  # ρ = 1 at the only step
+    assert metrics["mb2"]["pg_clipfrac"] > 0  # the second step is clipped against π_prox
+    for a, b in zip(params["mb2"], params["mb2_micro1"], strict=True):  # Adam amplifies summation-order noise
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+    assert any(not torch.allclose(a, b) for a, b in zip(params["mb1"], params["mb2"], strict=True))
+    for k in ("ratio", "kl", "clipfrac", "rejected", "abs_diff"):
+        assert f"mismatch/s0/{k}" in metrics["mb2"] and f"mismatch/s1/{k}" in metrics["mb2"]
+    assert metrics["mb2_m2"]["tis_rejected_frac"] > 0 and metrics["mb2"]["tis_rejected_frac"] == 0
+    assert metrics["mb2_m2"]["mismatch/s1/rejected"] > 0
+    assert metrics["mb2"]["mismatch/s1/kl"] > 10 * metrics["mb2"]["mismatch/s0/kl"]
