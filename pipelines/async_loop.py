@@ -68,6 +68,7 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
     version_calls: list = []  # the producers' set_version answers, not awaited during a sync
 
     def publish(new_version: int) -> dict[str, float]:
+        c.pool.before_sync()  # dead engines leave, ready replacements join (streamrl/rollout/pool.py)
         stats = sync_weights(
             c.engine_urls,
             stage=lambda: c.trainer.stage_weights(new_version),  # while the engines still generate
@@ -75,9 +76,11 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
             publish=lambda: _set_version(c, new_version, version_calls),
             pause_while_staging=transport["last"] == "ipc",  # a ~1 ms stage: overlap it with the pause
             pause_mode=args.pause_generation_mode,
+            on_dead=c.pool.drop,
         )
+        c.pool.after_sync()
         transport["last"] = stats.pop("sync_transport", None)
-        return stats
+        return {**stats, **c.pool.stats()}
 
     try:
         start_step = 0

@@ -64,6 +64,7 @@ class Components:
     trainer: Any
     router: Any = None  # the RouterProcess streamrl started (router_mode "local")
     router_url: str | None = None  # where /generate goes (None: straight to the engines)
+    pool: Any = None  # EnginePool over `engines` / `engine_urls`: dead engines leave them, replacements join
 
 
 def gpu_shares(args: argparse.Namespace) -> tuple[float, float]:
@@ -82,13 +83,12 @@ def gpu_shares(args: argparse.Namespace) -> tuple[float, float]:
     return frac, frac
 
 
-def start_engines(args: argparse.Namespace) -> tuple[list[Any], list[str]]:
-    import ray
-
+def engine_spawner(args: argparse.Namespace) -> Any:
+    """`spawn(index) -> (engine actor, ref of its URL once it serves)`: the engines at start, and replacements."""
     if args.rollout_engine == "sglang":
-        from streamrl.rollout.sglang.launcher import start_sglang_engines
+        from streamrl.rollout.sglang.launcher import spawn_sglang_engine
 
-        return start_sglang_engines(args)
+        return lambda index: spawn_sglang_engine(args, index)
     from streamrl.rollout.engine.actor import make_engine_actor
     from streamrl.rollout.engine.kv import DEFAULT_MAX_PREFILL_TOKENS
 
@@ -98,16 +98,32 @@ def start_engines(args: argparse.Namespace) -> tuple[list[Any], list[str]]:
     if args.engine_mps_thread_percentage:  # the engines' share of the SMs under MPS
         env["env_vars"]["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(args.engine_mps_thread_percentage)
     gpu = engine_gpus > 0
-    engines = [cls.options(runtime_env=env).remote(
-        args.hf_checkpoint, torch_threads=args.engine_torch_threads, device="cuda" if gpu else "cpu",
-        max_running_requests=args.sglang_server_concurrency,
-        dtype=args.engine_dtype or ("bfloat16" if gpu else "float32"), max_context_len=args.engine_max_context_len,
-        mem_fraction_static=getattr(args, "sglang_mem_fraction_static", None),
-        max_prefill_tokens=getattr(args, "sglang_max_prefill_tokens", None) or DEFAULT_MAX_PREFILL_TOKENS,
-        keep_kv_on_update=args.engine_keep_kv_on_update,
-        num_continuous_decode_steps=getattr(args, "sglang_num_continuous_decode_steps", None) or 1)
-        for _ in range(args.rollout_num_engines)]
-    return engines, ray.get([e.url.remote() for e in engines])
+
+    def spawn(index: int) -> tuple[Any, Any]:
+        engine = cls.options(runtime_env=env).remote(
+            args.hf_checkpoint, torch_threads=args.engine_torch_threads, device="cuda" if gpu else "cpu",
+            max_running_requests=args.sglang_server_concurrency,
+            dtype=args.engine_dtype or ("bfloat16" if gpu else "float32"),
+            max_context_len=args.engine_max_context_len,
+            mem_fraction_static=getattr(args, "sglang_mem_fraction_static", None),
+            max_prefill_tokens=getattr(args, "sglang_max_prefill_tokens", None) or DEFAULT_MAX_PREFILL_TOKENS,
+            keep_kv_on_update=args.engine_keep_kv_on_update,
+            num_continuous_decode_steps=getattr(args, "sglang_num_continuous_decode_steps", None) or 1)
+        return engine, engine.url.remote()
+
+    return spawn
+
+
+def start_engines(args: argparse.Namespace) -> tuple[list[Any], list[str]]:
+    import ray
+
+    if args.rollout_engine == "sglang":
+        from streamrl.rollout.sglang.launcher import start_sglang_engines
+
+        return start_sglang_engines(args)
+    spawn = engine_spawner(args)
+    started = [spawn(i) for i in range(args.rollout_num_engines)]
+    return [e for e, _ in started], ray.get([ref for _, ref in started])
 
 
 def start_router(args: argparse.Namespace, urls: list[str]) -> tuple[Any, str | None]:
@@ -132,6 +148,7 @@ def build(args: argparse.Namespace) -> Components:
 
     from buffers.queue import make_buffer_actor
     from streamrl.rollout.manager import RolloutManager
+    from streamrl.rollout.pool import EnginePool
     from streamrl.train.group import TrainerGroup
 
     init_ray(args)
@@ -141,7 +158,16 @@ def build(args: argparse.Namespace) -> Components:
     manager = ray.remote(num_cpus=0, max_concurrency=1000)(RolloutManager).remote(args, buffer, urls, router_url)
     trainer = None if args.debug_rollout_only else TrainerGroup(args)  # slime's --debug-rollout-only: none
     ray.get(manager.get_stats.remote())  # surface constructor errors (bad data, bad plug-in path) now
-    return Components(engines, urls, buffer, manager, trainer, router, router_url)
+    pool = EnginePool(args, engines, urls, manager, router_url, spawn=_replacements(args, len(engines)))
+    return Components(engines, urls, buffer, manager, trainer, router, router_url, pool)
+
+
+def _replacements(args: argparse.Namespace, first_index: int) -> Any:
+    """With --use-fault-tolerance: `() -> (actor, url ref)` starting the next replacement engine; else None."""
+    if not args.use_fault_tolerance:
+        return None
+    spawn, index = engine_spawner(args), iter(range(first_index, 1 << 30))
+    return lambda: spawn(next(index))
 
 
 def shutdown(c: Components) -> list[str]:

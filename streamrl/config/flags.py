@@ -56,6 +56,17 @@ class ClusterConfig:
     sglang_router_request_timeout_secs: int = F(14400, "Request timeout of the router streamrl starts.")
     rollout_engine_startup_timeout: float = F(900.0, "Seconds to wait for an SGLang server (or the router) to "
                                                      "answer /health before failing with its last log lines.")
+    rollout_health_check_interval: float = F(
+        10.0, "slime's: seconds between /health probes of every engine by the producers (0: none). An engine that "
+              "does not answer within --rollout-health-check-timeout (frozen), or whose request fails and that then "
+              "does not answer (killed), is dropped from routing and weight syncs, logged and counted "
+              "(engine_failures); its requests go to the live engines.")
+    rollout_health_check_timeout: float = F(20.0, "slime's: seconds an engine has to answer /health before it counts "
+                                                  "as dead (slime: 5; longer here because CPU engines on shared "
+                                                  "cores answer late under load).")
+    use_fault_tolerance: bool = F(False, "slime's: start a replacement for each dead engine; it joins at the next "
+                                         "weight sync, on the current weights. Without it the job goes on with "
+                                         "the live engines.")
     train_torch_threads: int = F(1, "torch threads per trainer rank (CPU).")
     seed: int = F(1234, "Random seed.")
 

@@ -109,6 +109,9 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError("--save-interval needs --save DIR (the checkpoint directory) and must be >= 1.")
     if args.keep_latest_k < 0:
         raise ConfigError("--keep-latest-k must be >= 0 (0 keeps every checkpoint).")
+    if args.rollout_health_check_interval < 0 or args.rollout_health_check_timeout <= 0:
+        raise ConfigError("--rollout-health-check-interval must be >= 0 (0: no probes) and "
+                          "--rollout-health-check-timeout > 0.")
     if args.eps_clip_high is None:
         args.eps_clip_high = args.eps_clip
     if args.eval_temperature is None:

@@ -8,22 +8,40 @@
 
 Retries (bounded, exponential backoff): a connection error before the request was sent is retried for every call;
 a broken connection or a 5xx after sending is retried only for idempotent calls (GETs, abort, pause, continue), never
-for `/generate` (it would generate twice). After the last attempt `EngineError` names the URL, path and cause.
+for `/generate` on the same engine (it would generate twice). After the last attempt `EngineError` names the URL,
+path and cause.
+
+Dead engines (failover): a worker whose request fails and that then does not answer `/health` within
+`health_check_timeout` (killed: refused or reset; frozen: no answer) is dead. It is dropped from routing and from
+the fan-out (and from the router, if any), logged with its URL and counted (`failures`, `dead`); its in-flight
+`/generate` calls are sent again, as they were (prompt + the prefix the caller already holds), to a live engine, so
+a sample never fails for it; a streamed call raises `EngineLost` and the caller keeps its prefix (a partial
+rollout). With `health_check_interval` > 0 a watchdog probes every worker that often, which is what catches a
+frozen engine (a request to it just waits). The error is raised only when no live engine is left.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
 import httpx
 
+logger = logging.getLogger("streamrl.rollout.client")
+
 
 class EngineError(RuntimeError):
     """An engine could not serve a request (the message names the engine URL)."""
+
+
+class EngineLost(EngineError):
+    """The engine serving a streamed request died mid-stream (it was dropped from routing); the caller keeps what
+    it received and resubmits the rest elsewhere."""
 
 
 _CONNECTIONS_PER_POOL = 32
@@ -34,12 +52,19 @@ _BROKEN = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError, httpx.R
 class EngineClient:
     def __init__(self, urls: list[str], router_url: str | None = None, max_connections: int = 256, retries: int = 4,
                  retry_wait: float = 0.25, max_retry_wait: float = 4.0, timeout: float | None = None,
-                 connect_timeout: float = 10.0, connections_per_pool: int = _CONNECTIONS_PER_POOL):
+                 connect_timeout: float = 10.0, connections_per_pool: int = _CONNECTIONS_PER_POOL,
+                 health_check_interval: float = 0.0, health_check_timeout: float = 20.0):
         if not urls and not router_url:
             raise ValueError("EngineClient needs at least one engine URL or a router URL")
         self.urls = list(urls)
         self.router_url = router_url
         self.in_flight = {u: 0 for u in self.urls}
+        self.health_check_interval, self.health_check_timeout = health_check_interval, health_check_timeout
+        self.dead: dict[str, str] = {}  # url -> why it was dropped
+        self.failures = 0
+        self._scopes: dict[str, set[anyio.CancelScope]] = {}  # in-flight /generate calls per worker (cancelled if dead)
+        self._watchdog: asyncio.Task | None = None
+        self._health: httpx.AsyncClient | None = None
         self.retries, self.retry_wait, self.max_retry_wait = retries, retry_wait, max_retry_wait
         # No keep-alive: with a hundred-odd concurrent requests httpcore's pool of reused connections is several
         # times slower than fresh loopback connections, and stalls for seconds.
@@ -63,6 +88,71 @@ class EngineClient:
         if url in self.in_flight:
             self.urls.remove(url)
             del self.in_flight[url]
+
+    # --- dead engines -----------------------------------------------------------------------------------------
+    async def alive(self, url: str) -> bool:
+        """True when `url` answers /health with 2xx within `health_check_timeout`. Probes have their own small pool:
+        requests hung on a frozen engine must not starve the probe of a healthy one."""
+        if self._health is None:
+            self._health = httpx.AsyncClient(limits=httpx.Limits(max_connections=8, max_keepalive_connections=0))
+        try:
+            r = await self._health.get(url + "/health", timeout=self.health_check_timeout)
+        except httpx.HTTPError:
+            return False
+        return r.is_success
+
+    async def drop_if_dead(self, url: str, cause: object) -> bool:
+        """After a failed call to `url`: if it does not answer /health either, drop it (see the module docstring)
+        and return True; False when it is alive (the failure was the request's own) or not one of our workers."""
+        if url in self.dead:
+            return True
+        if url not in self.in_flight or await self.alive(url):
+            return False
+        await self.mark_dead(url, str(cause))
+        return True
+
+    async def mark_dead(self, url: str, cause: str) -> None:
+        if url in self.dead:
+            return
+        self.dead[url] = cause[:500]
+        self.failures += 1
+        self.remove_worker(url)
+        logger.warning("engine %s failed (%s): removed from routing, its requests go to the %d live engine(s)",
+                       url, cause[:300], len(self.urls))
+        for scope in self._scopes.pop(url, set()):
+            scope.cancel()
+        if self.router_url:  # the router keeps sending to a worker until it is de-registered
+            with contextlib.suppress(EngineError, httpx.HTTPError):
+                body = await self._request("GET", self.router_url, "/workers", idempotent=True)
+                for w in (body or {}).get("workers", []):
+                    if w.get("url") == url:
+                        await self.http.delete(f"{self.router_url}/workers/{w['id']}", timeout=30.0)
+
+    def _ensure_watchdog(self) -> None:
+        if self.health_check_interval > 0 and self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """Probe every worker every `health_check_interval` seconds; one that does not answer is dead."""
+        while True:
+            await anyio.sleep(self.health_check_interval)  # a heartbeat period, not a wait for a condition
+            async with anyio.create_task_group() as tg:
+                for url in list(self.urls):
+                    tg.start_soon(self._probe, url)
+
+    async def _probe(self, url: str) -> None:
+        if not await self.alive(url):
+            await self.mark_dead(url, f"no /health answer within {self.health_check_timeout:g}s")
+
+    @contextlib.contextmanager
+    def _cancellable(self, url: str) -> Iterator[anyio.CancelScope]:
+        """A cancel scope for one call to `url`, cancelled if the worker is found dead meanwhile."""
+        with anyio.CancelScope() as scope:
+            self._scopes.setdefault(url, set()).add(scope)
+            try:
+                yield scope
+            finally:
+                self._scopes.get(url, set()).discard(scope)
 
     async def refresh_workers(self) -> list[str]:
         """Take the worker list from the router (`GET /workers`): an external router may gain or lose engines."""
@@ -90,7 +180,8 @@ class EngineClient:
         if self.router_url:
             return self.router_url
         if not self.urls:
-            raise EngineError("no engine to send /generate to (every worker was removed)")
+            dead = "; ".join(f"{u}: {why}" for u, why in self.dead.items())
+            raise EngineError(f"no engine to send /generate to (every worker was removed){': ' + dead if dead else ''}")
         return min(self.urls, key=lambda u: self.in_flight[u])
 
     # --- the request loop -------------------------------------------------------------------------------------
@@ -129,52 +220,91 @@ class EngineClient:
 
     # --- generation -------------------------------------------------------------------------------------------
     async def generate(self, payload: dict, timeout: float | None = None) -> Any:
-        """POST /generate; SGLang's response dict (`text`, `output_ids`, `meta_info`), or a list for a batch."""
-        url = self._pick()
-        self.in_flight[url] = self.in_flight.get(url, 0) + 1
-        try:
-            return await self._request("POST", url, "/generate", payload, idempotent=False, timeout=timeout)
-        finally:
-            if url in self.in_flight:
-                self.in_flight[url] -= 1
+        """POST /generate; SGLang's response dict (`text`, `output_ids`, `meta_info`), or a list for a batch. A call
+        whose engine dies is sent again to a live one (the same payload: nothing was returned for it)."""
+        self._ensure_watchdog()
+        while True:
+            url = self._pick()
+            self.in_flight[url] = self.in_flight.get(url, 0) + 1
+            try:
+                with self._cancellable(url):
+                    return await self._request("POST", url, "/generate", payload, idempotent=False, timeout=timeout)
+            except EngineError as e:
+                # behind a router any worker may have failed it: probe them all
+                suspects = list(self.urls) if self.router_url else [url]
+                if not any([await self.drop_if_dead(u, e) for u in suspects]):
+                    raise
+            finally:
+                if url in self.in_flight:
+                    self.in_flight[url] -= 1
+            # here: the engine was dropped (its call failed, or the watchdog cancelled it): try a live one
 
     async def generate_stream(self, payload: dict) -> AsyncIterator[dict]:
         """POST /generate with `"stream": true`; yields SGLang's cumulative events (each holds all output so far).
 
         A streamed error event (HTTP 200 with `{"error": ...}`) raises EngineError. If the connection breaks
-        mid-stream the exception propagates: the caller keeps the last event as a coherent prefix.
+        mid-stream the exception propagates (`EngineLost` when the engine is dead): the caller keeps the last event
+        as a coherent prefix.
         """
+        self._ensure_watchdog()
         url = self._pick()
         self.in_flight[url] = self.in_flight.get(url, 0) + 1
         try:
-            for attempt in range(self.retries + 1):
-                if attempt:
-                    await self._backoff(attempt - 1)
-                try:
-                    with self._lease() as http:
-                        async with http.stream("POST", url + "/generate", json={**payload, "stream": True}) as r:
-                            if not r.is_success:
-                                await r.aread()
-                                raise EngineError(f"engine {url}: POST /generate (stream) -> HTTP {r.status_code}: "
-                                                  f"{r.text[:300]}")
-                            async for line in r.aiter_lines():
-                                if not line.startswith("data:"):
-                                    continue
-                                data = line[5:].strip()
-                                if data == "[DONE]":
-                                    return
-                                event = json.loads(data)
-                                if isinstance(event, dict) and "error" in event:
-                                    raise EngineError(f"engine {url}: streamed error: {str(event['error'])[:300]}")
-                                yield event
-                    return
-                except _NOT_SENT as e:
-                    if attempt == self.retries:
-                        raise EngineError(f"engine {url}: POST /generate (stream) failed {attempt + 1} times: "
-                                          f"{e!r}") from e
+            async for event in self._stream(url, payload):
+                yield event
+        except (EngineError, *_BROKEN) as e:
+            if isinstance(e, EngineLost):
+                raise
+            suspects = list(self.urls) if self.router_url else [url]
+            if not any([await self.drop_if_dead(u, e) for u in suspects]):
+                raise
+            raise EngineLost(f"engine {url} died during a streamed /generate: {e!r}") from e
         finally:
             if url in self.in_flight:
                 self.in_flight[url] -= 1
+
+    async def _stream(self, url: str, payload: dict) -> AsyncIterator[dict]:
+        """`_stream_once`, each wait for the next event cancellable by the watchdog (never across a yield)."""
+        events = self._stream_once(url, payload)
+        try:
+            while True:
+                with self._cancellable(url) as scope:
+                    try:
+                        event = await events.__anext__()
+                    except StopAsyncIteration:
+                        return
+                if scope.cancelled_caught:
+                    raise EngineLost(f"engine {url} dropped by the health check during a streamed /generate")
+                yield event
+        finally:
+            await events.aclose()
+
+    async def _stream_once(self, url: str, payload: dict) -> AsyncIterator[dict]:
+        for attempt in range(self.retries + 1):
+            if attempt:
+                await self._backoff(attempt - 1)
+            try:
+                with self._lease() as http:
+                    async with http.stream("POST", url + "/generate", json={**payload, "stream": True}) as r:
+                        if not r.is_success:
+                            await r.aread()
+                            raise EngineError(f"engine {url}: POST /generate (stream) -> HTTP {r.status_code}: "
+                                              f"{r.text[:300]}")
+                        async for line in r.aiter_lines():
+                            if not line.startswith("data:"):
+                                continue
+                            data = line[5:].strip()
+                            if data == "[DONE]":
+                                return
+                            event = json.loads(data)
+                            if isinstance(event, dict) and "error" in event:
+                                raise EngineError(f"engine {url}: streamed error: {str(event['error'])[:300]}")
+                            yield event
+                return
+            except _NOT_SENT as e:
+                if attempt == self.retries:
+                    raise EngineError(f"engine {url}: POST /generate (stream) failed {attempt + 1} times: "
+                                      f"{e!r}") from e
 
     # --- control: every worker --------------------------------------------------------------------------------
     async def post_all(self, path: str, body: dict, idempotent: bool = True) -> None:
@@ -184,8 +314,9 @@ class EngineClient:
         async def one(u: str) -> None:
             try:
                 await self._request("POST", u, path, body, idempotent=idempotent)
-            except EngineError as e:  # every worker is tried; one error names all that failed
-                errors.append(str(e))
+            except EngineError as e:  # every worker is tried; one error names all that failed (a dead one: dropped)
+                if not await self.drop_if_dead(u, e):
+                    errors.append(str(e))
 
         async with anyio.create_task_group() as tg:
             for url in list(self.urls):
@@ -242,5 +373,10 @@ class EngineClient:
                 await anyio.sleep(poll)  # polling a condition
 
     async def aclose(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if self._health is not None:
+            await self._health.aclose()
         for http in self._pools:
             await http.aclose()

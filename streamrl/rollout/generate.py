@@ -19,7 +19,7 @@ import time
 import weakref
 from typing import Any
 
-from streamrl.rollout.client import EngineClient, EngineError
+from streamrl.rollout.client import EngineClient, EngineError, EngineLost
 from streamrl.types import Group, Sample, Status
 
 _ENDPOINTS: dict[str, Any] = {"urls": [], "router_url": None}
@@ -134,13 +134,18 @@ async def generate_streaming(args: argparse.Namespace, sample: Sample, sampling_
     """`generate` with `"stream": true`: the last cumulative event seen is what the sample keeps.
 
     If the stream ends without a finish reason (abort, engine gone, connection broken) the sample keeps the prefix
-    of the last event and becomes ABORTED, so a partial rollout resumes from a coherent point.
+    of the last event and becomes ABORTED, so a partial rollout resumes from a coherent point; when its engine died
+    before the first event the sample is ABORTED with nothing added, so it is sent again rather than failed.
     """
     client = client or client_for(args)
     t0, last = time.time(), None
     try:
         async for event in client.generate_stream(_payload(sample, sampling_params)):
             last = event
+    except EngineLost:  # its engine died: keep what came and resume elsewhere; nothing came: just go again
+        if last is None:
+            sample.status = Status.ABORTED
+            return sample
     except EngineError:
         if last is None:
             raise

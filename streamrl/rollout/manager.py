@@ -47,7 +47,9 @@ class RolloutManager:
         self.args, self.buffer = args, buffer
         n_targets = max(1, len(engine_urls))
         self.client = EngineClient(engine_urls, router_url=router_url,
-                                   max_connections=args.sglang_server_concurrency * n_targets)
+                                   max_connections=args.sglang_server_concurrency * n_targets,
+                                   health_check_interval=args.rollout_health_check_interval,
+                                   health_check_timeout=args.rollout_health_check_timeout)
         set_endpoints(engine_urls, router_url)
         self.tokenizer = AutoTokenizer.from_pretrained(args.hf_checkpoint)
         from streamrl.rollout.sources import make_source

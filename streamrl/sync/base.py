@@ -10,7 +10,9 @@
     4. continue every engine (`/continue_generation`)
 
 `continue` runs even if step 2 fails, so a failed sync never leaves engines paused (no deadlock); the error is then
-raised to the driver, naming the engine.
+raised to the driver, naming the engine. With `on_dead` (the driver's EnginePool.drop) an engine that fails its
+pause or the push and is then found dead leaves the sync and the job instead: the others are synced (the push is
+sent once more to them when it failed), so one lost engine never stops the job.
 """
 
 from __future__ import annotations
@@ -106,21 +108,39 @@ def post_json(url: str, path: str, body: dict, timeout: float = 120.0) -> dict:
 
 def sync_weights(engine_urls: list[str], push: Callable[[], dict], publish: Callable[[], dict | None],
                  stage: Callable[[], dict | None] | None = None, pause_while_staging: bool = False,
-                 pause_mode: str = "abort") -> dict[str, float]:
+                 pause_mode: str = "abort", on_dead: Callable[[str, str], bool] | None = None) -> dict[str, float]:
     """Run the (stage) -> pause -> push -> publish -> continue sequence; returns timings (seconds).
 
     `stage` (packing buckets, writing files) runs before the pause, while the engines still generate, so they
     stop only for the push. `pause_while_staging`: send the pause requests at the same time instead, for a stage
-    of about a millisecond (CUDA IPC), where the overlap shortens the whole sync."""
+    of about a millisecond (CUDA IPC), where the overlap shortens the whole sync. `on_dead(url, cause)`: asked
+    about an engine whose pause or push failed; True means it is dead and was removed from `engine_urls` (which
+    `push` reads), so the sync goes on without it."""
     t0 = time.time()
     paused: list[str] = []
     failed: BaseException | None = None
 
     def pause() -> float:
-        for url in engine_urls:
-            post_json(url, "/pause_generation", {"mode": pause_mode})
+        for url in list(engine_urls):
+            try:
+                post_json(url, "/pause_generation", {"mode": pause_mode})
+            except (ConnectionError, RuntimeError) as e:
+                if on_dead is None or not on_dead(url, str(e)):
+                    raise
+                continue
             paused.append(url)
         return time.time()
+
+    def push_live() -> dict:
+        try:
+            return dict(push() or {})
+        except Exception as e:
+            if on_dead is None or not engine_urls:
+                raise
+            gone = [u for u in list(engine_urls) if on_dead(u, f"weight push failed: {e}")]
+            if not gone:
+                raise
+            return dict(push() or {})  # to the live engines again (an update is idempotent)
 
     try:
         # the pause requests go out while this thread stages (host work and queued device copies): both take
@@ -133,7 +153,7 @@ def sync_weights(engine_urls: list[str], push: Callable[[], dict], publish: Call
         t_staged = time.time()
         if t_paused is None:
             t_paused = pause()
-        stats = {**staged, **dict(push() or {})}
+        stats = {**staged, **push_live()}
         t_pushed = time.time()
         stats.update(publish() or {})
         t_published = time.time()
@@ -142,7 +162,7 @@ def sync_weights(engine_urls: list[str], push: Callable[[], dict], publish: Call
         raise
     finally:  # every engine that was paused is continued, whatever failed (a dead one must not block the rest)
         errors = []
-        for url in paused:
+        for url in [u for u in paused if u in engine_urls]:  # not the ones found dead meanwhile
             try:
                 post_json(url, "/continue_generation", {})
             except Exception as e:  # noqa: BLE001 - collected, raised below unless something failed before

@@ -162,6 +162,10 @@ class EngineActor:
     def url(self) -> str:
         return self.engine.url
 
+    def pid(self) -> int:
+        """The engine's process (fault tests kill or freeze it by pid)."""
+        return os.getpid()
+
     def get_weight_version(self) -> str:
         return self.engine.get_weight_version()
 

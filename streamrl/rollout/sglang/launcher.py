@@ -82,6 +82,16 @@ class SGLangEngineActor:
         self.server.stop()
 
 
+def spawn_sglang_engine(args: argparse.Namespace, index: int, launch: list[str] | None = None) -> tuple[Any, Any]:
+    """One more SGLang engine actor (a replacement for a dead one): (actor, ref of its URL once healthy)."""
+    import ray
+
+    log_dir = getattr(args, "run_dir", None)
+    cls = ray.remote(num_gpus=args.rollout_num_gpus_per_engine, num_cpus=0)(SGLangEngineActor)
+    actor = cls.remote(args, index, launch, f"{log_dir}/engines" if log_dir else None)
+    return actor, actor.start.remote()
+
+
 def start_sglang_engines(args: argparse.Namespace, launch: list[str] | None = None) -> tuple[list[Any], list[str]]:
     """Start `args.rollout_num_engines` SGLang servers as Ray actors; returns (actors, URLs) once all are healthy."""
     import ray
