@@ -13,7 +13,13 @@ pytest.importorskip("sglang_router")
 
 from streamrl.config import default_args  # noqa: E402
 from streamrl.rollout.client import EngineClient  # noqa: E402
-from streamrl.rollout.sglang.router import add_worker, list_workers, remove_worker, start_router  # noqa: E402
+from streamrl.rollout.sglang.router import (  # noqa: E402
+    add_worker,
+    list_workers,
+    remove_worker,
+    start_router,
+    wait_workers,
+)
 
 GREEDY = {"max_new_tokens": 3, "temperature": 0.0}
 
@@ -175,3 +181,27 @@ def test_router_binds_loopback_only_and_dies_with_its_parent(tmp_path):
         driver.wait()
         if router_pid is not None and not _gone(router_pid):
             os.kill(router_pid, signal.SIGKILL)
+
+
+def test_a_dead_worker_behind_the_router_is_deregistered_and_its_requests_served(cluster, tiny_ckpt):
+    """A worker behind the router dies: the router's own retries serve every request from the live worker, and the
+    client, finding it dead on its fan-out (abort goes to every worker), takes it out of the router too."""
+    from streamrl.rollout.engine.actor import EmbeddedEngine
+
+    url, e1, _ = cluster
+    e3 = EmbeddedEngine(tiny_ckpt, weight_version="9").start()
+    add_worker(url, e3.url, timeout=60)
+    e3.stop()
+
+    async def run():
+        client = EngineClient([e1.url, e3.url], router_url=url, retries=1, retry_wait=0.001)
+        outs = [await client.generate({"input_ids": [5, 6, 7], "sampling_params": GREEDY}) for _ in range(4)]
+        await client.abort()  # no error for the dead worker: dropped
+        await client.aclose()
+        return client, [o["meta_info"]["weight_version"] for o in outs]
+
+    client, served = asyncio.run(run())
+    assert served == ["0"] * 4
+    assert client.urls == [e1.url] and list(client.dead) == [e3.url]
+    wait_workers(url, absent=[e3.url], timeout=30)  # the router removes a worker asynchronously (202)
+    assert [w["url"] for w in list_workers(url)] == [e1.url]
