@@ -6,7 +6,7 @@ import threading
 import anyio
 import pytest
 
-from streamrl.rollout.client import EngineClient, EngineError
+from streamrl.rollout.client import EngineClient, EngineError, NoEngineError
 
 
 class Hangup:
@@ -43,14 +43,14 @@ def closed_port_url():
 def test_connection_refused_is_retried_then_names_the_url():
     url = closed_port_url()
     client = EngineClient([url], retries=2, retry_wait=0.001)
-    with pytest.raises(EngineError, match=rf"{url}: POST /generate failed 3 times.*ConnectError"):
+    with pytest.raises(NoEngineError, match=rf"{url}: POST /generate failed 3 times.*ConnectError"):
         anyio.run(client.generate, {"input_ids": [1]})
 
 
 def test_generate_is_not_retried_after_sending_but_idempotent_calls_are():
     srv = Hangup()
     client = EngineClient([srv.url], retries=2, retry_wait=0.001)
-    with pytest.raises(EngineError, match="not retried: not idempotent"):
+    with pytest.raises(NoEngineError, match="not retried: not idempotent"):  # and it was the only engine
         anyio.run(client.generate, {"input_ids": [1]})
     # generating twice on one engine would waste (or duplicate) a sample; the health probe then found it dead
     assert srv.requests == ["POST /generate", "GET /health"] and list(client.dead) == [srv.url]
@@ -76,7 +76,7 @@ def test_streaming_weight_versions_loads_and_workers(tiny_ckpt):
             assert await client.health() and not await client.health(closed_port_url())
             await client.wait_idle(timeout=10)
             client.remove_worker(eng.url)
-            with pytest.raises(EngineError, match="no engine"):
+            with pytest.raises(NoEngineError, match="no engine"):
                 await client.generate({"input_ids": [1]})
             client.add_worker(eng.url)
             assert (await client.generate({"input_ids": [5], "sampling_params": {"max_new_tokens": 1}}))["meta_info"]

@@ -17,7 +17,7 @@ the fan-out (and from the router, if any), logged with its URL and counted (`fai
 `/generate` calls are sent again, as they were (prompt + the prefix the caller already holds), to a live engine, so
 a sample never fails for it; a streamed call raises `EngineLost` and the caller keeps its prefix (a partial
 rollout). With `health_check_interval` > 0 a watchdog probes every worker that often, which is what catches a
-frozen engine (a request to it just waits). The error is raised only when no live engine is left.
+frozen engine (a request to it just waits). When no live engine is left `NoEngineError` names them all.
 """
 
 from __future__ import annotations
@@ -37,6 +37,11 @@ logger = logging.getLogger("streamrl.rollout.client")
 
 class EngineError(RuntimeError):
     """An engine could not serve a request (the message names the engine URL)."""
+
+
+class NoEngineError(RuntimeError):
+    """Every engine is dead (the message names each with its cause). Not an EngineError on purpose: the producers
+    must stop with it (the driver then fails naming the engines), not mark group after group failed."""
 
 
 class EngineLost(EngineError):
@@ -180,8 +185,8 @@ class EngineClient:
         if self.router_url:
             return self.router_url
         if not self.urls:
-            dead = "; ".join(f"{u}: {why}" for u, why in self.dead.items())
-            raise EngineError(f"no engine to send /generate to (every worker was removed){': ' + dead if dead else ''}")
+            dead = "".join(f"; {u}: {why}" for u, why in self.dead.items())
+            raise NoEngineError(f"no engine to send /generate to (every worker was removed){dead}")
         return min(self.urls, key=lambda u: self.in_flight[u])
 
     # --- the request loop -------------------------------------------------------------------------------------
