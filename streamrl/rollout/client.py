@@ -146,8 +146,11 @@ class EngineClient:
                     tg.start_soon(self._probe, url)
 
     async def _probe(self, url: str) -> None:
-        if not await self.alive(url):
-            await self.mark_dead(url, f"no /health answer within {self.health_check_timeout:g}s")
+        try:
+            if not await self.alive(url):
+                await self.mark_dead(url, f"no /health answer within {self.health_check_timeout:g}s")
+        except Exception:  # the watchdog must outlive any one probe
+            logger.exception("health probe of %s failed", url)
 
     @contextlib.contextmanager
     def _cancellable(self, url: str) -> Iterator[anyio.CancelScope]:
