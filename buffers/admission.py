@@ -12,10 +12,19 @@ FIFO hands it to train step `a // B`, which runs with trainer version `a // B //
 staleness `a // (N B) - min(token_versions) <= a // (N B) - v_a <= K`. Pacing, not dropping, keeps the bound:
 no generated work is thrown away unless a non-FIFO filter or a slow engine reorders groups (then
 `--stale-policy` applies in the buffer).
+
+One owner: the buffer's ledger. `a` is not a counter that producers keep: it is the number of groups that hold a
+slot, trained + outstanding (in flight, partial, queued, regenerating), read from the ledger. A filtered, failed or
+stale-dropped group leaves that set, so its slot comes back; a regenerated group stays in it, so it takes no second
+slot. `Pacing` adds an origin (train step, version, groups trained) so that a resumed job, possibly with other
+pacing flags, continues from where it is: group number `a'` since the origin is consumed at step `s0 + a' // B`,
+whose version is `v0 + (s0 + a' // B) // N - s0 // N`; admitting it at version `v` keeps its staleness within `K`
+iff `a' < ((v - v0 + K + 1 + s0 // N) * N - s0) * B` (the formula above when `s0 = v0 = 0`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -46,3 +55,29 @@ def groups_per_step(args: Any) -> int:
     if gbs < n or gbs % n:
         raise ValueError(f"global batch size {gbs} samples is not a positive multiple of n_samples_per_prompt={n}")
     return gbs // n
+
+
+@dataclass(frozen=True)
+class Pacing:
+    """The admission bound relative to an origin (see the module docstring): `limit(v)` groups may hold a slot
+    since the origin, counting the ones trained since then."""
+
+    max_staleness: int
+    update_interval: int
+    groups_per_step: int
+    origin_step: int = 0  # train steps done at the origin (0, or the checkpoint's step on resume)
+    origin_version: int = 0  # the weight version published at the origin
+    origin_trained: int = 0  # groups trained before the origin (they hold no slot of the resumed job)
+
+    def limit(self, version: int) -> int:
+        k, n, b, s0 = self.max_staleness, self.update_interval, self.groups_per_step, self.origin_step
+        v = max(version, self.origin_version) - self.origin_version
+        return min(2**62, ((v + k + 1 + s0 // n) * n - s0) * b)  # K may be "unbounded" (2**31 - 1)
+
+    def used(self, trained: int, outstanding: int) -> int:
+        """Slots in use: groups trained since the origin plus the outstanding ones."""
+        return trained - self.origin_trained + outstanding
+
+    def room(self, version: int, trained: int, outstanding: int) -> int:
+        """How many more groups may be admitted now (never negative)."""
+        return max(0, self.limit(version) - self.used(trained, outstanding))

@@ -5,9 +5,10 @@ Producers `put` completed groups (blocking while the buffer is full: backpressur
 trip through an actor costs about 2 ms. Three forms, freely mixed: `put`/`get` (Sample objects, pickled by Ray),
 `put_encoded`/`get_encoded` (msgpack bytes the buffer never decodes, buffers/wire.py) and `put_stored`/
 `get_stored` (bodies in the Ray object store, only metadata through the actor, buffers/store.py: the fastest).
-Every group is tracked in the Ledger; `check_ledger()` proves that nothing was lost or trained twice. The buffer
-filter decides the order; staleness is checked at `get` against the version set by the driver after each publish,
-and `--stale-policy` handles what went stale.
+Every group is tracked in the Ledger; `check_ledger()` proves that nothing was lost or trained twice. The ledger
+is also the one owner of admission pacing (`admission_room`, buffers/admission.py) and of the token ledger of
+settled groups (buffers/tokens.py). The buffer filter decides the order; staleness is checked at `get` against
+the version set by the driver after each publish, and `--stale-policy` handles what went stale.
 
 Bounds: `--async-buffer-size` groups, and optionally `--async-buffer-max-tokens` tokens queued. The token bound
 never blocks a group when the buffer is empty or when the waiting trainer lacks groups (else a batch of large
@@ -26,16 +27,19 @@ import asyncio
 import time
 from typing import Any
 
+from buffers.admission import Pacing, groups_per_step
 from buffers.filters import load_buffer_filter
 from buffers.ledger import DROPPED_STALE, FAILED, FILTERED, IN_FLIGHT, PARTIAL, QUEUED, REGENERATING, TRAINED, Ledger
 from buffers.metrics import BufferMetrics
 from buffers.replay import ReplayStore, Reuse
 from buffers.state import BufferStateMixin
 from buffers.store import StoreMixin
+from buffers.tokens import TokenLedger
 from buffers.wire import Entry, join_groups, parse_batch
 from streamrl.types import Group
 
 MARKABLE = frozenset({IN_FLIGHT, PARTIAL, FILTERED, FAILED, DROPPED_STALE})  # states producers may set via mark()
+OUTSTANDING = (IN_FLIGHT, PARTIAL, QUEUED, REGENERATING)  # admitted, not yet trained nor discarded: hold a slot
 
 
 class BufferClosed(RuntimeError):
@@ -68,6 +72,8 @@ class RolloutBuffer(BufferStateMixin, StoreMixin):
         self._partials: list[Group] = []
         self._replay = ReplayStore(max_reuse, self.capacity)
         self.ledger = Ledger()
+        self.tokens = TokenLedger()
+        self.pacing = Pacing(self.max_staleness, int(args.update_weights_interval), groups_per_step(args))
         self.metrics = BufferMetrics()
         self.version = 0
         self._closed = False
@@ -151,13 +157,50 @@ class RolloutBuffer(BufferStateMixin, StoreMixin):
         for gid in gids:
             self.ledger.admit(gid)
 
-    def mark(self, gid: str, state: str, reason: str | None = None) -> None:
-        """Producer-side ledger moves: in_flight, partial, filtered, failed, dropped_stale (with a reason)."""
+    def mark(self, gid: str, state: str, reason: str | None = None,
+             tokens: tuple[int, dict[str, int]] | None = None) -> None:
+        """Producer-side ledger moves: in_flight, partial, filtered, failed, dropped_stale (with a reason).
+
+        A move to a terminal state settles the group's tokens: `tokens` is `buffers.tokens.group_tokens(group)`
+        (held, discarded by reason), required there. Its admission slot comes back with it."""
         if state not in MARKABLE:
             raise ValueError(f"mark: state {state!r} is set by the buffer itself; allowed: {sorted(MARKABLE)}")
         if self.ledger.state(gid) in (QUEUED, REGENERATING) or any(g[0].group_id == gid for g in self._partials):
             raise ValueError(f"mark: group {gid!r} is {self.ledger.state(gid)} in the buffer")
+        terminal = state in (FILTERED, FAILED, DROPPED_STALE)
+        if terminal and tokens is None:
+            raise ValueError(f"mark: moving group {gid!r} to {state} needs its tokens (held, discarded)")
         self.ledger.move(gid, state, reason=reason)
+        if terminal:
+            self.tokens.settle(tokens[0], tokens[1], state)
+
+    def state_of(self, gid: str) -> str | None:
+        """The group's ledger state (None if never admitted)."""
+        return self.ledger.state(gid)
+
+    # -- admission pacing (one owner: this ledger) -----------------------------------------------------------
+    def slots(self, version: int | None = None) -> dict[str, int]:
+        """Pacing read-out: groups trained since the pacing origin + outstanding (`used`) against `limit` at
+        `version` (the newer of it and the buffer's)."""
+        v = self.version if version is None else max(self.version, version)
+        counts = self.ledger.counts()
+        outstanding = sum(counts[s] for s in OUTSTANDING)
+        used = self.pacing.used(counts[TRAINED], outstanding)
+        return {"used": used, "limit": self.pacing.limit(v), "outstanding": outstanding,
+                "room": self.pacing.room(v, counts[TRAINED], outstanding)}
+
+    def admission_room(self, version: int | None = None) -> int:
+        """How many new groups producers may admit now (staleness pacing). `version`: the producers' copy, which
+        the driver sets as soon as every engine holds the new weights, a moment before the buffer's. Resumed
+        groups (partials, regenerations) already hold their slot and need none."""
+        return self.slots(version)["room"]
+
+    def set_pacing_origin(self, step: int, version: int) -> None:
+        """Restart pacing at a resumed job's position (train steps done, version published) with this buffer's
+        flags; groups trained before it hold no slot (buffers/admission.py)."""
+        self.pacing = Pacing(self.max_staleness, self.pacing.update_interval, self.pacing.groups_per_step,
+                             origin_step=int(step), origin_version=int(version),
+                             origin_trained=self.ledger.counts()[TRAINED])
 
     def take_regenerate(self, max_n: int) -> list[Group]:
         """Up to `max_n` stale groups (responses reset) for producers to generate again; they become in_flight."""
@@ -200,10 +243,11 @@ class RolloutBuffer(BufferStateMixin, StoreMixin):
         self._tokens -= e.meta.ntokens
         if self.stale_policy == "drop":
             self.ledger.move(gid, DROPPED_STALE, reason=reason)
+            self.tokens.settle(e.meta.resp, e.meta.discarded, DROPPED_STALE)
             return
         g = e.group
         for s in g:
-            s.reset_response()
+            s.reset_response("stale_regenerate")
         self.ledger.move(gid, REGENERATING, reason=reason)
         self._regenerate.append(g)
 
@@ -264,6 +308,7 @@ class RolloutBuffer(BufferStateMixin, StoreMixin):
         out, self._held = self._held + [r.entry for r in reused], []
         for e in out[: len(out) - len(reused)]:
             self.ledger.move(e.gid, TRAINED, step=step)
+            self.tokens.settle(e.meta.resp, e.meta.discarded, TRAINED)
             self._tokens -= e.meta.ntokens
             self._replay.add(e)
         for r in reused:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from buffers.admission import Pacing
 from buffers.ledger import IN_FLIGHT, PARTIAL, QUEUED, REGENERATING, TRAINED, Ledger
 from buffers.persist import read_state, write_state
+from buffers.tokens import TokenLedger, generated, group_tokens
 from buffers.wire import Entry, join_groups, parse_batch
 from streamrl.types import Group, decode_groups, encode
 
@@ -41,6 +43,16 @@ class BufferStateMixin:
 
     def ledger_counts(self) -> dict[str, int]:
         return self.ledger.counts()
+
+    def carried_tokens(self) -> dict[str, int]:
+        """Generated tokens of the outstanding groups the buffer holds: queued, stashed partial, regenerating."""
+        return {"queued": sum(generated(e.meta.resp, e.meta.discarded) for e in self._held + self._q),
+                "partial": sum(generated(*group_tokens(g)) for g in self._partials),
+                "regenerating": sum(generated(*group_tokens(g)) for g in self._regenerate)}
+
+    def token_ledger(self) -> dict[str, Any]:
+        """Settled tokens (trained, discarded by reason) and the tokens carried in the buffer."""
+        return {**self.tokens.to_dict(), "carried": self.carried_tokens()}
 
     def check_ledger(self) -> dict[str, int]:
         """Raise AssertionError unless the ledger adds up and agrees with the queue, the regenerate list, the
@@ -78,6 +90,8 @@ class BufferStateMixin:
             "drops": by("dropped_stale"), "requeues": by("regenerating"), "regenerate_pending": len(self._regenerate),
             "partials": len(self._partials), "replay_size": len(self._replay), "reused": self.ledger.reused,
             "reuse_counts": self.ledger.reuse_counts(), "replay_evicted": dict(+self._replay.evicted),
+            "tokens_trained": self.tokens.trained, "tokens_wasted": self.tokens.wasted,
+            "tokens_discarded": dict(self.tokens.discarded), "slots": self.slots(),
             **self.metrics.snapshot(),
         }
 
@@ -90,6 +104,9 @@ class BufferStateMixin:
             "partials": encode(self._partials),
             "replay": self._replay.state_dict(),
             "ledger": self.ledger.to_dict(),
+            "tokens": self.tokens.to_dict(),
+            "pacing": {"max_staleness": self.pacing.max_staleness, "update_interval": self.pacing.update_interval,
+                       "groups_per_step": self.pacing.groups_per_step, "group_size": self.group_size},
             "version": self.version,
             "metrics": self.metrics.state_dict(),
             "filter": sd_filter() if callable(sd_filter) else None,
@@ -108,6 +125,13 @@ class BufferStateMixin:
             if sd.get("replay"):
                 self._replay.load_state_dict(sd["replay"])
             self.ledger = Ledger.from_dict(sd["ledger"])
+            self.tokens = TokenLedger.from_dict(sd.get("tokens"))
+            saved_n = (sd.get("pacing") or {}).get("group_size", self.group_size)
+            if saved_n != self.group_size:  # queued groups have the old size: nothing sensible to adapt to
+                raise ValueError(f"the checkpoint's groups have {saved_n} samples but --n-samples-per-prompt is "
+                                 f"{self.group_size}: resume with --n-samples-per-prompt {saved_n}")
+            self.pacing = Pacing(self.pacing.max_staleness, self.pacing.update_interval, self.pacing.groups_per_step,
+                                 origin_trained=self.ledger.counts()[TRAINED])  # set_pacing_origin sets the rest
             self.version = int(sd["version"])
             self.metrics.load_state_dict(sd.get("metrics") or {})
             load_filter = getattr(self._filter, "load_state_dict", None)

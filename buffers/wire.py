@@ -33,6 +33,8 @@ class GroupMeta(msgspec.Struct, array_like=True, frozen=True):
     vmax: int | None  # newest token version
     ntokens: int  # prompt + response tokens over the group (the token budget counts these)
     rewards: list[float | dict[str, Any] | None]  # Sample.reward of each sample (prioritized filter scores)
+    resp: int = 0  # response tokens held by the group (the token ledger)
+    discarded: dict[str, int] = {}  # response tokens generated for it and thrown away since, by reason
 
 
 class Batch(msgspec.Struct, tag="streamrl.batch/1"):
@@ -57,6 +59,8 @@ class _SampleMeta(msgspec.Struct):
     tokens: msgspec.Raw = msgspec.Raw(b"\x90")
     token_versions: list[int] = []
     reward: float | dict[str, Any] | None = None
+    response_length: int = 0
+    discarded_tokens: dict[str, int] = {}
 
 
 _in = msgspec.msgpack.Decoder(Batch | list[msgspec.Raw])
@@ -74,17 +78,24 @@ def _span(v: list[int]) -> tuple[int, int]:
     return min(v), max(v)
 
 
-def _meta(gids: list[str], versions: list[list[int]], ntokens: int, rewards: list) -> GroupMeta:
+def _meta(gids: list[str], versions: list[list[int]], ntokens: int, rewards: list, resp: int,
+          discards: list[dict[str, int]]) -> GroupMeta:
     spans = [_span(v) for v in versions if v]
+    discarded: dict[str, int] = {}
+    for d in discards:
+        for k, n in d.items():
+            discarded[k] = discarded.get(k, 0) + n
     return GroupMeta(gid=gids[0] if gids and gids.count(gids[0]) == len(gids) else "", size=len(gids),
                      vmin=min(s[0] for s in spans) if spans else None,
-                     vmax=max(s[1] for s in spans) if spans else None, ntokens=ntokens, rewards=rewards)
+                     vmax=max(s[1] for s in spans) if spans else None, ntokens=ntokens, rewards=rewards,
+                     resp=resp, discarded=discarded)
 
 
 def meta_of(group: Group) -> GroupMeta:
     """Metadata of a decoded group (same result as `streamrl.types.group_versions` for the versions)."""
     return _meta([s.group_id for s in group], [s.token_versions for s in group],
-                 sum(len(s.tokens) for s in group), [s.reward for s in group])
+                 sum(len(s.tokens) for s in group), [s.reward for s in group],
+                 sum(s.response_length for s in group), [s.discarded_tokens for s in group])
 
 
 def _array_len(raw: msgspec.Raw) -> int:
@@ -112,7 +123,7 @@ def meta_of_raw(raw: bytes) -> GroupMeta:
     """Metadata of one msgpack-encoded group, by a partial decode."""
     ss = _meta_dec.decode(raw)
     return _meta([s.group_id for s in ss], [s.token_versions for s in ss], sum(_array_len(s.tokens) for s in ss),
-                 [s.reward for s in ss])
+                 [s.reward for s in ss], sum(s.response_length for s in ss), [s.discarded_tokens for s in ss])
 
 
 def encode_group(group: Group) -> bytes:

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
     try:
         start_step = 0
         if args.load:  # trainer, buffer + ledger, producers; then the engines get the trainer's weights as v
-            resume = load_checkpoint(c, args.load)
+            resume = load_checkpoint(c, args.load, args)
             start_step, version = resume["step"], resume["version"]
             last_sync = publish(version)
             summary["resumed_from"] = resume
@@ -93,6 +93,9 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
                 summary["resume_weight_check"] = {"trainer_vs_checkpoint": saved_weight_diff(c, resume["dir"]),
                                                   "engines_vs_trainer": _weight_diff(c)}
             print(f"[streamrl] resumed from {resume['dir']}: step {start_step}, version {version}", flush=True)
+            for flag, (was, now) in resume["changed_flags"].items():
+                print(f"[streamrl] --{flag.replace('_', '-')} changed from {was} to {now}: admission pacing restarts "
+                      "from the checkpoint's position", flush=True)
         if args.eval_prompt_data and not args.skip_eval_before_train and not args.load:
             first = ray.get(c.manager.evaluate.remote(0))
             logger.log({"step": 0, **first})
@@ -102,12 +105,14 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
         t_start = time.time()
         for step in range(start_step, total):
             t0 = time.time()
-            groups = _get_batch(c, b, step)
+            groups = _get_batch(c, b, step, args.rollout_watchdog_timeout)
             wait_total += time.time() - t0
             if args.save_debug_rollout_data:  # for --load-debug-rollout-data (pipelines/debug_train.py)
                 save_debug_rollout(args.save_debug_rollout_data, step, version, groups)
             batch = build_train_batch(args, groups, version, eos, post_process)
             stats_ref = c.buffer.stats.remote()  # answered while the trainer works
+            prod_ref = c.manager.get_stats.remote()  # not awaited: skipped this step if the producers are busy
+            check_ref = c.buffer.check_ledger.remote()  # the group ledger adds up, every step (raises if not)
             m = c.trainer.train_step(batch) if c.trainer is not None else {}  # none with --debug-rollout-only
             trained_samples += len(batch)
             if (step + 1) % n_int == 0 and c.trainer is not None:
@@ -115,6 +120,7 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
                 version += 1
             elapsed = time.time() - t_start
             bstats = ray.get(stats_ref)
+            ray.get(check_ref)
             record = {
                 "step": step + 1, "reward": sum(batch.rewards) / len(batch), "version": version,
                 "samples_per_s": trained_samples / elapsed, "buffer_fill": bstats["size"],
@@ -123,7 +129,7 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
                 "trainer_wait_time": wait_total,
                 "response_len": sum(batch.response_lengths) / len(batch),
                 "mixed_version_samples": sum(len(set(s.token_versions)) > 1 for g in groups for s in g),
-                **m, **last_sync,
+                **_pipeline_health(bstats, prod_ref), **m, **last_sync,
             }
             record.update(_engine_counters(c.engine_urls))
             last_sync = {}
@@ -138,7 +144,7 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
             if (step + 1) % args.log_interval == 0 or step + 1 == total:
                 print(logger.status_line(record), flush=True)
             if args.save_interval and (step + 1) % args.save_interval == 0 and step + 1 < total:
-                save_checkpoint(c, args.save, step + 1, version, logger.position())
+                save_checkpoint(c, args.save, step + 1, version, logger.position(), args)
         summary["wall_time"] = time.time() - t_start
         summary["trainer_wait_frac"] = wait_total / summary["wall_time"]
         if total % n_int and c.trainer is not None:  # the engines serve the final weights for the final eval
@@ -151,13 +157,16 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
         if eval_ref is not None:
             ray.get(eval_ref)
         if args.save_interval:  # the final one also keeps the groups cut off by the stop (as partials)
-            summary["checkpoint"] = str(save_checkpoint(c, args.save, total, version, logger.position()))
+            summary["checkpoint"] = str(save_checkpoint(c, args.save, total, version, logger.position(), args))
         if args.eval_prompt_data:
             final = ray.get(c.manager.evaluate.remote(total))
             logger.log({"step": total, **final})
             summary["eval_final"] = final["eval/reward"]
             print(f"[streamrl] eval after training: reward {final['eval/reward']:.3f}", flush=True)
         summary["ledger"] = ray.get(c.buffer.check_ledger.remote())
+        summary["tokens"] = token_balance(c)
+        if not summary["tokens"]["balanced"]:
+            print(f"[streamrl] WARNING: the token ledger does not balance: {summary['tokens']}", flush=True)
         summary["buffer"] = ray.get(c.buffer.stats.remote())
         summary["version"] = version
         summary["sync_mode"] = sync_mode
@@ -166,7 +175,10 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
         summary["plot"] = str(plot_run(run_dir))
         logger.log({"summary": summary})
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        print(f"[streamrl] done: ledger {summary['ledger']}; plot {summary['plot']}", flush=True)
+        tok = summary["tokens"]
+        print(f"[streamrl] done: ledger {summary['ledger']}; tokens generated {tok['generated']} = trained "
+              f"{tok['trained']} + discarded {tok['discarded']} + carried {tok['carried']} "
+              f"({'balanced' if tok['balanced'] else 'NOT balanced'}); plot {summary['plot']}", flush=True)
         return summary
     finally:
         logger.close()
@@ -191,19 +203,67 @@ def _set_version(c: Any, version: int, pending: list) -> dict[str, float]:
     return {"sync_set_version_time": time.time() - t0}
 
 
-def _get_batch(c: Any, b: int, step: int, poll_s: float = 5.0) -> list:
-    """buffer.get, checking every `poll_s` that the producers are still alive and can still deliver."""
+def _pipeline_health(bstats: dict[str, Any], prod_ref: Any) -> dict[str, Any]:
+    """Per-step pacing and token figures: look-ahead (outstanding groups) against the pacing bound, admission
+    room left, tokens wasted (settled as discarded) and, when the producers answered in time, generated."""
+    import ray
+
+    slots = bstats["slots"]
+    out = {"lookahead": slots["outstanding"], "pacing_used": slots["used"], "pacing_limit": slots["limit"],
+           "pacing_room": slots["room"], "tokens_trained": bstats["tokens_trained"],
+           "tokens_wasted": bstats["tokens_wasted"]}
+    if ray.wait([prod_ref], timeout=0)[0]:
+        st = ray.get(prod_ref)
+        out.update(tokens_generated=st["tokens_generated"], groups_in_flight=st["in_flight"])
+    return out
+
+
+def token_balance(c: Any) -> dict[str, Any]:
+    """The token ledger at the end of a run (producers stopped): generated = trained + discarded + carried."""
+    import ray
+
+    from buffers.tokens import balance
+
+    settled = ray.get(c.buffer.token_ledger.remote())
+    prod = ray.get(c.manager.token_state.remote())
+    carried = {**settled.pop("carried"), "in_flight": prod["in_flight"], "partial_stopped": prod["partial_stopped"]}
+    return balance(prod["generated"], settled, carried)
+
+
+def _get_batch(c: Any, b: int, step: int, watchdog_s: float | None, poll_s: float = 5.0) -> list:
+    """buffer.get, checking every `poll_s` that the producers are alive, can still deliver, and make progress:
+    with no group settled and no token generated for `watchdog_s` while the trainer waits, the job stops and
+    says what is stuck."""
     import ray
 
     while True:
         try:
             return ray.get(c.buffer.get.remote(b, step, timeout=poll_s))
         except TimeoutError:
-            st = ray.get(c.manager.get_stats.remote())
+            try:
+                st = ray.get(c.manager.get_stats.remote(), timeout=60)
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError("the rollout producers did not answer for 60 s: their event loop is blocked "
+                                   "(a synchronous plug-in that never returns?)") from None
             if st["fatal"]:
                 raise RuntimeError(f"rollout producers crashed:\n{st['fatal']}") from None
             if st["exhausted"] and st["in_flight"] == 0 and ray.get(c.buffer.size.remote()) < b:
                 raise RuntimeError(f"prompt data exhausted before step {step + 1} (--num-epoch too small?)") from None
+            if watchdog_s and st["last_progress_age_s"] > watchdog_s:
+                raise RuntimeError(stuck_message(st, ray.get(c.buffer.stats.remote()), step, watchdog_s)) from None
+
+
+def stuck_message(st: dict[str, Any], bstats: dict[str, Any], step: int, watchdog_s: float) -> str:
+    """One line naming what holds a job that made no rollout progress for `watchdog_s` seconds."""
+    old, slots = st["oldest_in_flight"], bstats["slots"]
+    where = (f"{st['in_flight']} groups in flight, the oldest ({old['group']}) {old['stage']} for "
+             f"{old['age_s']:.0f} s" if old else "no group in flight")
+    if not old and slots["room"] == 0:
+        where += (f"; admission pacing allows no new group ({slots['used']} slots used of {slots['limit']}, "
+                  f"{bstats['size']} queued)")
+    errors = f"; last errors: {st['errors'][-2:]}" if st["errors"] else ""
+    return (f"no rollout progress for {st['last_progress_age_s']:.0f} s (--rollout-watchdog-timeout {watchdog_s:g}) "
+            f"while the trainer waits for step {step + 1}: {where}{errors}")
 
 
 def _engine_counters(urls: list[str]) -> dict[str, float]:

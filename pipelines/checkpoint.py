@@ -9,7 +9,8 @@ It holds:
     buffer.msgpack     the RolloutBuffer's state: queued groups, ledger, version, replay, stashed partials
     producers.msgpack  the data source cursor, the groups to resume (partials, with their prefixes) and the
                        groups to regenerate (in flight at the checkpoint: their pristine prompts)
-    meta.json          step k, policy version v, the metrics.jsonl byte offset
+    meta.json          step k, policy version v, the metrics.jsonl byte offset, whether the trainer's weights are
+                       the ones published as v, and the flags the saved state depends on (PACING_FLAGS)
 
 In-flight groups (semantics): a checkpoint taken while the producers run pauses admission for a moment, takes
 the source cursor and a copy of every in-flight group with its responses reset (generation goes on meanwhile),
@@ -18,6 +19,13 @@ on resume they are stashed as `partial` with reason "regenerated at resume" and 
 (counted under that reason: regenerated, not lost; their half-done responses are discarded). Groups cut off by
 the final stop are saved with their prefixes and resumed as partial rollouts. Nothing admitted is lost, and
 trained groups stay `trained` in the ledger, so none is trained twice.
+
+Resuming with other flags: `--n-samples-per-prompt` must match (the saved groups have that size: refused at load,
+naming the flag). The pacing flags (`--rollout-batch-size`, `--global-batch-size`, `--update-weights-interval`,
+`--max-staleness`) may change: admission pacing restarts from the checkpoint's position under the new flags
+(`RolloutBuffer.set_pacing_origin`), and the changes are printed. Versions: when the checkpoint was taken between
+two publishes (step not a multiple of the interval), the trainer's weights are newer than version v, so the resumed
+job publishes them as v + 1 rather than labelling them v.
 """
 
 from __future__ import annotations
@@ -29,11 +37,13 @@ from typing import Any
 
 import msgspec
 
-from buffers.ledger import DROPPED_STALE, IN_FLIGHT, PARTIAL, QUEUED, TRAINED
+from buffers.ledger import IN_FLIGHT, PARTIAL
 from buffers.persist import atomic_write, read_state
 from pipelines.checkpoint_dir import commit_dir, latest_dir, staging_dir
 
 REGENERATED = "regenerated at resume"
+PACING_FLAGS = ("n_samples_per_prompt", "rollout_batch_size", "global_batch_size", "update_weights_interval",
+                "max_staleness")
 
 
 def latest_meta(root: str) -> dict[str, Any]:
@@ -44,7 +54,7 @@ def latest_meta(root: str) -> dict[str, Any]:
     return {**json.loads((d / "meta.json").read_text()), "dir": str(d)}
 
 
-def save_checkpoint(c: Any, root: str, step: int, version: int, metrics_offset: int) -> Path:
+def save_checkpoint(c: Any, root: str, step: int, version: int, metrics_offset: int, args: Any) -> Path:
     """Checkpoint the running job after train step `step` (see the module docstring); returns the directory."""
     import ray
 
@@ -67,29 +77,47 @@ def save_checkpoint(c: Any, root: str, step: int, version: int, metrics_offset: 
         {"source": prod["source"], "regenerate": encode(regen), "partials": encode(partials)}))
     c.trainer.save_state(str(tmp / "trainer.pt"))
     meta = {"step": step, "version": version, "metrics_offset": metrics_offset, "regenerate": len(regen),
-            "partials": len(partials)}
+            "partials": len(partials), "weights_published": step % args.update_weights_interval == 0,
+            "flags": {k: getattr(args, k) for k in PACING_FLAGS}}
     (tmp / "meta.json").write_text(json.dumps(meta))
-    return commit_dir(root, step, tmp)
+    return commit_dir(root, step, tmp, keep_latest_k=args.keep_latest_k)
 
 
-def load_checkpoint(c: Any, root: str) -> dict[str, Any]:
+def check_flags(meta: dict[str, Any], args: Any) -> dict[str, tuple[Any, Any]]:
+    """The pacing flags that differ from the checkpoint's, {flag: (saved, now)}; raises ValueError (naming the flag)
+    for a change the saved state cannot follow."""
+    saved = meta.get("flags") or {}
+    changed = {k: (saved[k], getattr(args, k)) for k in PACING_FLAGS if k in saved and saved[k] != getattr(args, k)}
+    if "n_samples_per_prompt" in changed:
+        was, now = changed["n_samples_per_prompt"]
+        raise ValueError(f"--load {meta['dir']}: the checkpoint's groups have {was} samples each but "
+                         f"--n-samples-per-prompt is {now}: resume with --n-samples-per-prompt {was}")
+    return changed
+
+
+def load_checkpoint(c: Any, root: str, args: Any) -> dict[str, Any]:
     """Restore trainer, buffer and producers from the latest checkpoint in `root` (before producers start);
-    returns its meta (step, version, metrics_offset). The caller publishes the weights as version v."""
+    returns its meta (step, version to publish the trainer's weights as, metrics_offset, changed flags)."""
     import ray
 
     from streamrl.types import decode_groups
 
     meta = latest_meta(root)
+    meta["changed_flags"] = check_flags(meta, args)
     d = Path(meta["dir"])
     c.trainer.load_state(str(d / "trainer.pt"))
-    counts = ray.get(c.buffer.load.remote(str(d / "buffer.msgpack")))
+    ray.get(c.buffer.load.remote(str(d / "buffer.msgpack")))
     prod = msgspec.msgpack.decode((d / "producers.msgpack").read_bytes())
     partials, regen = decode_groups(prod["partials"]), decode_groups(prod["regenerate"])
     ray.get(c.buffer.stash_partials.remote(partials, "stopped"))
     ray.get(c.buffer.stash_partials.remote(regen, REGENERATED))
-    # pacing: groups that hold an admission slot (failed/filtered gave theirs back; stashed ones take one again)
-    admitted = sum(counts.get(s, 0) for s in (TRAINED, QUEUED, DROPPED_STALE))
-    ray.get(c.manager.restore.remote(prod["source"], admitted, True))
+    published = meta.get("weights_published", meta["step"] % args.update_weights_interval == 0)
+    meta["saved_version"] = meta["version"]
+    meta["version"] += 0 if published else 1  # weights trained past the last publish get a version of their own
+    ray.get(c.buffer.set_pacing_origin.remote(meta["step"], meta["version"]))
+    tokens = ray.get(c.buffer.token_ledger.remote())  # what the restored groups account for
+    base = tokens["trained"] + sum(tokens["discarded"].values()) + sum(tokens["carried"].values())
+    ray.get(c.manager.restore.remote(prod["source"], True, base))
     return meta
 
 

@@ -53,6 +53,9 @@ class Sample(msgspec.Struct, kw_only=True):
     train_metadata: dict[str, Any] | None = None
     non_generation_time: float = 0.0
     session_id: str | None = None
+    # streamrl: response tokens generated for this sample and thrown away since, by reason (the token ledger:
+    # generated = response_length + sum(discarded_tokens.values()) for every sample, wherever it is)
+    discarded_tokens: dict[str, int] = msgspec.field(default_factory=dict)
 
     @property
     def prompt_length(self) -> int:
@@ -107,8 +110,16 @@ class Sample(msgspec.Struct, kw_only=True):
             self.status = FINISH_REASON_STATUS[finish_reason]
         self.check()
 
-    def reset_response(self) -> None:
-        """Drop everything generated so far (regeneration from the prompt)."""
+    @property
+    def generated_tokens(self) -> int:
+        """Response tokens ever generated for this sample: the ones it holds plus the ones discarded."""
+        return self.response_length + sum(self.discarded_tokens.values())
+
+    def reset_response(self, reason: str) -> None:
+        """Drop everything generated so far (regeneration from the prompt); the dropped tokens are recorded under
+        `reason` in `discarded_tokens`, so the token ledger still accounts for them."""
+        if self.response_length:
+            self.discarded_tokens[reason] = self.discarded_tokens.get(reason, 0) + self.response_length
         self.tokens = self.tokens[: self.prompt_length]
         self.response, self.response_length = "", 0
         self.loss_mask, self.rollout_log_probs = None, None

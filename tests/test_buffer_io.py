@@ -23,8 +23,10 @@ def run(coro):
 def test_meta_and_both_input_forms_agree():
     gs = [group("a", [0, 3], rewards=[1.0, 0.0]), group("b", 2, response=0), group("c", [5, 5], n=2, prompt=40)]
     gs[0][1].append_response_tokens(tokens=[1], log_probs=[-1.0], version=1)  # versions 3, 3, 1
-    expect = [GroupMeta("a", 2, 0, 3, 11, [1.0, 0.0]), GroupMeta("b", 2, None, None, 6, [None, None]),
-              GroupMeta("c", 2, 5, 5, 84, [None, None])]
+    gs[2][0].discarded_tokens.update(stale_regenerate=7, abort_restart=1)  # the token ledger's history
+    gs[2][1].discarded_tokens.update(stale_regenerate=2)
+    expect = [GroupMeta("a", 2, 0, 3, 11, [1.0, 0.0], resp=5), GroupMeta("b", 2, None, None, 6, [None, None]),
+              GroupMeta("c", 2, 5, 5, 84, [None, None], resp=4, discarded={"stale_regenerate": 9, "abort_restart": 1})]
     assert [meta_of(g) for g in gs] == expect
     fast, plain = parse_batch(encode_batch(gs)), parse_batch(encode(gs))
     assert [m for m, _ in fast] == [m for m, _ in plain] == expect
@@ -131,7 +133,7 @@ def test_partial_stash_guards():
         with pytest.raises(ValueError, match="take_partials"):
             await buf.put([group("a")])
         with pytest.raises(ValueError, match="in the buffer"):
-            buf.mark("b", "failed", reason="x")
+            buf.mark("b", "failed", reason="x", tokens=(0, {}))
         assert ids(buf.take_partials(1)) == ["a"] and buf.ledger.state("a") == "in_flight"
         await buf.put([group("a")])
         assert buf.check_ledger()["partial"] == 1 and buf.stats()["reasons"] == {"partial/aborted": 1,

@@ -74,7 +74,7 @@ async def scenario(cfg: dict, ops: list[tuple], close_at: int) -> None:
             gid = f"m{made}"
             made += 1
             buf.admit([gid])
-            buf.mark(gid, op[1], reason="test")
+            buf.mark(gid, op[1], reason="test", tokens=(0, {}))
         elif kind == "cancel" and pending:
             pending[op[1] % len(pending)][1].cancel()
         await asyncio.sleep(0)  # every task advances a little between ops; `yield` lets them go further

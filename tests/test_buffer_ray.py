@@ -132,16 +132,17 @@ def test_producer_hooks(actor):
     with pytest.raises(ValueError, match="already admitted"):
         ray.get(a.admit.remote(["q", "p"]))
     ray.get(a.mark.remote("p", "partial"))
-    ray.get(a.mark.remote("f", "filtered", "zero_std"))
-    ray.get(a.mark.remote("x", "failed", "timeout"))
+    ray.get(a.mark.remote("f", "filtered", "zero_std", tokens=(4, {})))
+    ray.get(a.mark.remote("x", "failed", "timeout", tokens=(0, {"abort_restart": 2})))
     with pytest.raises(ValueError, match="set by the buffer itself"):
         ray.get(a.mark.remote("p", "trained"))
     ray.get(a.put.remote([group("q")]))
     with pytest.raises(ValueError, match="'q' is queued in the buffer"):
-        ray.get(a.mark.remote("q", "filtered", "late"))
+        ray.get(a.mark.remote("q", "filtered", "late", tokens=(0, {})))
     counts = ray.get(a.check_ledger.remote())
     assert (counts["partial"], counts["filtered"], counts["failed"], counts["queued"]) == (1, 1, 1, 1)
     assert ray.get(a.stats.remote())["reasons"] == {"filtered/zero_std": 1, "failed/timeout": 1}
+    assert ray.get(a.token_ledger.remote())["discarded"] == {"filtered": 4, "abort_restart": 2}
 
 
 def test_close_releases_blocked_put_and_get(actor):

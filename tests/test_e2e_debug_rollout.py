@@ -80,7 +80,7 @@ def test_rollout_only_run_records_data_for_a_replay(ray_cluster, tiny_ckpt, sort
     summary = run(default_args(prompt_data=sort_data[0], async_buffer_size=4, debug_rollout_only=True,
                                save_debug_rollout_data=template, run_dir=str(tmp_path / "gen_run"), **common))
     assert summary["version"] == 0 and summary["ledger"]["trained"] == STEPS * 2
-    assert sum(summary["ledger"].values()) == summary["manager"]["admitted"]
+    assert sum(summary["ledger"].values()) == summary["buffer"]["admitted"] and summary["tokens"]["balanced"]
     rows = [r for r in map(json.loads, (tmp_path / "gen_run" / "metrics.jsonl").open()) if "reward" in r]
     assert len(rows) == STEPS and not any("loss" in r for r in rows)
     assert all(load_debug_rollout(template, i).version == 0 for i in range(STEPS))

@@ -12,6 +12,8 @@ from netutil import listening, process_tree
 
 from streamrl.config import default_args
 
+PREEXISTING: set[tuple[int, str, int]] = set()
+
 
 @pytest.fixture(scope="module")
 def local_ray():
@@ -20,6 +22,7 @@ def local_ray():
     from streamrl.launch import init_ray
 
     assert not ray.is_initialized()
+    PREEXISTING.update(listening({os.getpid()}))  # sockets this pytest process had already (earlier tests' servers)
     init_ray(default_args())
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
     yield ray
@@ -46,7 +49,7 @@ def test_local_cluster_listens_on_loopback_only(local_ray):
     worker_pid = local_ray.get(actor.pid.remote())
     pids = process_tree(os.getpid())
     assert worker_pid in pids  # the tree covers GCS, raylet, agents and the workers
-    socks = listening(pids)
+    socks = [s for s in listening(pids) if s not in PREEXISTING]
     assert len(socks) >= 3  # GCS, raylet and the worker at least
     assert [s for s in socks if s[1] not in ("127.0.0.1", "::1")] == []
     local_ray.kill(actor)

@@ -103,7 +103,9 @@ def test_group_rm_and_dynamic_filter(tiny_ckpt, prompts, engine):
                     dynamic_sampling_filter_path="check_reward_nonzero_std")
     run_to_end(mgr)
     assert buf.ledger.counts()["filtered"] == 4 and buf.ledger.reasons() and buf.check_ledger()
-    assert mgr.stats["filter_reasons"] == {"zero_std_1.0": 4} and mgr.admitted == 0  # slots given back
+    assert mgr.stats["filter_reasons"] == {"zero_std_1.0": 4} and buf.slots()["used"] == 0  # slots given back
+    assert mgr.stats["tokens_generated"] > 0
+    assert buf.tokens.to_dict()["discarded"] == {"filtered": mgr.stats["tokens_generated"]}  # the token ledger
 
 
 def test_data_source_plugin_and_per_sample_generate_function(tiny_ckpt, prompts, engine):

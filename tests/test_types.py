@@ -44,9 +44,14 @@ def test_length_finish_and_reset():
     s.append_response_tokens(tokens=[9], log_probs=[-0.5], version=3, finish_reason="length")
     assert s.status is Status.TRUNCATED
     s.reward = 1.0
-    s.reset_response()
+    s.reset_response("stale")
     assert s.tokens == [0, 1, 2] and s.response_length == 0 and s.token_versions == [] and s.reward is None
     assert s.status is Status.PENDING
+    assert s.discarded_tokens == {"stale": 1} and s.generated_tokens == 1  # the ledger keeps the dropped token
+    s.append_response_tokens(tokens=[5, 6], log_probs=[-0.1, -0.2], version=4)
+    s.reset_response("stale")
+    s.reset_response("abort")  # nothing held: nothing recorded
+    assert s.discarded_tokens == {"stale": 3} and s.generated_tokens == 3
 
 
 def test_msgpack_round_trip():

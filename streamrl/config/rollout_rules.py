@@ -62,8 +62,10 @@ def validate_rollout(args: argparse.Namespace, error: type[Exception]) -> None:
                     f"({args.rollout_batch_size}).")
     if args.group_rm and not args.custom_rm_path:
         raise error("--group-rm needs --custom-rm-path (`async def rm(args, samples) -> list[float]`).")
-    if args.rm_timeout is not None and args.rm_timeout <= 0:
-        raise error("--rm-timeout must be > 0 seconds.")
+    if args.rm_timeout is not None and args.rm_timeout < 0:
+        raise error("--rm-timeout must be >= 0 seconds (0: no limit).")
+    if args.rm_timeout == 0:
+        args.rm_timeout = None
     if args.rollout_stream and args.custom_generate_function_path:
         raise error("--rollout-stream applies to the built-in generate; a --custom-generate-function-path streams "
                     "itself (streamrl.rollout.generate.generate_streaming).")

@@ -20,6 +20,7 @@ from typing import Any
 
 import anyio
 
+from buffers.tokens import generated, group_tokens
 from streamrl.rollout.sources import RolloutDataSourceView
 from streamrl.types import Group, Sample
 
@@ -49,9 +50,13 @@ async def produce_rollouts(mgr: Any) -> None:
     view = RolloutDataSourceView(mgr.source.next_group)
     mgr.data_source_view = view
     mgr.partial_ids, mgr.ledger_known = set(), set()
+    mgr.counted_tokens = {}  # gid -> generated tokens of a group given back (add_samples), already counted
     rollout_id = 0
     while not mgr.stopping:
-        if mgr._pace() - mgr.admitted < a.rollout_batch_size:
+        mgr._wake.clear()
+        # groups given back earlier (add_samples) already hold their slot and are handed out first
+        need = max(0, a.rollout_batch_size - len(mgr.partial_ids))
+        if mgr._cap() < a.rollout_batch_size or await mgr.admission_room() < need:
             await mgr._wait_wake()
             continue
         mgr.in_flight += a.rollout_batch_size
@@ -69,7 +74,6 @@ async def produce_rollouts(mgr: Any) -> None:
                 mgr.partials.append(g)
                 await mgr.buffer.mark.remote(g[0].group_id, "partial", "stopped")
                 continue
-            mgr.admitted += 1
             await mgr.finish_group(g)
         if not groups and view.exhausted:
             mgr.exhausted = True
@@ -79,6 +83,12 @@ async def produce_rollouts(mgr: Any) -> None:
 async def _account(mgr: Any, handed: list[Group], given_back: list[Group], returned: list[Group]) -> None:
     """Keep the ledger exact: admit new groups, re-open resumed partials, mark given-back and dropped ones."""
     known = mgr.ledger_known
+    back = {g[0].group_id for g in given_back}
+    for gid, g in {g[0].group_id: g for g in handed + given_back + returned}.items():  # what the function generated
+        now = generated(*group_tokens(g))
+        mgr.stats["tokens_generated"] += now - mgr.counted_tokens.pop(gid, 0)
+        if gid in back:
+            mgr.counted_tokens[gid] = now
     new = [g[0].group_id for g in handed + returned if g[0].group_id not in known]
     new = list(dict.fromkeys(new))
     if new:
@@ -98,4 +108,4 @@ async def _account(mgr: Any, handed: list[Group], given_back: list[Group], retur
         gid = g[0].group_id
         if gid not in out_ids and gid not in back_ids:
             mgr.stats["groups_filtered"] += 1
-            await mgr.buffer.mark.remote(gid, "filtered", "dropped by the rollout function")
+            await mgr.buffer.mark.remote(gid, "filtered", "dropped by the rollout function", tokens=group_tokens(g))

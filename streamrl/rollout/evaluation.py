@@ -32,7 +32,7 @@ async def _one(mgr: Any, s: Sample, params: dict[str, Any]) -> None:
             s = out
         if s.status != Status.ABORTED:
             return
-        s.reset_response()  # cut by a weight sync: start over, so the sample has one version
+        s.reset_response("eval_aborted")  # cut by a weight sync: start over, so the sample has one version
 
 
 def pass_at_k(groups: list[list[float]]) -> dict[str, float]:

@@ -1,14 +1,17 @@
 """RolloutManager: the producers (a Ray async actor). Keeps groups in flight, generates, scores, puts groups.
 
-    data source ──> admit (pacing: in flight < limit, admitted < (v+K+1)·N·B) ──> one task per group
+    data source ──> admit (in flight < cap, buffer.admission_room() > 0) ──> one task per group
     group task:  generate (batched /generate per group, or per sample: custom function / streaming) ... abort ->
                  partial: resubmit prompt+prefix ... reward ... dynamic filter ... buffer.put([group])
 
 A group goes to the buffer as soon as its own samples are scored, never waiting for a batch. Every group taken
 from the data source is admitted in the buffer's ledger and ends in exactly one state: queued, partial (stopped),
 failed (engine error, or a reward that raised / timed out: those samples are FAILED with `reward_error` in their
-metadata), or filtered (dynamic sampling, with the filter's reason). Failed and filtered groups give their
-admission slot back, so filtering over-samples continuously instead of stalling the pacing bound.
+metadata), or filtered (dynamic sampling, with the filter's reason). Admission pacing has one owner, the buffer's
+ledger (buffers/admission.py): failed, filtered and stale-dropped groups give their slot back there, regenerated
+and resumed groups keep theirs, so filtering over-samples continuously instead of stalling the pacing bound and a
+long job stays exactly as far ahead as it started. Tokens: `stats["tokens_generated"]` counts what generation
+calls added to samples; the buffer settles each group's tokens when it ends (buffers/tokens.py).
 
 With `--rollout-function-path` the producers instead call slime's `generate_rollout(args, rollout_id,
 data_source)` once per rollout (`rollout_batch_size` groups), in a worker thread, whenever pacing allows a whole
@@ -28,7 +31,7 @@ from typing import Any
 
 import anyio
 
-from buffers.admission import admission_limit, groups_per_step
+from buffers.tokens import generated, group_tokens
 from streamrl.rollout.client import EngineClient, EngineError
 from streamrl.rollout.generate import generate, generate_group, generate_streaming, register_client, set_endpoints
 from streamrl.types import Group, Sample, Status
@@ -67,12 +70,13 @@ class RolloutManager:
             self.rollout_fn = load_function(args.rollout_function_path, what="--rollout-function-path")
         self._sample_fns: dict[str, Any] = {}  # per-sample metadata["generate_function_path"], loaded once
         self.version = 0
-        self.admitted = 0
         self.in_flight = 0
         self.stopping = False
         self.exhausted = False
         self.partials: list[Group] = []  # groups cut off by stop(), kept for a checkpoint/resume
         self._live: dict[str, Group] = {}  # groups in flight, by id (a checkpoint copies them)
+        self._stage: dict[str, tuple[str, float]] = {}  # group id -> (what it waits for, since when): the watchdog
+        self._last_progress = time.monotonic()  # a group settled or tokens arrived
         self._admit_lock = asyncio.Lock()  # held from taking groups to starting them: checkpoints wait for it
         self._paused = False  # admission paused by a checkpoint
         self._resume_partials = False  # a restored checkpoint stashed groups in the buffer: take those first
@@ -104,22 +108,41 @@ class RolloutManager:
         self.client.remove_worker(url)
 
     async def get_stats(self) -> dict[str, Any]:
+        now = time.monotonic()
+        oldest = min(self._stage.items(), key=lambda kv: kv[1][1], default=None)
         return {**self.stats, "filter_reasons": dict(self.stats["filter_reasons"]), "in_flight": self.in_flight,
-                "admitted": self.admitted, "version": self.version, "exhausted": self.exhausted, "fatal": self.fatal,
-                "errors": list(self._errors[-5:]), "skipped_prompts": len(self.skipped)}
+                "version": self.version, "exhausted": self.exhausted, "fatal": self.fatal,
+                "errors": list(self._errors[-5:]), "skipped_prompts": len(self.skipped),
+                "last_progress_age_s": now - self._last_progress,
+                "oldest_in_flight": None if oldest is None else
+                {"group": oldest[0], "stage": oldest[1][0], "age_s": now - oldest[1][1]}}
+
+    async def token_state(self) -> dict[str, int]:
+        """Tokens generated so far, and the generated tokens of the groups the producers hold (in flight, and
+        cut off by a stop): with the buffer's `token_ledger()` they must add up (buffers/tokens.py)."""
+        return {"generated": self.stats["tokens_generated"],
+                "in_flight": sum(generated(*group_tokens(g)) for g in self._live.values()),
+                "partial_stopped": sum(generated(*group_tokens(g)) for g in self.partials)}
 
     async def get_failed(self, n: int = 8) -> list[Group]:
         """The last `n` failed groups (FAILED samples carry `metadata["reward_error"]`)."""
         return self.failed[-n:]
 
-    async def stop(self) -> dict[str, Any]:
-        """Stop admitting, abort in-flight requests and wait for every group task to settle."""
+    async def stop(self, grace_s: float = 10.0) -> dict[str, Any]:
+        """Stop admitting, abort in-flight requests and wait for every group task to settle. Groups still busy
+        after `grace_s` (a reward that hangs) are cancelled and kept as partial, to be scored after a resume."""
         self.stopping = True
         self._wake.set()
         await self.client.abort()
         if self._task is not None:
-            with anyio.fail_after(60):
-                await self._task
+            with anyio.move_on_after(grace_s):
+                await asyncio.shield(self._task)
+            if not self._task.done():
+                logger.warning("stop: %d groups still busy after %.0fs (oldest: %s); cancelled, kept as partial",
+                               self.in_flight, grace_s, (await self.get_stats())["oldest_in_flight"])
+                self._task.cancel()
+                with anyio.fail_after(60):
+                    await asyncio.wait([self._task])
         return await self.get_stats()
 
     async def close(self) -> None:
@@ -136,7 +159,7 @@ class RolloutManager:
             live = copy.deepcopy(list(self._live.values()))
         for g in live:
             for smp in g:
-                smp.reset_response()
+                smp.reset_response("checkpoint_resume")
         state = getattr(self.source, "state_dict", None)
         return {"source": state() if callable(state) else None, "live": live, "partials": list(self.partials)}
 
@@ -144,12 +167,14 @@ class RolloutManager:
         self._paused = False
         self._wake.set()
 
-    async def restore(self, source_state: dict[str, Any] | None, admitted: int, stashed: bool) -> None:
-        """Continue from a checkpoint (before `start`): data cursor, admission count, and whether the buffer holds
-        stashed groups (partials, groups to regenerate) that the producers take before new prompts."""
+    async def restore(self, source_state: dict[str, Any] | None, stashed: bool, tokens_generated: int) -> None:
+        """Continue from a checkpoint (before `start`): data cursor, whether the buffer holds stashed groups
+        (partials, groups to regenerate) that the producers take before new prompts, and the token count that the
+        restored groups account for (the buffer's settled + carried tokens)."""
         if source_state is not None:
             self.source.load_state_dict(source_state)
-        self.admitted, self._resume_partials = admitted, stashed
+        self._resume_partials = stashed
+        self.stats["tokens_generated"] = int(tokens_generated)
 
     # --- the producer loop ----------------------------------------------------------------------------------
     async def _produce(self) -> None:
@@ -160,25 +185,24 @@ class RolloutManager:
                 await produce_rollouts(self)
             else:
                 await self._produce_loop()
-        except BaseException:  # surfaced to the driver through get_stats()["fatal"]
+        except BaseException as e:  # surfaced to the driver through get_stats()["fatal"]
             import traceback
 
-            self.fatal = traceback.format_exc()
+            if not (self.stopping and isinstance(e, asyncio.CancelledError)):  # a cancel by stop() is no crash
+                self.fatal = traceback.format_exc()
             raise
 
-    def _pace(self) -> int:
-        a = self.args
-        return admission_limit(self.version, a.max_staleness, a.update_weights_interval, groups_per_step(a))
+    def _cap(self) -> int:
+        """How many groups may start now under the in-flight cap (0 while a checkpoint pauses admission)."""
+        return 0 if self._paused else max(0, self.args.rollout_max_groups_in_flight - self.in_flight)
 
-    def _admissible(self) -> int:
-        """How many groups may start now (in-flight cap and the staleness pacing bound; 0 while paused)."""
-        if self._paused:
-            return 0
-        cap = self.args.rollout_max_groups_in_flight - self.in_flight
-        return max(0, min(cap, self._pace() - self.admitted))
+    async def admission_room(self) -> int:
+        """New groups the staleness pacing allows now (owned by the buffer's ledger)."""
+        return await self.buffer.admission_room.remote(self.version)
 
     async def _wait_wake(self) -> None:
-        self._wake.clear()
+        """Wait for a wake-up (a version, a settled group) or 0.5 s. The loops clear `_wake` *before* checking
+        what they may do: a wake-up that lands during those checks' awaits is then not lost."""
         with anyio.move_on_after(0.5):
             await self._wake.wait()
 
@@ -186,35 +210,56 @@ class RolloutManager:
         last_regen_check = 0.0
         async with anyio.create_task_group() as tg:
             while not self.stopping:
-                k = self._admissible()
-                if k == 0:
-                    await self._wait_wake()
-                    continue
-                async with self._admit_lock:
-                    if self._admissible() < k:  # a checkpoint paused admission meanwhile
-                        continue
+                self._wake.clear()
+                started = 0
+                async with self._admit_lock:  # a checkpoint waits for it, then pauses admission (cap 0)
+                    cap = self._cap()
                     groups: list[Group] = []
-                    if self._resume_partials:  # stashed by a restored checkpoint: resumed before new prompts
-                        groups = await self.buffer.take_partials.remote(k)
-                        self._resume_partials = len(groups) == k
-                    if time.monotonic() - last_regen_check > 0.5:  # stale groups sent back by the buffer (rare)
+                    if cap and self._resume_partials:  # stashed by a restored checkpoint: before new prompts
+                        groups = await self.buffer.take_partials.remote(cap)
+                        self._resume_partials = len(groups) == cap
+                    if cap > len(groups) and time.monotonic() - last_regen_check > 0.5:  # sent back as stale
                         last_regen_check = time.monotonic()
-                        regen = await self.buffer.take_regenerate.remote(k - len(groups))
+                        regen = await self.buffer.take_regenerate.remote(cap - len(groups))
                         self.stats["regenerated_groups"] += len(regen)
                         groups += regen
-                    new = [g for g in (self.source.next_group() for _ in range(k - len(groups))) if g is not None]
+                    # Resumed groups already hold their slot; new ones need room under the pacing bound.
+                    n_new = min(cap - len(groups), await self.admission_room()) if cap > len(groups) else 0
+                    new = [] if self.exhausted else [
+                        g for g in (self.source.next_group() for _ in range(n_new)) if g is not None]
+                    if len(new) < n_new:
+                        self.exhausted = True  # groups in flight may still be sent back stale: keep serving
                     if new:  # one ledger call for the whole batch of admissions
                         await self.buffer.admit.remote([g[0].group_id for g in new])
                     for group in groups + new:
-                        self.admitted += 1
                         self.in_flight += 1
                         self._live[group[0].group_id] = group
                         tg.start_soon(self._run_group, group)
-                if len(groups) + len(new) < k:
-                    self.exhausted = True
-                    break
+                    started = len(groups) + len(new)
+                if not started:
+                    if self.exhausted and self.in_flight == 0:
+                        break  # the data is used up and every group settled
+                    await self._wait_wake()
 
     async def _run_group(self, group: Group) -> None:
+        gid = group[0].group_id
+        self._stage[gid] = ("generating", time.monotonic())
+        try:
+            await self._settle(group)
+        except asyncio.CancelledError:  # stop() gave up waiting (a hung reward): keep it to resume, then unwind
+            with anyio.CancelScope(shield=True):
+                if await self.buffer.state_of.remote(gid) == "in_flight":
+                    self.partials.append(group)
+                    await self.buffer.mark.remote(gid, "partial", f"cancelled at stop while {self._stage[gid][0]}")
+            raise
+        finally:
+            self._live.pop(gid, None)
+            self._stage.pop(gid, None)
+            self.in_flight -= 1
+            self._last_progress = time.monotonic()
+            self._wake.set()
+
+    async def _settle(self, group: Group) -> None:
         gid = group[0].group_id
         try:
             await self._generate_group(group)
@@ -222,13 +267,10 @@ class RolloutManager:
                 self.partials.append(group)
                 await self.buffer.mark.remote(gid, "partial", "stopped")
                 return
+            self._stage[gid] = ("scoring", time.monotonic())
             await self.finish_group(group)
         except* EngineError as eg:
             await self._drop(group, "failed", "; ".join(str(e) for e in eg.exceptions)[:500])
-        finally:
-            self._live.pop(gid, None)
-            self.in_flight -= 1
-            self._wake.set()
 
     async def finish_group(self, group: Group) -> bool:
         """Decode, score, filter and queue a generated group; True if it reached the buffer."""
@@ -254,6 +296,8 @@ class RolloutManager:
             self.sample_filter(self.args, [group])
         self.stats["groups_done"] += 1
         self.stats["samples_done"] += len(group)
+        if group[0].group_id in self._stage:
+            self._stage[group[0].group_id] = ("queueing (buffer full)", time.monotonic())
         if not await self._queue(group):
             self.partials.append(group)
             await self.buffer.mark.remote(group[0].group_id, "partial", "stopped before queued")
@@ -261,13 +305,13 @@ class RolloutManager:
         return True
 
     async def _drop(self, group: Group, state: str, reason: str) -> None:
-        """Record a group that will not be trained (failed / filtered); its admission slot goes back."""
+        """Record a group that will not be trained (failed / filtered): the buffer's ledger gives its admission
+        slot back and settles its tokens as discarded under `state`."""
         self.stats["groups_failed" if state == "failed" else "groups_filtered"] += 1
         if state == "failed":
             self._errors.append(reason)
             self.failed = (self.failed + [group])[-32:]
-        self.admitted -= 1
-        await self.buffer.mark.remote(group[0].group_id, state, reason)
+        await self.buffer.mark.remote(group[0].group_id, state, reason, tokens=group_tokens(group))
 
     async def _queue(self, group: Group) -> bool:
         """Put a finished group, waiting while the buffer is full; False if the job stopped meanwhile."""
@@ -296,7 +340,7 @@ class RolloutManager:
             else:  # without --partial-rollout an interrupted generation starts over (counted as waste)
                 self.stats["aborted_regenerated"] += 1
                 self.stats["wasted_tokens"] += s.response_length
-                s.reset_response()
+                s.reset_response("abort_restart")
                 remaining = a.rollout_max_response_len
         return remaining
 
@@ -333,15 +377,21 @@ class RolloutManager:
                     tg.start_soon(self._custom, s, b)
 
     async def _batched(self, samples: list[Sample], budgets: list[int]) -> None:
-        self.stats["tokens_generated"] += await generate_group(self.client, samples,
-                                                               [self.sampling_params(b) for b in budgets])
+        before = sum(s.generated_tokens for s in samples)
+        try:
+            await generate_group(self.client, samples, [self.sampling_params(b) for b in budgets])
+        finally:  # what the samples gained, even when a call failed midway (read after the await: no race)
+            self.stats["tokens_generated"] += sum(s.generated_tokens for s in samples) - before
+            self._last_progress = time.monotonic()
 
     async def _custom(self, s: Sample, budget: int) -> None:
-        before = s.response_length
-        out = await self.sample_fn(s)(self.args, s, self.sampling_params(budget))
+        before = s.generated_tokens
+        try:
+            out = await self.sample_fn(s)(self.args, s, self.sampling_params(budget))
+        finally:
+            self.stats["tokens_generated"] += s.generated_tokens - before
         if out is not None and out is not s:
             raise EngineError(f"custom generate returned a different Sample object for sample {s.index}")
-        self.stats["tokens_generated"] += max(0, s.response_length - before)
         if s.status == Status.PENDING:  # a function that neither finished nor aborted the sample: stop it there
             s.status = Status.COMPLETED
 

@@ -1,6 +1,9 @@
 """Reward functions: slime's `--custom-rm-path` contract `async def rm(args, sample) -> float`, and built-ins.
 
-`score_group` turns reward failures (an exception or `--rm-timeout`) into FAILED samples instead of errors.
+`score_group` turns reward failures (an exception, `--rm-timeout`, or a value that is not a finite number: NaN
+would poison the weights, None is not a score) into FAILED samples instead of errors. Synchronous reward functions
+run in a worker thread, so a slow or blocking one never freezes the producers' event loop (and the timeout can
+fire; the thread itself cannot be killed and finishes in the background).
 Built-in `rule`: exact match against `sample.label` for the synthetic tasks (`streamrl.tasks`); the task comes from
 `--rm-type` or the sample's `metadata["rm_type"]`.
 """
@@ -8,7 +11,9 @@ Built-in `rule`: exact match against `sample.label` for the synthetic tasks (`st
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
+import math
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -35,12 +40,35 @@ def load_reward_fn(args: argparse.Namespace) -> Callable[[argparse.Namespace, Sa
     from streamrl.plugins import load_function
 
     fn = load_function(args.custom_rm_path or "rule", BUILTIN_REWARDS, what="--custom-rm-path")
+    return functools.partial(_call, fn)
 
-    async def call(a: argparse.Namespace, sample: Sample) -> float:
-        out = fn(a, sample)
-        return await out if inspect.isawaitable(out) else out
 
-    return call
+def _is_async(fn: Callable) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
+
+
+async def _call(fn: Callable, *args):
+    """`fn(*args)`: awaited when async, else in a worker thread (abandoned if the caller's timeout fires)."""
+    if _is_async(fn):
+        out = fn(*args)
+    else:
+        out = await anyio.to_thread.run_sync(lambda: fn(*args), abandon_on_cancel=True)
+    return await out if inspect.isawaitable(out) else out
+
+
+def check_reward(value, reward_key: str | None = None) -> str | None:
+    """Why `value` cannot be trained on (None when it can): a finite int/float, or a dict whose `--reward-key`
+    entry is one."""
+    v = value
+    if isinstance(value, dict):
+        if reward_key is None or reward_key not in value:
+            return f"reward is a dict without --reward-key {reward_key!r} (keys {sorted(value)[:5]})"
+        v = value[reward_key]
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return f"reward is {type(v).__name__} ({v!r:.40}), not a number"
+    if not math.isfinite(v):
+        return f"reward is {v}"
+    return None
 
 
 def load_group_reward_fn(args: argparse.Namespace) -> Callable[[argparse.Namespace, list[Sample]], Awaitable[list]]:
@@ -50,8 +78,7 @@ def load_group_reward_fn(args: argparse.Namespace) -> Callable[[argparse.Namespa
     fn = load_function(args.custom_rm_path, what="--custom-rm-path (--group-rm)")
 
     async def call(a: argparse.Namespace, samples: list[Sample]) -> list:
-        out = fn(a, samples)
-        out = await out if inspect.isawaitable(out) else out
+        out = await _call(fn, a, samples)
         if not isinstance(out, list | tuple) or len(out) != len(samples):
             raise TypeError(f"group reward returned {type(out).__name__} of length "
                             f"{len(out) if hasattr(out, '__len__') else '?'} for {len(samples)} samples")
@@ -97,6 +124,12 @@ async def score_group(args: argparse.Namespace, group: list[Sample], reward_fn: 
             for s in todo:
                 _fail(s, msg)
             errors.append(f"group {group[0].group_id}: {msg}")
+            return errors
+        for s in todo:
+            bad = check_reward(s.reward, getattr(args, "reward_key", None))
+            if bad:
+                _fail(s, bad)
+                errors.append(f"sample {s.index} ({s.group_id}): {bad}")
         return errors
 
     async def one(s: Sample) -> None:
@@ -105,6 +138,11 @@ async def score_group(args: argparse.Namespace, group: list[Sample], reward_fn: 
         except Exception as e:  # the user's function: recorded on the sample, never raised
             _fail(s, describe(e))
             errors.append(f"sample {s.index} ({s.group_id}): {describe(e)}")
+            return
+        bad = check_reward(s.reward, getattr(args, "reward_key", None))
+        if bad:
+            _fail(s, bad)
+            errors.append(f"sample {s.index} ({s.group_id}): {bad}")
 
     async with anyio.create_task_group() as tg:
         for s in todo:

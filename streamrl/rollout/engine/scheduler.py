@@ -255,7 +255,9 @@ class Scheduler:
     def load(self) -> dict[str, int]:
         """Counts of running and waiting requests (waiting includes requests held by a pause)."""
         with self._cond:
-            return {"num_running_reqs": len(self._running), "num_waiting_reqs": len(self._waiting)}
+            # A finished request stays in _running until its iteration ends, but its answer is already out.
+            running = sum(r.finish_reason is None for r in self._running)
+            return {"num_running_reqs": running, "num_waiting_reqs": len(self._waiting)}
 
     # ---- weights ---------------------------------------------------------------------------------------------
     def update_weights(
