@@ -120,12 +120,23 @@ def test_algo_combinations_name_the_flags(overrides, flags):
 
 
 def test_offpolicy_correction_defaults():
-    a = default_args()
-    assert a.use_tis and a.max_staleness > 0  # streamrl corrects by default (slime: --use-tis is opt-in)
-    assert default_args(disable_tis=True, max_staleness=0).use_tis is False
-    assert default_args(disable_tis=True, allow_uncorrected_offpolicy=True).use_tis is False
-    b = default_args(use_rollout_logprobs=True)  # the other correction; TIS's ratio would be 1
+    a = default_args()  # streamrl corrects by default with the clip anchored at µ (docs/offpolicy.md)
+    assert a.use_rollout_logprobs and not a.use_tis and a.max_staleness > 0
+    for over in ({"use_tis": True}, {"tis_mode": "mask"}, {"tis_level": "geometric"}, {"tis_clip": 1.5},
+                 {"custom_tis_function_path": "icepop"}):  # TIS, asked for by --use-tis or any TIS flag
+        b = default_args(**over)
+        assert b.use_tis and not b.use_rollout_logprobs, over
+    for over in ({"disable_tis": True, "max_staleness": 0}, {"disable_tis": True, "allow_uncorrected_offpolicy": True}):
+        b = default_args(**over)
+        assert not b.use_tis and not b.use_rollout_logprobs
+    with pytest.raises(ConfigError, match="--use-rollout-logprobs"):
+        default_args(use_tis=True, use_rollout_logprobs=True)
+    b = default_args(disable_tis=True, use_rollout_logprobs=True)
     assert b.use_rollout_logprobs and not b.use_tis
+    for over, flag in (({"num_mini_batches": 3}, "--num-mini-batches"), ({"m2_threshold": 0.0}, "--m2-threshold"),
+                       ({"staleness_decay": 1.5}, "--staleness-decay")):
+        with pytest.raises(ConfigError, match=flag):
+            default_args(**over)
 
 
 @pytest.mark.parametrize("script", sorted(Path(__file__).resolve().parents[1].glob("scripts/models/*.sh")),

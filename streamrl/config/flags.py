@@ -206,10 +206,11 @@ class AlgoConfig:
                                      "pi_theta/pi_old = exp(logp - logp_old) (DeepSeek-V3.2), which makes the "
                                      "KL loss's gradient that of KL(pi_theta || pi_ref) also off-policy.")
     entropy_coef: float = F(0.0, "Entropy bonus coefficient.")
-    use_tis: bool = F(True, "Importance-weight tokens by pi_old / pi_rollout. ON by default in streamrl "
-                            "(slime: off); --disable-tis turns it off.")
-    disable_tis: bool = F(False, "Turn TIS off (async training then needs --use-rollout-logprobs or "
-                                 "--allow-uncorrected-offpolicy).")
+    use_tis: bool = F(False, "Importance-weight tokens by pi_old / pi_rollout (TIS, slime's opt-in); also chosen by "
+                             "any --tis-* flag away from its default. Without it (and without --disable-tis) "
+                             "streamrl corrects with --use-rollout-logprobs (docs/offpolicy.md).")
+    disable_tis: bool = F(False, "No off-policy correction at all: neither TIS nor the default "
+                                 "--use-rollout-logprobs (async training then needs --allow-uncorrected-offpolicy).")
     tis_clip: float = F(2.0, "TIS upper clip.")
     tis_clip_low: float = F(0.0, "TIS lower clip.")
     tis_level: str = F("token", "Importance ratio per token, per sequence (product) or geometric mean.",
@@ -219,9 +220,10 @@ class AlgoConfig:
     custom_tis_function_path: str | None = F(
         None, "slime TIS plug-in `fn(args, *, pg_loss, train_log_probs, rollout_log_probs, loss_masks, ...)`; "
               "built-ins: vanilla, icepop.")
-    use_rollout_logprobs: bool = F(False, "Use the engine's log-probs as pi_old: PPO clips against the behaviour "
-                                          "policy (replaces TIS; the better correction under high staleness, see "
-                                          "scripts/bench/offpolicy.py).")
+    use_rollout_logprobs: bool = F(False, "Use the engine's log-probs as pi_old: the PPO ratio and clip are anchored "
+                                          "at the behaviour policy. streamrl's default correction when no TIS flag "
+                                          "is given (measured by scripts/bench/staleness_sweep.py, "
+                                          "docs/offpolicy.md).")
     m2_threshold: float | None = F(None, "M2 trust region (M2PO, AReaL's m2_threshold): drop the tokens with the "
                                          "largest (log pi_prox - log pi_rollout)^2 until the batch's mean over the "
                                          "kept tokens is below this (M2PO uses 0.04); off when unset.")

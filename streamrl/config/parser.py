@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from streamrl.config.flags import GROUPS
+from streamrl.config.flags import GROUPS, all_fields
 
 _SCALARS = {"int": int, "float": float, "str": str}
 
@@ -150,6 +150,8 @@ def validate(args: argparse.Namespace) -> None:
             f"({args.num_mini_batches}) x trainer ranks ({world}).")
     if args.m2_threshold is not None and args.m2_threshold <= 0:
         raise ConfigError("--m2-threshold must be > 0 (leave it unset to turn the M2 trust region off).")
+    if not 0.0 < args.staleness_decay <= 1.0:
+        raise ConfigError("--staleness-decay must be in (0, 1] (1: off).")
     if args.mask_offpolicy_in_partial_rollout and not args.partial_rollout:
         raise ConfigError("--mask-offpolicy-in-partial-rollout needs --partial-rollout.")
     if args.pause_generation_mode == "in_place" and not args.partial_rollout:
@@ -181,7 +183,7 @@ def validate(args: argparse.Namespace) -> None:
         args.rollout_max_groups_in_flight = args.async_buffer_size
     if args.use_kl_loss and args.kl_loss_coef <= 0:
         raise ConfigError("--use-kl-loss needs --kl-loss-coef > 0.")
-    if args.use_tis and args.tis_clip_low > args.tis_clip:
+    if args.tis_clip_low > args.tis_clip:
         raise ConfigError("--tis-clip-low must be <= --tis-clip.")
     validate_algo(args)
     if args.num_rollout is None and args.num_epoch is None:
@@ -191,13 +193,26 @@ def validate(args: argparse.Namespace) -> None:
 def validate_algo(args: argparse.Namespace) -> None:
     """RL-math rules (issue 5): estimators, loss reductions, off-policy correction.
 
-    Off-policy correction is ON by default (`use_tis` defaults to True, unlike slime): with --max-staleness > 0 the
-    data comes from older policies, and training on it without a correction is refused unless
-    --allow-uncorrected-offpolicy. --use-rollout-logprobs is the other correction (PPO anchored at the behaviour
-    policy); it replaces TIS, whose ratio would then be 1.
+    Off-policy correction is ON by default. With no correction flag, streamrl uses --use-rollout-logprobs (the PPO
+    ratio and clip anchored at the behaviour policy µ), the correction that kept ≥ 90% of sync's gain up to
+    --max-staleness 8 on both tasks of scripts/bench/staleness_sweep.py (docs/offpolicy.md); token TIS did not at 4.
+    TIS (slime's opt-in --use-tis) is chosen by --use-tis or by any TIS flag set away from its default
+    (--tis-mode, --tis-level, --tis-clip, --tis-clip-low, --custom-tis-function-path); it and
+    --use-rollout-logprobs exclude each other (TIS's ratio would be 1). --disable-tis turns the default off: with
+    --max-staleness > 0 the data comes from older policies, and training on it with no correction is refused
+    unless --allow-uncorrected-offpolicy.
     """
-    if args.disable_tis or args.use_rollout_logprobs:
+    tis_asked = args.use_tis or any(getattr(args, f.name) != f.default for f in all_fields()
+                                    if f.name in ("tis_mode", "tis_level", "tis_clip", "tis_clip_low",
+                                                  "custom_tis_function_path"))
+    if args.use_rollout_logprobs and args.use_tis:
+        raise ConfigError("--use-tis and --use-rollout-logprobs exclude each other (with pi_old = pi_rollout the TIS "
+                          "ratio is 1): keep one.")
+    if args.disable_tis:  # no TIS, and no default correction (an explicit --use-rollout-logprobs stays)
         args.use_tis = False
+    elif not args.use_rollout_logprobs:
+        args.use_tis = bool(tis_asked)
+        args.use_rollout_logprobs = not tis_asked  # the default correction
     est = args.advantage_estimator
     if args.kl_coef < 0 or args.kl_loss_coef < 0:
         raise ConfigError("--kl-coef and --kl-loss-coef must be >= 0.")
@@ -238,8 +253,8 @@ def validate_algo(args: argparse.Namespace) -> None:
             and not args.allow_uncorrected_offpolicy:
         raise ConfigError(
             f"--max-staleness {args.max_staleness} trains on data from older policies, but no off-policy correction "
-            "is on (--disable-tis): keep --use-tis, or pass --use-rollout-logprobs, or --max-staleness 0, or force "
-            "it with --allow-uncorrected-offpolicy."
+            "is on (--disable-tis): drop --disable-tis (the default --use-rollout-logprobs), or pass --use-tis, or "
+            "--max-staleness 0, or force it with --allow-uncorrected-offpolicy."
         )
 
 

@@ -27,9 +27,10 @@ Without w (no correction) the same estimator is biased by the staleness; the con
 
 What w does not give is a trust region: with one optimizer step per batch ρ ≡ 1 when each token is first seen,
 so nothing stops the trainer from pushing further a token whose probability already rose since µ sampled it.
-`--use-rollout-logprobs` (ℓold = ℓroll) anchors ρ and its clip at µ instead, which zeroes exactly those tokens.
-Measured on the demo task with weights up to 16 steps stale (scripts/bench/offpolicy.py, 2 seeds): final eval
-reward sync 0.90, TIS 0.19, no correction 0.08, --use-rollout-logprobs 0.72 (from 0.13 before training).
+`--use-rollout-logprobs` (ℓold = ℓroll) anchors ρ and its clip at µ instead, which zeroes exactly those tokens;
+it is the default correction (no TIS flag given). `--num-mini-batches` > 1 makes the π_old clip a trust region
+(decoupled PPO); `--m2-threshold` drops the tokens with the largest (ℓprox − ℓµ)² (`algos/corrections.py`). What
+each of them keeps of sync's gain per staleness bound: docs/offpolicy.md.
 
 Tokens that the off-policy function rejects (mask mode / IcePop, custom functions) leave the numerators of every
 term but keep their place in the denominators. Metrics are reduced over the original masks.
@@ -131,7 +132,8 @@ def actor_loss(
                                    eps_clip_c=args.eps_clip_c)
     per_token.update(pg_clipfrac=clipfrac, ppo_kl=ppo_kl)
     num_mask = mask
-    w, tis_mask, tis_metrics = importance_weights(old, roll, mask, level=args.tis_level, mode=args.tis_mode,
+    # from the trainer's own ℓ (= ℓold unless --use-rollout-logprobs): the metrics measure π_prox/µ either way
+    w, tis_mask, tis_metrics = importance_weights(trainer_lp, roll, mask, level=args.tis_level, mode=args.tis_mode,
                                                   clip_low=args.tis_clip_low, clip_high=args.tis_clip)
     if args.use_tis and tis_fn is not None:
         pg, num_mask, tis_metrics = call_tis_function(tis_fn, args, pg, old, roll, mask, mb.prompt_lengths,

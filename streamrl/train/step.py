@@ -189,9 +189,12 @@ class StepRunner:
             return self._custom_advantages(mbs)
         est = a.advantage_estimator
         for mb in mbs:
+            # the student's log-probs for KL shaping and distillation: the trainer's own (π_prox), also when the
+            # PPO anchor is µ (--use-rollout-logprobs, the default correction)
+            student = mb.trainer_log_probs if mb.trainer_log_probs is not None else mb.old_log_probs
             kl = None
             if a.kl_coef > 0:
-                kl = kl_estimate(mb.old_log_probs, mb.ref_log_probs, a.kl_loss_type) * mb.mask
+                kl = kl_estimate(student, mb.ref_log_probs, a.kl_loss_type) * mb.mask
             if mb.token_advantages is not None:
                 adv = mb.token_advantages * mb.mask
             elif est in ("grpo", "gspo", "cispo"):
@@ -209,7 +212,7 @@ class StepRunner:
             else:
                 raise ValueError(f"unknown advantage estimator {est!r}")
             if a.use_opd or est == "on_policy_distillation":
-                adv = opd_advantages(adv, mb.old_log_probs, mb.teacher_log_probs, a.opd_kl_coef, mb.mask)
+                adv = opd_advantages(adv, student, mb.teacher_log_probs, a.opd_kl_coef, mb.mask)
             mb.advantages = adv
             if mb.returns is None:
                 mb.returns = adv

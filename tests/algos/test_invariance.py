@@ -76,11 +76,12 @@ def make_batch(n: int = 8, seed: int = 0) -> TrainBatch:
     rewards = [float(g.random() > 0.5) for _ in range(n)]
     return TrainBatch(tokens=tokens, prompt_lengths=plen, response_lengths=rlen, loss_masks=masks,
                       rollout_log_probs=lps, advantages=[r - 0.4 for r in rewards], rewards=rewards,
-                      staleness=[0] * n)
+                      staleness=[i % 3 for i in range(n)])
 
 
 CONFIGS = {
-    "grpo_tis": {},
+    "grpo_tis": dict(use_tis=True),
+    "grpo_default_m2": dict(m2_threshold=0.05, staleness_decay=0.5),
     "gspo_token_mean_icepop": dict(advantage_estimator="gspo", calculate_per_token_loss=True, tis_mode="mask",
                                    tis_clip_low=0.8, tis_clip=1.5, entropy_coef=0.01),
     "cispo_drgrpo_geometric": dict(advantage_estimator="cispo", loss_normalizer_constant=8.0, tis_level="geometric",
@@ -117,6 +118,7 @@ def run_rank(args, models, batch: TrainBatch, rank: int, world: int, mbs: int, a
     shard = micro_batches(batch.shard(rank, world, balance=args.balance_data), mbs, max_tokens=max_tokens)
     runner.prepare(shard)
     runner.compute_advantages(shard)
+    runner.apply_m2(shard)
     reduce = runner.reducer(shard, len(batch))
     sums = runner.actor_backward(shard, reduce)
     if runner.critic is not None:

@@ -221,9 +221,9 @@ def test_lr_schedule_warmup_sgd_and_recompute(tiny_ckpt, samples):
 
 
 def test_mini_batches_fix_prox_and_clip_from_the_second_step(tiny_ckpt, samples):
-    """--num-mini-batches 2: two optimizer steps per train step against ℓprox from before the first, so the PPO
-    clip (inert with one step: ρ = 1) bites on the second; the result does not depend on --micro-batch-size;
-    the M2 mask and the per-staleness-bucket mismatch metrics are reported."""
+    """Decoupled PPO (--use-tis --num-mini-batches 2): two optimizer steps per train step against ℓprox from
+    before the first, so the PPO clip (inert with one step: ρ = 1) bites on the second; the result does not
+    depend on --micro-batch-size; the M2 mask and the per-staleness-bucket mismatch metrics are reported."""
     batch = to_batch(samples)
     for i in range(1, len(batch), 2):  # the "stale" samples (staleness 1): µ away from the trainer's weights
         batch.rollout_log_probs[i] = [x - 0.3 * (j % 2) for j, x in enumerate(batch.rollout_log_probs[i])]
@@ -231,7 +231,7 @@ def test_mini_batches_fix_prox_and_clip_from_the_second_step(tiny_ckpt, samples)
     for name, over in {"mb1": {}, "mb2": dict(num_mini_batches=2), "mb2_micro1": dict(num_mini_batches=2,
                                                                                       micro_batch_size=1),
                        "mb2_m2": dict(num_mini_batches=2, m2_threshold=1e-3)}.items():
-        rank = make_rank(tiny_ckpt, rollout_temperature=0.8, eps_clip=0.02, **over)
+        rank = make_rank(tiny_ckpt, rollout_temperature=0.8, eps_clip=0.02, use_tis=True, **over)
         try:
             metrics[name] = rank.train_step(batch)
             params[name] = [p.detach().full_tensor().clone() for p in rank.model.parameters()]
