@@ -2,13 +2,14 @@
 
 The demo job (the SFT checkpoint of scripts/prepare_demo.py, 16 prompts x 8 samples per step), several ways:
 
-  * sync              `pipelines.sync`: generate, then train, then publish (staleness 0), TIS on (a no-op up to
-                      numerics);
+  * sync              `pipelines.sync`: generate, then train, then publish (staleness 0), the default correction
+                      (a no-op up to numerics);
   * tis               async with `--update-weights-interval 4 --max-staleness 4 --async-buffer-size 64` (the
-                      engines keep sampling with weights up to 4 versions = 16 steps old), TIS on (the default);
+                      engines keep sampling with weights up to 4 versions = 16 steps old), `--use-tis` (the
+                      default until issue 15);
   * no_tis            the same async job with `--disable-tis --allow-uncorrected-offpolicy`;
   * rollout_logprobs  the same async job with `--use-rollout-logprobs` (PPO's ratio and clip anchored at the
-                      behaviour policy µ instead of TIS);
+                      behaviour policy µ instead of TIS), which is what no correction flag now gives;
   * icepop            (only with --modes) TIS in mask mode: tokens with π_old/µ outside [0.5, 2] leave the loss.
 
 Same checkpoint, data, steps and learning rate for every run. Prints one JSON line: final eval rewards (mean over

@@ -249,7 +249,9 @@ class TrainConfig:
                                       "head this many response tokens at a time (backward recomputes each chunk), "
                                       "never materialising [tokens, vocab] fp32 logits; -1: the plain full-logits "
                                       "path.")
-    num_steps_per_rollout: int = F(1, "Optimizer steps per rollout.")
+    num_steps_per_rollout: int = F(1, "Optimizer steps per rollout: train steps of rollout/n samples, each with "
+                                      "pi_prox recomputed (for several steps against one pi_prox: "
+                                      "--num-mini-batches).")
     num_mini_batches: int = F(1, "Optimizer steps per train step: the step's batch is split into this many equal "
                                  "parts, one optimizer step each, all against pi_prox recomputed once before the "
                                  "first (AReaL's ppo_n_minibatches). With 1, pi_theta = pi_prox at the step and the "
