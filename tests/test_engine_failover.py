@@ -167,17 +167,19 @@ def test_sync_goes_on_without_an_engine_that_is_dead_at_pause(engine):
 
 def test_sync_pushes_again_when_an_engine_dies_during_the_push(engine, tiny_ckpt):
     other = EmbeddedEngine(tiny_ckpt).start()
-    urls, pushed = [engine.url, other.url], []
+    urls, pushed, staged = [engine.url, other.url], [], []
 
-    def push():
+    def push():  # like FSDPTrainRank.push_staged: a push consumes what was staged
+        assert staged.pop() == "weights", "push without a stage"
         pushed.append(list(urls))
         if len(pushed) == 1:
             other.stop()  # dies after its pause
             raise RuntimeError(f"engine {other.url}: weight update failed: connection refused")
 
     try:
-        sync_weights(urls, push=push, publish=lambda: None, on_dead=_drop_if_dead(urls))
+        sync_weights(urls, push=push, publish=lambda: None, on_dead=_drop_if_dead(urls),
+                     stage=lambda: staged.append("weights"))
     finally:
         other.stop()
-    assert urls == [engine.url] and pushed == [[engine.url, other.url], [engine.url]]
+    assert urls == [engine.url] and pushed == [[engine.url, other.url], [engine.url]] and staged == []
     assert not _paused(engine.url)

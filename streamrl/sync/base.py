@@ -140,6 +140,8 @@ def sync_weights(engine_urls: list[str], push: Callable[[], dict], publish: Call
             gone = [u for u in list(engine_urls) if on_dead(u, f"weight push failed: {e}")]
             if not gone:
                 raise
+            if stage is not None:  # a push consumes what was staged (buffers, handles): stage it again
+                stage()
             return dict(push() or {})  # to the live engines again (an update is idempotent)
 
     try:
