@@ -56,6 +56,28 @@ def test_add_and_remove_worker_at_run_time(cluster):
     assert set(served_by(url, 4)) == {"0"}
 
 
+def test_dp_aware_router_registers_the_engine_per_dp_rank(cluster, tmp_path):
+    """sglang-router --dp-aware reads dp_size from /get_server_info ("No dp_size in response" otherwise) and lists
+    the worker as URL@rank; streamrl's helpers and client map that back to the engine's URL."""
+    _, e1, e2 = cluster
+    args = default_args(use_router=True, router_dp_aware=True, router_policy="round_robin",
+                        rollout_engine_startup_timeout=60)
+    router = start_router(args, [e1.url], log_path=str(tmp_path / "router.log"))
+    try:
+        workers = list_workers(router.url)
+        assert [w["url"] for w in workers] == [e1.url + "@0"]
+        assert workers[0]["metadata"]["dp_size"] == "1"
+        assert set(served_by(router.url, 2)) == {"0"}
+        add_worker(router.url, e2.url)
+        assert sorted(w["url"] for w in list_workers(router.url)) == sorted([e1.url + "@0", e2.url + "@0"])
+        assert set(served_by(router.url, 4)) == {"0", "7"}
+        client = EngineClient([], router_url=router.url)
+        assert sorted(asyncio.run(client.refresh_workers())) == sorted([e1.url, e2.url])
+        # (removing a dp-aware worker fails inside sglang-router 0.3.2: "No workers found with prefix URL@0@")
+    finally:
+        router.stop()
+
+
 def test_batched_generate_through_the_router(cluster):
     url, _, _ = cluster
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]

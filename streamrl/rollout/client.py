@@ -32,6 +32,8 @@ from typing import Any
 import anyio
 import httpx
 
+from streamrl.rollout.sglang.router import worker_base_url
+
 logger = logging.getLogger("streamrl.rollout.client")
 
 
@@ -167,7 +169,7 @@ class EngineClient:
         if not self.router_url:
             return list(self.urls)
         body = await self._request("GET", self.router_url, "/workers", idempotent=True)
-        urls = [w["url"] for w in body.get("workers", [])]
+        urls = list(dict.fromkeys(worker_base_url(w["url"]) for w in body.get("workers", [])))  # dp-aware: URL@rank
         for u in urls:
             self.add_worker(u)
         for u in [u for u in self.urls if u not in urls]:

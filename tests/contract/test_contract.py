@@ -123,9 +123,29 @@ def test_info_endpoints_agree_on_weight_version(base_url):
     {"input_ids": PROMPT, "sampling_params": {"top_p": 1.5}},
     {"input_ids": "abc"},
     {"sampling_params": {"max_new_tokens": 2}},
+    {"input_ids": PROMPT, "sampling_params": {"top_k": 0}},  # SGLang: -1 (disable) or at least 1
+    pytest.param(b'{"input_ids": ' + b"[" * 1000 + b"]" * 1000 + b"}", id="nested-1000-deep"),  # ~2 KB
 ])
 def test_malformed_input_is_4xx(base_url, body):
     kw = {"content": body} if isinstance(body, bytes) else {"json": body}
     r = httpx.post(base_url + "/generate", timeout=30, **kw)
     assert 400 <= r.status_code < 500, (r.status_code, r.text[:200])
     assert httpx.get(base_url + "/health").status_code == 200  # and the server is still alive
+
+
+def test_context_length_is_enforced(base_url):
+    """SGLang refuses (400) a prompt that reaches the context length, or prompt + max_new_tokens beyond it."""
+    info = httpx.get(base_url + "/server_info").json()
+    ctx = info["context_length"]
+    assert {"tp_size", "dp_size", "pp_size"} <= set(info)  # sglang-router --dp-aware reads dp_size
+
+    def post(n_prompt, max_new):
+        body = {"input_ids": [5] * n_prompt, "sampling_params": {"max_new_tokens": max_new, "temperature": 0.0}}
+        return httpx.post(base_url + "/generate", json=body, timeout=60)
+
+    r = post(ctx, 1)
+    assert r.status_code == 400 and "longer than the model's context length" in r.text, r.text
+    r = post(ctx - 4, 5)
+    assert r.status_code == 400 and "exceeds the model's maximum context length" in r.text, r.text
+    out = post(ctx - 4, 4).json()  # exactly at the context: served, cut by max_new_tokens only
+    assert out["meta_info"]["prompt_tokens"] == ctx - 4 and len(out["output_ids"]) <= 4

@@ -18,7 +18,7 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     max_new_tokens: int | None = 128
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = -1  # -1 (or 0) = off
+    top_k: int = -1  # -1 = off; 0 is refused, as in SGLang
     min_p: float = 0.0
     stop: str | list[str] | None = None  # needs a tokenizer
     stop_token_ids: list[int] | None = None
@@ -42,8 +42,8 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (off) or >= 0, got {self.top_k}")
+        if self.top_k < -1 or self.top_k == 0:  # SGLang's SamplingParams.verify
+            raise ValueError(f"top_k must be -1 (disable), or at least 1, got {self.top_k}.")
         for tok in self.stop_token_ids or ():
             if not 0 <= tok < vocab_size:
                 raise ValueError(f"stop_token_ids: {tok} outside vocabulary of size {vocab_size}")
@@ -121,6 +121,20 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
         if isinstance(sp, list):
             return sp[i]
         return sp if sp is not None else SamplingParams()
+
+
+def check_context(prompt_tokens: int, max_new_tokens: int | None, context_len: int) -> None:
+    """SGLang's `TokenizerManager._validate_one_request`: a prompt that reaches the context length, or whose
+    prompt + max_new_tokens exceeds it, is refused (400) rather than generated and cut at the context."""
+    if prompt_tokens >= context_len:
+        raise ValueError(f"The input ({prompt_tokens} tokens) is longer than the model's context length "
+                         f"({context_len} tokens).")
+    if max_new_tokens is not None and prompt_tokens + max_new_tokens > context_len:
+        raise ValueError(
+            f"Requested token count exceeds the model's maximum context length of {context_len} tokens. You "
+            f"requested a total of {prompt_tokens + max_new_tokens} tokens: {prompt_tokens} tokens from the input "
+            f"messages and {max_new_tokens} tokens for the completion. Please reduce the number of tokens in the "
+            f"input messages or the completion to fit within the limit.")
 
 
 class AbortRequest(msgspec.Struct, kw_only=True):

@@ -33,6 +33,7 @@ from .protocol import (
     PauseRequest,
     SamplingParams,
     UpdateWeightsFromDiskRequest,
+    check_context,
 )
 from .scheduler import Request, RequestOutput, Scheduler
 from .weights import UpdateWeightsFromTensorRequest, deserialize_named_tensors
@@ -48,11 +49,23 @@ def _error(message: str, status: int = 400) -> Response:
     return _json(ErrorBody.of(message, status), status)
 
 
+# Bodies above this are parsed (JSON, tokenizing, per-token checks) in a worker thread, so a huge `text` or
+# `input_ids` cannot block the event loop (and with it /health and /abort_request) for seconds.
+_INLINE_BODY_BYTES = 64 * 1024
+
+
+def _decode_bytes(body: bytes, typ: type) -> Any:
+    try:
+        return msgspec.json.decode(body, type=typ)
+    except RecursionError:  # msgspec's depth limit: a 400 like any malformed body, not a 500 and a dropped socket
+        raise ValueError("JSON body nested too deeply") from None
+
+
 async def _decode(request: HttpRequest, typ: type, *, empty_ok: bool = True) -> Any:
     body = await request.body()
     if not body.strip() and empty_ok:
         body = b"{}"  # slime sends `{}`, curl users sometimes send nothing
-    return msgspec.json.decode(body, type=typ)
+    return _decode_bytes(body, typ)
 
 
 def _listener(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable[[RequestOutput], None]:
@@ -115,15 +128,21 @@ def build_app(scheduler: Scheduler, *, loader: Callable[[str], Any] | None = Non
             params.check(sch.vocab_size)
             if params.stop_strings and tok is None:
                 raise ValueError("stop strings need a tokenizer; use stop_token_ids")
-            if len(prompt) > sch.max_positions:
-                raise ValueError(f"prompt of {len(prompt)} tokens exceeds the context length {sch.max_positions}")
+            check_context(len(prompt), params.max_new_tokens, sch.max_positions)
             items.append((rids[i], prompt, params))
         return items, batch
 
+    def decode_generate(raw: bytes) -> tuple[GenerateRequest, list[tuple[str, list[int], SamplingParams]], bool]:
+        body = _decode_bytes(raw, GenerateRequest)
+        return body, *parse_generate(body)
+
     async def generate(request: HttpRequest) -> Response:
         try:
-            body = await _decode(request, GenerateRequest, empty_ok=False)
-            items, batch = parse_generate(body)
+            raw = await request.body()
+            if len(raw) <= _INLINE_BODY_BYTES:
+                body, items, batch = decode_generate(raw)
+            else:
+                body, items, batch = await anyio.to_thread.run_sync(decode_generate, raw)
         except _BAD_INPUT as e:
             return _error(str(e))
         loop = asyncio.get_running_loop()
@@ -288,7 +307,8 @@ def build_app(scheduler: Scheduler, *, loader: Callable[[str], Any] | None = Non
         state = {"weight_version": sch.weight_version, "paused": sch.paused, **sch.load(),
                  "busy_time": sch.busy_time,  # seconds in forward steps since start (engine idle fraction)
                  "step_stats": sch.stats()}  # iterations, rows, seconds per phase (streamrl extension)
-        limits = {"context_length": sch.max_positions, "max_running_requests": sch.max_running_requests}
+        limits = {"context_length": sch.max_positions, "max_running_requests": sch.max_running_requests,
+                  "tp_size": 1, "dp_size": 1, "pp_size": 1}  # one process, one replica: sglang-router --dp-aware
         return _json({**info(), **limits, "device": str(sch.device), "version": "streamrl-embedded",
                       "internal_states": [state]})  # fmt: skip
 

@@ -12,6 +12,9 @@ What the router does and does not do (sglang-router 0.3.2, checked by tests/test
     request per group and distinct token budget;
   * does not proxy `/abort_request`, `/pause_generation`, `/continue_generation` or weight updates (404): those go
     to each worker URL;
+  * with `--router-dp-aware` lists a worker once per data-parallel rank as `URL@rank` (dp_size from the worker's
+    `/get_server_info`); `worker_base_url` maps those back to the server's URL. Removing such a worker fails
+    inside the router (0.3.2 logs "No workers found with prefix URL@0@"), so `remove_worker` times out there;
   * adds and removes workers asynchronously (`POST /workers` / `DELETE /workers/{id}` answer 202): the helpers
     here wait until `GET /workers` shows the change. A worker is listed only once its `/health` answers.
 """
@@ -77,6 +80,12 @@ def start_router(args: argparse.Namespace, worker_urls: list[str], log_path: str
     return router
 
 
+def worker_base_url(url: str) -> str:
+    """`http://h:p@3` (a dp-aware router's per-rank worker) -> `http://h:p`; other URLs unchanged."""
+    base, sep, rank = url.rpartition("@")
+    return base if sep and rank.isdigit() else url
+
+
 def list_workers(router_url: str, client: httpx.Client | None = None) -> list[dict[str, Any]]:
     """`GET /workers` -> the router's worker records (`id`, `url`, `is_healthy`, ...)."""
     c = client or httpx.Client(timeout=10.0)
@@ -96,7 +105,7 @@ def wait_workers(router_url: str, present: list[str] = (), absent: list[str] = (
     deadline = time.monotonic() + timeout
     with httpx.Client(timeout=10.0) as client:
         while True:
-            urls = {w["url"] for w in list_workers(router_url, client)}
+            urls = {worker_base_url(w["url"]) for w in list_workers(router_url, client)}
             missing, left = set(present) - urls, set(absent) & urls
             if not missing and not left:
                 return
@@ -112,7 +121,7 @@ def wait_workers(router_url: str, present: list[str] = (), absent: list[str] = (
 
 def add_worker(router_url: str, worker_url: str, timeout: float = 60.0) -> None:
     """Register `worker_url` with the router and wait until it is listed (it must answer /health)."""
-    if any(w["url"] == worker_url for w in list_workers(router_url)):
+    if any(worker_base_url(w["url"]) == worker_url for w in list_workers(router_url)):
         return
     r = httpx.post(router_url + "/workers", json={"url": worker_url}, timeout=30.0)
     if r.status_code not in (200, 201, 202):
@@ -122,7 +131,7 @@ def add_worker(router_url: str, worker_url: str, timeout: float = 60.0) -> None:
 
 def remove_worker(router_url: str, worker_url: str, timeout: float = 60.0) -> None:
     """De-register `worker_url` (in-flight requests on it finish; new ones go elsewhere) and wait until gone."""
-    ids = [w["id"] for w in list_workers(router_url) if w["url"] == worker_url]
+    ids = [w["id"] for w in list_workers(router_url) if worker_base_url(w["url"]) == worker_url]
     for wid in ids:
         r = httpx.delete(f"{router_url}/workers/{wid}", timeout=30.0)
         if r.status_code not in (200, 202, 204, 404):
