@@ -3,29 +3,61 @@
     python train_async.py --hf-checkpoint ckpt --prompt-data train.jsonl --label-key label \
         --rollout-batch-size 8 --n-samples-per-prompt 8 --async-buffer-size 16 --update-weights-interval 1 ...
 
-`--help` is instant: no torch, ray or transformers import happens before the flags are parsed.
+`--help` is instant: no torch, ray or transformers import happens before the flags are parsed. A user error (a
+flag, a file, a plug-in) ends the run with one `streamrl: error: ...` line, checked before Ray starts where possible;
+`--debug` (or STREAMRL_DEBUG=1) shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from streamrl.config import ConfigError, parse_args
+def _user_error(e: BaseException) -> str | None:
+    """The one-line message for an error the user can fix (a flag, a file, a plug-in); None for a bug."""
+    from streamrl.config import ConfigError
+    from streamrl.data import DataError
 
+    cause = getattr(e, "cause", None)  # a Ray task error wraps the actor's exception
+    if isinstance(cause, BaseException) and cause is not e:
+        return _user_error(cause)
+    if isinstance(e, ConfigError | DataError):
+        return str(e)
+    if isinstance(e, FileNotFoundError | IsADirectoryError | PermissionError | UnicodeDecodeError):
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("STREAMRL_DEBUG", "") not in ("", "0")
     try:
-        args = parse_args(argv)
-    except ConfigError as e:
-        sys.exit(f"streamrl: error: {e}")
+        return _run(argv)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:
+        msg = None if debug else _user_error(e)
+        if msg is None:
+            raise
+        first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+        sys.exit(f"streamrl: error: {first}")
+
+
+def _run(argv: list[str]) -> dict:
+    from streamrl.config import ConfigError, parse_args
+    from streamrl.config.preflight import preflight
+
+    args = parse_args(argv)
+    if not args.hf_checkpoint:
+        raise ConfigError("--hf-checkpoint is required (an HF model directory; scripts/prepare_demo.py makes one).")
     if args.load_debug_rollout_data:  # train only, on saved rollouts (slime's --debug-train-only)
-        if not args.hf_checkpoint:
-            sys.exit("streamrl: error: --hf-checkpoint is required")
         from pipelines.debug_train import run as run_debug
 
         return run_debug(args)
-    if not args.hf_checkpoint or not args.prompt_data:
-        sys.exit("streamrl: error: --hf-checkpoint and --prompt-data are required")
+    if not args.prompt_data and not args.data_source_path:
+        raise ConfigError("--prompt-data is required (a JSONL file with one prompt object per line).")
+    preflight(args)
     if args.loss_type == "sft_loss":
         from pipelines.sft import run_sft
 

@@ -73,13 +73,18 @@ def load_prompts(
         raise ValueError("apply_chat_template and max_prompt_len need a tokenizer")
     records: list[PromptRecord] = []
     skipped: list[tuple[int, str]] = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
+    with open(path, "rb") as f:  # bytes, so that invalid UTF-8 is reported with its line
+        for line_no, raw_bytes in enumerate(f, start=1):
 
             def fail(reason: str, line_no: int = line_no) -> DataError:
                 return DataError(f"{path}:{line_no}: {reason}")
+
+            try:
+                raw = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise fail(f"invalid UTF-8 at byte {e.start} of the line: {raw_bytes[e.start:e.start + 4]!r}") from None
+            if not raw.strip():
+                continue
 
             try:
                 obj = json.loads(raw)

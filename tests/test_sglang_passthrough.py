@@ -143,9 +143,20 @@ def test_installed_source_is_read_and_cached(tmp_path, monkeypatch):
         pt.load_specs.cache_clear()
 
 
-def test_help_lists_passthrough_flags_without_importing_them():
-    code = ("import sys, runpy; sys.argv=['train_async.py','--help']\n"
+def _help(flag):
+    code = (f"import sys, runpy; sys.argv=['train_async.py','{flag}']\n"
             "try:\n    runpy.run_path('train_async.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
             "print('HEAVY', [m for m in ('sglang', 'sglang_router', 'torch', 'ray') if m in sys.modules])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+
+
+def test_help_lists_passthrough_flags_without_importing_them():
+    """--help-sglang lists the passthrough; --help only streamrl's and slime's flags (a few hundred lines)."""
+    out = _help("--help-sglang")
     assert "--sglang-mem-fraction-static" in out and "--router-policy" in out and "HEAVY []" in out
+    assert "--update-weights-interval" not in out
+    out = _help("--help")
+    assert "--sglang-mem-fraction-static" not in out and "--router-policy" not in out and "HEAVY []" in out
+    assert "--update-weights-interval" in out and "--help-sglang" in out and len(out.splitlines()) < 800
+    assert parse_args(["--rollout-engine", "sglang", "--sglang-mem-fraction-static", "0.5"]) \
+        .sglang_mem_fraction_static == 0.5  # hidden from --help, still accepted

@@ -299,6 +299,8 @@ class LogConfig:
     wandb_project: str = F("streamrl", "wandb project.")
     wandb_group: str | None = F(None, "wandb group.")
     log_interval: int = F(1, "Print a status line every this many steps.")
+    debug: bool = F(False, "Show the Python traceback of a user error (flag, file, plug-in) instead of one "
+                           "`streamrl: error:` line (also STREAMRL_DEBUG=1).")
     save_debug_rollout_data: str | None = F(
         None, "slime's flag: write what each train step consumed (its groups and weight version) to this path, "
               "formatted with {rollout_id} (the 0-based step), for --load-debug-rollout-data.")

@@ -22,12 +22,43 @@ def _scalar(annotation: str) -> tuple[type | None, bool]:
     return _SCALARS.get(base), False
 
 
+_PASSTHROUGH_GROUPS = ("sglang", "router")
+
+
+class _Parser(argparse.ArgumentParser):
+    """`--help` lists streamrl's and slime's flags by group; `--help-sglang` the `--sglang-*` / `--router-*`
+    passthrough (about 2,000 lines). A bad flag is one `streamrl: error:` line (exit 2), not a page of usage."""
+
+    show_passthrough = False
+
+    def format_help(self) -> str:
+        groups = self._action_groups
+        self._action_groups = [g for g in groups if (g.title in _PASSTHROUGH_GROUPS) == self.show_passthrough]
+        try:
+            return super().format_help()
+        finally:
+            self._action_groups = groups
+
+    def error(self, message: str):
+        self.exit(2, f"streamrl: error: {message} (see --help, or --help-sglang for --sglang-*/--router-*)\n")
+
+
+class _HelpPassthrough(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.show_passthrough = True
+        parser.print_help()
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="train_async.py",
+        usage="%(prog)s [--flag VALUE ...]   (--help: streamrl's and slime's flags; --help-sglang: the passthrough)",
         description="streamrl: asynchronous RL post-training (slime-compatible flags).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument("--help-sglang", nargs=0, action=_HelpPassthrough, default=argparse.SUPPRESS,
+                        help="Show the --sglang-* and --router-* passthrough flags (SGLang's and sglang-router's own).")
     for title, cls in GROUPS.items():
         group = parser.add_argument_group(title)
         for f in dataclasses.fields(cls):
@@ -64,8 +95,26 @@ def default_args(**overrides) -> argparse.Namespace:
     return args
 
 
+# Counts that must be >= 1 (None: unset, allowed); checked first so that no later rule divides by zero.
+_AT_LEAST_ONE = ("n_samples_per_prompt", "rollout_batch_size", "rollout_max_response_len", "num_rollout", "num_epoch",
+                 "global_batch_size", "micro_batch_size", "num_steps_per_rollout", "actor_num_nodes",
+                 "actor_num_gpus_per_node", "rollout_num_gpus_per_engine")
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    for name in _AT_LEAST_ONE:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
+    if not args.lr >= 0 or args.lr == float("inf"):  # `not >=` also catches NaN
+        raise ConfigError(f"--lr must be a finite number >= 0, got {args.lr}.")
+    if args.rollout_top_k < -1 or args.rollout_top_k == 0:
+        raise ConfigError(f"--rollout-top-k must be -1 (off) or >= 1, got {args.rollout_top_k} (SGLang refuses 0).")
+
+
 def validate(args: argparse.Namespace) -> None:
     """Fill derived values and reject impossible combinations, naming the flag to change."""
+    _check_ranges(args)
     if args.colocate:
         raise ConfigError(
             "--colocate is not supported: streamrl overlaps generation and training on separate devices. "
