@@ -14,5 +14,5 @@ source scripts/models/tiny-qwen3.sh
   --eval-prompt-data "$OUT/eval.jsonl" --eval-interval 10 \
   --rollout-batch-size 16 --n-samples-per-prompt 8 --num-rollout 100 --rollout-max-response-len 8 \
   --rollout-temperature 1.0 --lr 5e-4 --async-buffer-size 32 --update-weights-interval 1 --max-staleness 1 \
-  --partial-rollout --use-tis --micro-batch-size 32 \
+  --partial-rollout --micro-batch-size 32 \
   --run-dir "${RUN_DIR:-runs/demo}" "$@"
