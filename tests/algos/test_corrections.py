@@ -127,3 +127,10 @@ def test_kl_and_staleness_buckets():
     assert float(sums["mismatch_sum/s0/n"]) == 1 and float(sums["mismatch_sum/s1/n"]) == 0
     means = bucket_means({k: float(v) for k, v in sums.items()} | {"loss": 3.0})
     assert means == {"loss": 3.0, "mismatch/s0/ratio": 1.0, "mismatch/s2/ratio": 1.25}
+
+
+def test_staleness_weights():
+    from streamrl.algos import staleness_weights
+
+    torch.testing.assert_close(staleness_weights(torch.tensor([0, 1, 3]), 0.5), torch.tensor([1.0, 0.5, 0.125]))
+    assert torch.equal(staleness_weights(torch.tensor([0, 4]), 1.0), torch.ones(2))

@@ -228,3 +228,52 @@ def test_token_budget_groups():
     assert len(token_budget_groups(lengths, 1000, min_groups=7)) == 7
     with pytest.raises(ValueError):
         token_budget_groups(lengths, 20, min_groups=8)
+
+
+def _train_mini_batches(args, model, batch, rank, world, mbs, all_reduce=None, lr=0.5):
+    """--num-mini-batches as fsdp.py runs it: equal parts, each sharded over the ranks, one plain SGD step on the
+    rank-averaged gradient per part; returns the final parameters."""
+    ar = all_reduce or (lambda t: t)
+    runner = StepRunner(args, model, world=world, **({"all_reduce": all_reduce} if all_reduce else {}))
+    parts = batch.mini_batches(args.num_mini_batches)
+    per_part = [micro_batches(p.shard(rank, world), mbs) for p in parts]
+    flat = [mb for part in per_part for mb in part]
+    runner.prepare(flat)
+    runner.compute_advantages(flat)
+    runner.apply_m2(flat)
+
+    def opt_step():
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= lr * ar(p.grad) / world  # FSDP's gradient average over ranks
+                p.grad = None
+
+    runner.actor_steps(per_part, [len(p) for p in parts], opt_step)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("over", [dict(use_tis=True), dict(m2_threshold=0.05)])
+def test_mini_batch_steps_invariant_to_micro_batches_and_ranks(over):
+    """Two optimizer steps per train step against one π_prox: the same parameters for any micro-batch size and
+    number of ranks, and not those of one step over the whole batch."""
+    args = default_args(rollout_batch_size=2, n_samples_per_prompt=4, num_mini_batches=2, eps_clip=0.05, **over)
+    model, batch = _models()["model"], make_batch()
+    full = _train_mini_batches(args, copy.deepcopy(model), batch, 0, 1, 8)
+    one = default_args(rollout_batch_size=2, n_samples_per_prompt=4, eps_clip=0.05, **over)
+    assert any(not torch.allclose(a, b) for a, b in
+               zip(full, _train_mini_batches(one, copy.deepcopy(model), batch, 0, 1, 8), strict=True))
+    for world, mbs in ((1, 1), (2, 1), (2, 2)):
+        ar, out = ThreadAllReduce(world), [None] * world
+
+        def body(r, world=world, mbs=mbs, ar=ar, out=out):
+            out[r] = _train_mini_batches(args, copy.deepcopy(model), batch, r, world, mbs, ar if world > 1 else None)
+
+        threads = [threading.Thread(target=body, args=(r,)) for r in range(world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(o is not None for o in out)
+        for rank_params in out:
+            for a, b in zip(rank_params, full, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=f"world {world}, mbs {mbs}")
