@@ -2,7 +2,8 @@
 
     python scripts/prepare_demo.py --out outputs/demo [--task sort] [--sft-steps 300]
 
-Writes <out>/base (random init), <out>/sft (after warm-up), <out>/{sft,train,eval}.jsonl. The SFT data has noisy
+Writes <out>/base (random init), <out>/sft (after warm-up; `--sft-steps 0` skips it: RL then starts from <out>/base),
+<out>/{sft,train,eval}.jsonl. The SFT data has noisy
 labels (`--sft-noise` of answers are near misses), so the warm-up teaches the format and part of the skill and
 leaves the rest to RL. Skips steps whose outputs exist.
 """
@@ -19,7 +20,7 @@ def main() -> None:
     p.add_argument("--task", default="sort")
     p.add_argument("--length", type=int, default=4)
     p.add_argument("--arch", default="qwen3", choices=["qwen3", "llama"])
-    p.add_argument("--sft-steps", type=int, default=300)
+    p.add_argument("--sft-steps", type=int, default=300, help="0: no warm-up (RL from the random init)")
     p.add_argument("--sft-noise", type=float, default=0.85)
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--n-eval", type=int, default=128)
@@ -34,6 +35,11 @@ def main() -> None:
     write_task_jsonl(out / "sft.jsonl", a.task, 20000, seed=1, length=a.length, noise=a.sft_noise)
     write_task_jsonl(out / "train.jsonl", a.task, a.n_train, seed=2, length=a.length)
     write_task_jsonl(out / "eval.jsonl", a.task, a.n_eval, seed=3, length=a.length)
+    if a.sft_steps < 0:
+        p.error("--sft-steps must be >= 0")
+    if a.sft_steps == 0:
+        print(f"[prepare] ready (no SFT): {out}/base, {out}/train.jsonl, {out}/eval.jsonl")
+        return
     if not (out / "sft" / "config.json").exists():
         from pipelines.sft import main as sft_main
 

@@ -18,12 +18,14 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer():
-    """Return a `transformers.PreTrainedTokenizerFast` over single characters."""
+def build_tokenizer(extra_chars: str = ""):
+    """Return a `transformers.PreTrainedTokenizerFast` over single characters; `extra_chars` (e.g. every character
+    of a user's data) get ids after the built-in ones, so the default vocabulary is unchanged."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARS)}
+    extra = sorted(set(extra_chars) - set(CHARS))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARS + extra)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
