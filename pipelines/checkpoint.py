@@ -95,6 +95,13 @@ def check_flags(meta: dict[str, Any], args: Any) -> dict[str, tuple[Any, Any]]:
     return changed
 
 
+def resume_version(meta: dict[str, Any], update_interval: int) -> int:
+    """The version a resumed job publishes the checkpoint's weights as: the saved `v` when they are the weights
+    published as `v`, else `v + 1` (trained past the last publish: newer weights must not carry an older label)."""
+    published = meta.get("weights_published", meta["step"] % update_interval == 0)  # older checkpoints: infer it
+    return meta["version"] + (0 if published else 1)
+
+
 def load_checkpoint(c: Any, root: str, args: Any) -> dict[str, Any]:
     """Restore trainer, buffer and producers from the latest checkpoint in `root` (before producers start);
     returns its meta (step, version to publish the trainer's weights as, metrics_offset, changed flags)."""
@@ -111,9 +118,8 @@ def load_checkpoint(c: Any, root: str, args: Any) -> dict[str, Any]:
     partials, regen = decode_groups(prod["partials"]), decode_groups(prod["regenerate"])
     ray.get(c.buffer.stash_partials.remote(partials, "stopped"))
     ray.get(c.buffer.stash_partials.remote(regen, REGENERATED))
-    published = meta.get("weights_published", meta["step"] % args.update_weights_interval == 0)
     meta["saved_version"] = meta["version"]
-    meta["version"] += 0 if published else 1  # weights trained past the last publish get a version of their own
+    meta["version"] = resume_version(meta, args.update_weights_interval)
     ray.get(c.buffer.set_pacing_origin.remote(meta["step"], meta["version"]))
     tokens = ray.get(c.buffer.token_ledger.remote())  # what the restored groups account for
     base = tokens["trained"] + sum(tokens["discarded"].values()) + sum(tokens["carried"].values())

@@ -60,3 +60,26 @@ def test_checkpoint_dir_layout(tmp_path):
     assert latest_dir(tmp_path).name == "step_4"
     assert (latest_dir(tmp_path) / "x").read_text() == "4"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_resume_version_labels_weights_trained_past_the_last_publish():
+    from pipelines.checkpoint import resume_version
+
+    # interval 3, saved after step 20: the last publish (v6) came after step 18; the weights are step 20's
+    assert resume_version({"step": 20, "version": 6, "weights_published": False}, 3) == 7
+    assert resume_version({"step": 18, "version": 6, "weights_published": True}, 3) == 6
+    assert resume_version({"step": 20, "version": 6}, 3) == 7 and resume_version({"step": 21, "version": 7}, 3) == 7
+
+
+def test_resume_flags_adapt_or_refuse_naming_the_flag():
+    from pipelines.checkpoint import PACING_FLAGS, check_flags
+
+    saved = default_args(rollout_batch_size=8, n_samples_per_prompt=4, max_staleness=1)
+    meta = {"dir": "ck/step_4", "flags": {k: getattr(saved, k) for k in PACING_FLAGS}}
+    now = default_args(rollout_batch_size=4, n_samples_per_prompt=4, max_staleness=2)
+    assert check_flags(meta, now) == {"rollout_batch_size": (8, 4), "global_batch_size": (32, 16),
+                                      "max_staleness": (1, 2)}
+    assert check_flags({"dir": "old", "step": 4}, now) == {}  # a checkpoint from before the fingerprint
+    with pytest.raises(ValueError, match=r"have 4 samples each but --n-samples-per-prompt is 2: resume with "
+                                         r"--n-samples-per-prompt 4"):
+        check_flags(meta, default_args(n_samples_per_prompt=2, rollout_batch_size=8))

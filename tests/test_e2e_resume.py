@@ -29,7 +29,7 @@ def _args(tiny_ckpt, sort_data, tmp_path, **kw):
         custom_rm_path=str(Path(__file__).parent / "plugins" / "rewards.py") + ":digit_fraction",
         rollout_num_engines=1, actor_num_gpus_per_node=2, rollout_batch_size=B, n_samples_per_prompt=4,
         micro_batch_size=4, rollout_max_response_len=64, lr=1e-3, async_buffer_size=8, update_weights_interval=1,
-        max_staleness=1, partial_rollout=True, save_interval=2, **kw)
+        **{"max_staleness": 1, "partial_rollout": True, "save_interval": 2, **kw})
 
 
 def _ledger(ckpt_dir: Path) -> dict:
@@ -78,6 +78,7 @@ def test_resume_loses_nothing_and_replays_nothing(ray_cluster, tiny_ckpt, sort_d
     assert all(st2[g] in ("trained", "queued", "partial", "filtered", "failed", "dropped_stale") for g in carried)
     assert all(s in ("trained", "queued", "partial") for s in st2.values())
     assert s2["weight_check_max_diff"] == 0.0 and s2["version"] == TOTAL
+    assert s1["tokens"]["balanced"] and s2["tokens"]["balanced"]  # the token ledger holds across the resume
 
     # resuming from the mid-run checkpoint (step 2): the groups in flight then are regenerated from their prompts
     mid = tmp_path / "mid"
@@ -89,7 +90,8 @@ def test_resume_loses_nothing_and_replays_nothing(ray_cluster, tiny_ckpt, sort_d
     in_flight = [g for g, s in st_mid.items() if s == "in_flight"]
     assert len(in_flight) == meta_mid["regenerate"] > 0
     s3 = run(_args(tiny_ckpt, sort_data, tmp_path, num_rollout=K, load=str(mid), save=str(mid),
-                   check_weight_update_equal=False, run_dir=str(tmp_path / "run3")))
+                   check_weight_update_equal=False, run_dir=str(tmp_path / "run3"), max_staleness=2))
+    assert s3["resumed_from"]["changed_flags"] == {"max_staleness": (1, 2)} and s3["tokens"]["balanced"]
     led3 = _ledger(mid / f"step_{K}")
     assert s3["ledger"]["trained"] == K * B
     assert led3["reasons"].get("partial/regenerated at resume") == len(in_flight)

@@ -165,6 +165,16 @@ def test_sync_goes_on_without_an_engine_that_is_dead_at_pause(engine):
     assert not _paused(engine.url)
 
 
+def test_sync_goes_on_when_an_engine_dies_after_the_publish(engine, tiny_ckpt):
+    other = EmbeddedEngine(tiny_ckpt).start()
+    urls = [engine.url, other.url]
+    try:  # killed once the new version is out: its /continue_generation is refused, the others still continue
+        sync_weights(urls, push=lambda: None, publish=other.stop, on_dead=_drop_if_dead(urls))
+    finally:
+        other.stop()
+    assert urls == [engine.url] and not _paused(engine.url)
+
+
 def test_sync_pushes_again_when_an_engine_dies_during_the_push(engine, tiny_ckpt):
     other = EmbeddedEngine(tiny_ckpt).start()
     urls, pushed, staged = [engine.url, other.url], [], []

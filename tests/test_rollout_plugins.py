@@ -93,6 +93,47 @@ def test_reward_timeout_marks_samples_failed(tiny_ckpt, prompts, engine):
     assert all("timed out after 0.5s" in s.metadata["reward_error"] for s in mgr.failed[0])
 
 
+def test_stop_keeps_a_group_whose_reward_hangs_as_partial(tiny_ckpt, prompts, engine):
+    # no --rm-timeout: the second group's grader never returns; stop() gives it a grace period, then cancels it
+    # and keeps it (generated, unscored) as a partial group to score after a resume, never lost or left in flight
+    mgr, buf = make(tiny_ckpt, prompts, engine, custom_rm_path=P + "hangs_on_second_group", rm_timeout=0)
+
+    async def go():
+        await mgr.start()
+        while mgr.stats["groups_done"] < 3:  # polling a condition
+            assert mgr.fatal is None, mgr.fatal
+            await anyio.sleep(0.05)
+        stats = await mgr.stop(grace_s=0.5)
+        tokens = await mgr.token_state()
+        await mgr.close()
+        return stats, tokens
+
+    stats, tokens = anyio.run(go)
+    assert stats["fatal"] is None and stats["in_flight"] == 0
+    counts = buf.check_ledger()
+    assert (counts["queued"], counts["partial"], counts["in_flight"]) == (3, 1, 0)
+    [hung] = mgr.partials
+    assert hung[0].group_index == 1 and all(s.response_length > 0 and s.reward is None for s in hung)
+    assert buf.ledger.reason(hung[0].group_id) == "cancelled at stop while scoring"
+    carried = sum(buf.carried_tokens().values()) + tokens["partial_stopped"]
+    assert tokens["generated"] == carried > 0  # the token ledger: all generated tokens still carried
+
+
+def test_stuck_message_names_the_oldest_group_or_the_pacing_bound():
+    from pipelines.async_loop import stuck_message
+
+    st = {"in_flight": 3, "oldest_in_flight": {"group": "e0-p7", "stage": "scoring", "age_s": 912.4},
+          "errors": [], "last_progress_age_s": 905.0}
+    slots = {"used": 40, "limit": 40, "room": 0}
+    msg = stuck_message(st, {"slots": slots, "size": 2}, step=11, watchdog_s=900)
+    assert msg == ("no rollout progress for 905 s (--rollout-watchdog-timeout 900) while the trainer waits for step "
+                   "12: 3 groups in flight, the oldest (e0-p7) scoring for 912 s")
+    st.update(in_flight=0, oldest_in_flight=None, errors=["engine x: refused"])
+    assert stuck_message(st, {"slots": slots, "size": 2}, 11, 900).endswith(
+        "no group in flight; admission pacing allows no new group (40 slots used of 40, 2 queued); "
+        "last errors: ['engine x: refused']")
+
+
 def test_group_rm_and_dynamic_filter(tiny_ckpt, prompts, engine):
     mgr, buf = make(tiny_ckpt, prompts, engine, custom_rm_path=P + "group_rank", group_rm=True,
                     dynamic_sampling_filter_path="check_reward_nonzero_std")

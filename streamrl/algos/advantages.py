@@ -24,7 +24,8 @@ AllReduce = Callable[[Tensor], Tensor]  # sums a tensor over data-parallel ranks
 
 
 def grpo_advantages(
-    rewards: Tensor, n: int, std_normalize: bool = True, normalize: bool = True, eps: float = 1e-6
+    rewards: Tensor, n: int, std_normalize: bool = True, normalize: bool = True, eps: float = 1e-6,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """GRPO group-normalised rewards, one per sample.
 
@@ -33,6 +34,10 @@ def grpo_advantages(
     `std_normalize=False` (--disable-grpo-std-normalization) or n == 1 keeps only the mean subtraction;
     `normalize=False` (--disable-rewards-normalization) returns the raw rewards. A group whose rewards are all equal
     gets zeros. The result is float32 (or the input's floating dtype) and has the input's shape.
+
+    `valid` ([G·n] bool): only the valid samples of a group enter its mean and std (over its k valid samples, std
+    with k−1), and the others get 0. A sample whose reward failed is left out so, not the whole group; a group with
+    one valid sample gets zeros (no baseline to compare it with).
     """
     if n < 1 or rewards.numel() % n:
         raise ValueError(f"{rewards.numel()} rewards are not whole groups of n={n}")
@@ -40,6 +45,13 @@ def grpo_advantages(
     if not normalize:
         return r.clone()
     groups = r.reshape(-1, n)
+    if valid is not None:
+        v = valid.reshape(-1, n).to(r.dtype)
+        k = v.sum(dim=1, keepdim=True)
+        adv = (groups - (groups * v).sum(dim=1, keepdim=True) / k.clamp(min=1)) * v
+        if std_normalize and n > 1:
+            adv = adv / (((adv**2).sum(dim=1, keepdim=True) / (k - 1).clamp(min=1)).sqrt() + eps)
+        return adv.reshape(rewards.shape)
     adv = groups - groups.mean(dim=1, keepdim=True)
     if std_normalize and n > 1:
         adv = adv / (groups.std(dim=1, keepdim=True) + eps)

@@ -84,7 +84,7 @@ class RolloutManager:
         self.stats: dict[str, Any] = {
             "groups_done": 0, "groups_failed": 0, "samples_done": 0, "tokens_generated": 0, "partial_resumes": 0,
             "aborted_regenerated": 0, "wasted_tokens": 0, "regenerated_groups": 0, "reward_failures": 0,
-            "groups_filtered": 0, "filter_reasons": {}, "rollouts": 0}
+            "groups_filtered": 0, "filter_reasons": {}, "rollouts": 0, "failed_samples_masked": 0}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._errors: list[str] = []
@@ -281,10 +281,19 @@ class RolloutManager:
             s.response = self.tokenizer.decode(s.tokens[s.prompt_length:], skip_special_tokens=True)
         errors = await score_group(self.args, group, self.reward_fn, self.group_reward_fn)
         if errors:  # counted, logged and kept in the ledger; never silently dropped, never fatal
-            self.stats["reward_failures"] += sum(s.status == Status.FAILED for s in group)
+            failed = [s for s in group if s.status == Status.FAILED]
+            self.stats["reward_failures"] += len(failed)
             logger.warning("reward failed in group %s: %s", group[0].group_id, "; ".join(errors)[:500])
-            await self._drop(group, "failed", "reward: " + "; ".join(errors)[:480])
-            return False
+            if len(failed) == len(group):
+                await self._drop(group, "failed", "reward: " + "; ".join(errors)[:480])
+                return False
+            # Only the bad samples go: dropping the group would lose 1 - (1 - p)^n of the groups for a fraction p
+            # of bad samples (a third at p = 5%, n = 8). They stay in the group as empty, masked samples that the
+            # advantage leaves out of the group's baseline (train/batch.py), and their tokens count as discarded.
+            for s in failed:
+                s.reset_response("failed_sample")
+                s.status, s.remove_sample = Status.FAILED, True
+            self.stats["failed_samples_masked"] += len(failed)
         if self.dynamic_filter is not None:
             keep, reason = await call_dynamic_filter(self.dynamic_filter, self.args, group)
             if not keep:

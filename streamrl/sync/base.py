@@ -168,7 +168,8 @@ def sync_weights(engine_urls: list[str], push: Callable[[], dict], publish: Call
             try:
                 post_json(url, "/continue_generation", {})
             except Exception as e:  # noqa: BLE001 - collected, raised below unless something failed before
-                errors.append(e)
+                if on_dead is None or not on_dead(url, f"continue failed: {e}"):  # died after its pause: gone
+                    errors.append(e)
         if errors and failed is None:
             raise errors[0]
     end = time.time()

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from streamrl.types import Group
+from streamrl.types import Group, Status
 
 
 class TrainBatch(msgspec.Struct, kw_only=True):
@@ -71,8 +71,9 @@ def balanced_partition(lengths: list[int], world: int) -> list[list[int]]:
     return [sorted(p) for p in parts]
 
 
-def sample_advantages(args: argparse.Namespace, rewards: list[float]) -> list[float]:
-    """Per-sample advantages of the estimator (module docstring); needs whole, contiguous groups."""
+def sample_advantages(args: argparse.Namespace, rewards: list[float], valid: list[bool] | None = None) -> list[float]:
+    """Per-sample advantages of the estimator (module docstring); needs whole, contiguous groups. `valid`: False
+    for a sample whose reward failed: left out of its group's baseline (and trained with a zero loss mask)."""
     import torch
 
     from streamrl.algos import grpo_advantages
@@ -87,6 +88,7 @@ def sample_advantages(args: argparse.Namespace, rewards: list[float]) -> list[fl
         args.n_samples_per_prompt,
         std_normalize=not args.disable_grpo_std_normalization and est != "reinforce_plus_plus_baseline",
         normalize=not args.disable_rewards_normalization,
+        valid=None if valid is None or all(valid) else torch.tensor(valid),
     ).tolist()
 
 
@@ -114,8 +116,8 @@ def build_train_batch(args: argparse.Namespace, groups: list[Group], version: in
     if post_process is not None:
         rewards, advantages = post_processed_rewards(args, samples, post_process)
     else:
-        rewards = [s.get_reward_value(args.reward_key) for s in samples]
-        advantages = sample_advantages(args, rewards)
+        rewards = [0.0 if s.status == Status.FAILED else s.get_reward_value(args.reward_key) for s in samples]
+        advantages = sample_advantages(args, rewards, [s.status != Status.FAILED for s in samples])
     out = TrainBatch(tokens=[], prompt_lengths=[], response_lengths=[], loss_masks=[], rollout_log_probs=[],
                      advantages=advantages, rewards=rewards, staleness=[])
     for s in samples:

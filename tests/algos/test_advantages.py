@@ -154,3 +154,29 @@ def test_balance_data_partition_by_hand():
                        advantages=[float(i) for i in range(6)], rewards=[0.0] * 6, staleness=[0] * 6)
     assert batch.shard(1, 2, balance=True).advantages == [2.0, 3.0, 5.0]
     assert batch.shard(1, 2).advantages == [3.0, 4.0, 5.0]
+
+
+def test_grpo_leaves_failed_samples_out_of_the_group_baseline():
+    from streamrl.algos.advantages import grpo_advantages
+    from streamrl.types import Status
+
+    r = torch.tensor([1.0, 0.0, 0.0, 5.0, 2.0, 2.0, 0.0, 1.0])  # 2 groups of 4
+    valid = torch.tensor([True, True, True, False, True, False, False, False])
+    adv = grpo_advantages(r, 4, valid=valid)
+    # group 0 over its 3 valid rewards (1, 0, 0): mean 1/3, std (k-1) sqrt(1/3); the failed one gets 0.
+    # group 1 has one valid sample: no baseline, all zeros.
+    s = math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2)
+    assert adv.tolist() == pytest.approx([(2 / 3) / (s + 1e-6), (-1 / 3) / (s + 1e-6), (-1 / 3) / (s + 1e-6), 0,
+                                          0, 0, 0, 0])
+    assert grpo_advantages(r, 4, valid=torch.ones(8, dtype=torch.bool)).tolist() == pytest.approx(
+        grpo_advantages(r, 4).tolist())  # all valid: the plain estimator
+    plain = grpo_advantages(r, 4, std_normalize=False, valid=valid)
+    assert plain[:3].tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3])
+    # in a batch: a FAILED sample (reward None, emptied by the producers) is masked and left out of the baseline
+    good = [Sample(tokens=[5, 6], reward=x) for x in (1.0, 0.0, 0.0)]
+    for smp in good:
+        smp.append_response_tokens(tokens=[7], log_probs=[-0.5], version=0, finish_reason="stop")
+    bad = Sample(tokens=[5, 6], status=Status.FAILED, remove_sample=True)
+    batch = build_train_batch(default_args(n_samples_per_prompt=4, rollout_batch_size=1), [[*good, bad]], version=0,
+                              eos_id=2)
+    assert batch.advantages == pytest.approx(adv[:4].tolist()) and batch.loss_masks[3] == [0]
