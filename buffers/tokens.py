@@ -19,19 +19,10 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from streamrl.types import Group
+from streamrl.types import generated_tokens as generated
+from streamrl.types import group_tokens
 
-
-def group_tokens(group: Group) -> tuple[int, dict[str, int]]:
-    """(response tokens held, tokens discarded so far by reason) over a group's samples."""
-    discarded: Counter[str] = Counter()
-    for s in group:
-        discarded.update(s.discarded_tokens)
-    return sum(s.response_length for s in group), dict(discarded)
-
-
-def generated(held: int, discarded: dict[str, int]) -> int:
-    return held + sum(discarded.values())
+__all__ = ["TokenLedger", "balance", "generated", "group_tokens"]
 
 
 class TokenLedger:

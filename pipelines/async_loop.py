@@ -34,7 +34,7 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
     from streamrl.launch import build, shutdown
     from streamrl.metrics import MetricsLogger, plot_run
     from streamrl.sync.base import sync_weights
-    from streamrl.train.batch import build_train_batch
+    from streamrl.train.batch import build_train_batch, eos_id
 
     records, _ = load_prompts(args.prompt_data, args.input_key, args.label_key, args.metadata_key)
     total = steps_total(args, len(records))
@@ -299,11 +299,3 @@ def _weight_diff(c: Any) -> float:
             raise RuntimeError(f"engine lacks trainer parameters {sorted(missing)[:3]}")
         worst = max([worst, *((trainer[k] - sd[k]).abs().max().item() for k in trainer)])
     return worst
-
-
-def eos_id(path: str) -> int:
-    """The checkpoint's EOS token id (the first, if it lists several; 0 if none)."""
-    from transformers import AutoConfig
-
-    eos = AutoConfig.from_pretrained(path).eos_token_id
-    return eos[0] if isinstance(eos, list) else int(eos or 0)

@@ -56,11 +56,10 @@ def load_debug_rollout(template: str, rollout_id: int) -> DebugRollout:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train `--num-rollout` steps on saved rollouts (rollout ids 0, 1, ...): trainer ranks only."""
-    from pipelines.async_loop import eos_id
     from streamrl.launch import init_ray
     from streamrl.metrics import MetricsLogger, plot_run
     from streamrl.plugins import load_function
-    from streamrl.train.batch import build_train_batch
+    from streamrl.train.batch import build_train_batch, eos_id
     from streamrl.train.group import TrainerGroup
 
     total = args.num_rollout

@@ -23,6 +23,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from streamrl.placement import gpu_shares
+
 # Quiet, offline, deterministic-ish defaults for every process we start.
 _ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1", "RAY_DEDUP_LOGS": "0",
@@ -65,22 +67,6 @@ class Components:
     router: Any = None  # the RouterProcess streamrl started (router_mode "local")
     router_url: str | None = None  # where /generate goes (None: straight to the engines)
     pool: Any = None  # EnginePool over `engines` / `engine_urls`: dead engines leave them, replacements join
-
-
-def gpu_shares(args: argparse.Namespace) -> tuple[float, float]:
-    """(GPUs per engine, GPUs per trainer rank). With fewer GPUs than engines + ranks need (one GPU: the issue-8
-    setup), every process gets an equal fraction, so trainer and engines share the card as separate processes."""
-    import ray
-
-    total = ray.cluster_resources().get("GPU", 0)
-    if total == 0:
-        return 0.0, 0.0
-    world = args.actor_num_nodes * args.actor_num_gpus_per_node
-    need = args.rollout_num_engines * args.rollout_num_gpus_per_engine + world
-    if need <= total:
-        return float(args.rollout_num_gpus_per_engine), 1.0
-    frac = total / (args.rollout_num_engines + world)
-    return frac, frac
 
 
 def engine_spawner(args: argparse.Namespace) -> Any:

@@ -154,6 +154,21 @@ def group_versions(group: Group) -> tuple[int, int] | None:
     return (min(vs), max(vs)) if vs else None
 
 
+def group_tokens(group: Group) -> tuple[int, dict[str, int]]:
+    """(response tokens held, tokens discarded so far by reason) over a group's samples (the token ledger,
+    buffers/tokens.py)."""
+    discarded: dict[str, int] = {}
+    for s in group:
+        for k, n in s.discarded_tokens.items():
+            discarded[k] = discarded.get(k, 0) + n
+    return sum(s.response_length for s in group), discarded
+
+
+def generated_tokens(held: int, discarded: dict[str, int]) -> int:
+    """Tokens ever generated, from `group_tokens`' two figures."""
+    return held + sum(discarded.values())
+
+
 def encode(obj: Any) -> bytes:
     return msgspec.msgpack.encode(obj)
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import anyio
 
-from buffers.tokens import generated, group_tokens
 from streamrl.rollout.sources import RolloutDataSourceView
-from streamrl.types import Group, Sample
+from streamrl.types import Group, Sample, group_tokens
+from streamrl.types import generated_tokens as generated
 
 
 def train_groups(out: Any, group_size: int) -> list[Group]:
@@ -53,11 +53,11 @@ async def produce_rollouts(mgr: Any) -> None:
     mgr.counted_tokens = {}  # gid -> generated tokens of a group given back (add_samples), already counted
     rollout_id = 0
     while not mgr.stopping:
-        mgr._wake.clear()
+        mgr.arm_wake()
         # groups given back earlier (add_samples) already hold their slot and are handed out first
         need = max(0, a.rollout_batch_size - len(mgr.partial_ids))
-        if mgr._cap() < a.rollout_batch_size or await mgr.admission_room() < need:
-            await mgr._wait_wake()
+        if mgr.in_flight_room() < a.rollout_batch_size or await mgr.admission_room() < need:
+            await mgr.wait_wake()
             continue
         mgr.in_flight += a.rollout_batch_size
         try:

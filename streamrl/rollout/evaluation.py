@@ -50,19 +50,32 @@ def pass_at_k(groups: list[list[float]]) -> dict[str, float]:
     return out
 
 
-async def _dataset(mgr: Any, name: str, path: str, params: dict[str, Any]) -> tuple[dict[str, float], list[int]]:
+class Evaluator:
+    """The producers' evaluator: owns the parsed eval datasets (read once) and runs `evaluate` with the manager's
+    public parts (args, client, tokenizer, reward functions, sampling parameters, version)."""
+
+    def __init__(self, mgr: Any) -> None:
+        self.mgr = mgr
+        self.cache: dict[str, tuple[list, int]] = {}  # eval path -> (records, skipped lines)
+
+    async def __call__(self, step: int) -> dict[str, float]:
+        return await evaluate(self.mgr, step, self.cache)
+
+
+async def _dataset(mgr: Any, cache: dict, name: str, path: str,
+                   params: dict[str, Any]) -> tuple[dict[str, float], list[int]]:
     from streamrl.data import load_prompts
 
     a = mgr.args
-    if path not in mgr._eval_cache:  # slime's --eval-input-key / --eval-label-key, else the training keys
+    if path not in cache:  # slime's --eval-input-key / --eval-label-key, else the training keys
         records, skipped = load_prompts(path, a.eval_input_key or a.input_key, a.eval_label_key or a.label_key,
                                         a.metadata_key, tokenizer=mgr.tokenizer,
                                         apply_chat_template=a.apply_chat_template,
                                         max_prompt_len=a.rollout_max_prompt_len)
         for line, why in skipped[:3]:  # counted in eval/<name>/skipped; the first reasons are shown once
             print(f"[streamrl] eval {name}: skipped {path} line {line}: {why}", flush=True)
-        mgr._eval_cache[path] = (records, len(skipped))
-    records, n_skipped = mgr._eval_cache[path]
+        cache[path] = (records, len(skipped))
+    records, n_skipped = cache[path]
     samples = [Sample(index=i * a.n_samples_per_eval_prompt + k, group_id=f"eval-{name}-{i}", prompt=rec.prompt,
                       tokens=list(rec.prompt_ids), label=rec.label, metadata=dict(rec.metadata))
                for i, rec in enumerate(records) for k in range(a.n_samples_per_eval_prompt)]
@@ -88,7 +101,7 @@ async def _dataset(mgr: Any, name: str, path: str, params: dict[str, Any]) -> tu
     return m, [v for s in samples for v in s.token_versions[:1]]
 
 
-async def evaluate(mgr: Any, step: int) -> dict[str, float]:
+async def evaluate(mgr: Any, step: int, cache: dict | None = None) -> dict[str, float]:
     from streamrl.rollout.generate import register_client
 
     register_client(mgr.client)  # plug-ins' post_generate uses the producers' client (eval may run before start)
@@ -112,7 +125,7 @@ async def evaluate(mgr: Any, step: int) -> dict[str, float]:
         results: dict[str, tuple[dict[str, float], list[int]]] = {}
 
         async def run(name: str, path: str) -> None:
-            results[name] = await _dataset(mgr, name, path, params)
+            results[name] = await _dataset(mgr, {} if cache is None else cache, name, path, params)
 
         async with anyio.create_task_group() as tg:
             for name, path in a.eval_datasets:

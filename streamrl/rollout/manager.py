@@ -31,10 +31,11 @@ from typing import Any
 
 import anyio
 
-from buffers.tokens import generated, group_tokens
 from streamrl.rollout.client import EngineClient, EngineError
+from streamrl.rollout.evaluation import Evaluator
 from streamrl.rollout.generate import generate, generate_group, generate_streaming, register_client, set_endpoints
-from streamrl.types import Group, Sample, Status
+from streamrl.types import Group, Sample, Status, group_tokens
+from streamrl.types import generated_tokens as generated
 
 logger = logging.getLogger("streamrl.rollout")
 
@@ -88,7 +89,7 @@ class RolloutManager:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._errors: list[str] = []
-        self._eval_cache: dict[str, tuple[list, int]] = {}  # eval path -> (records, skipped lines)
+        self.evaluator = Evaluator(self)
         self.fatal: str | None = None
 
     # --- control (called by the driver) ---------------------------------------------------------------------
@@ -192,7 +193,7 @@ class RolloutManager:
                 self.fatal = traceback.format_exc()
             raise
 
-    def _cap(self) -> int:
+    def in_flight_room(self) -> int:
         """How many groups may start now under the in-flight cap (0 while a checkpoint pauses admission)."""
         return 0 if self._paused else max(0, self.args.rollout_max_groups_in_flight - self.in_flight)
 
@@ -200,9 +201,13 @@ class RolloutManager:
         """New groups the staleness pacing allows now (owned by the buffer's ledger)."""
         return await self.buffer.admission_room.remote(self.version)
 
-    async def _wait_wake(self) -> None:
-        """Wait for a wake-up (a version, a settled group) or 0.5 s. The loops clear `_wake` *before* checking
-        what they may do: a wake-up that lands during those checks' awaits is then not lost."""
+    def arm_wake(self) -> None:
+        """Start a round of admission checks: a wake-up from now on (a version, a settled group) ends the next
+        `wait_wake`, even one that lands during the checks' own awaits."""
+        self._wake.clear()
+
+    async def wait_wake(self) -> None:
+        """Wait for a wake-up since `arm_wake`, or 0.5 s."""
         with anyio.move_on_after(0.5):
             await self._wake.wait()
 
@@ -210,10 +215,10 @@ class RolloutManager:
         last_regen_check = 0.0
         async with anyio.create_task_group() as tg:
             while not self.stopping:
-                self._wake.clear()
+                self.arm_wake()
                 started = 0
                 async with self._admit_lock:  # a checkpoint waits for it, then pauses admission (cap 0)
-                    cap = self._cap()
+                    cap = self.in_flight_room()
                     groups: list[Group] = []
                     if cap and self._resume_partials:  # stashed by a restored checkpoint: before new prompts
                         groups = await self.buffer.take_partials.remote(cap)
@@ -239,7 +244,7 @@ class RolloutManager:
                 if not started:
                     if self.exhausted and self.in_flight == 0:
                         break  # the data is used up and every group settled
-                    await self._wait_wake()
+                    await self.wait_wake()
 
     async def _run_group(self, group: Group) -> None:
         gid = group[0].group_id
@@ -421,9 +426,7 @@ class RolloutManager:
     async def evaluate(self, step: int = 0) -> dict[str, float]:
         """Eval metrics per dataset (`eval/<name>/reward`, ...) and `eval/reward`, tagged with the weight version
         they measured; runs alongside training (see `evaluation.py`)."""
-        from streamrl.rollout.evaluation import evaluate
-
-        return await evaluate(self, step)
+        return await self.evaluator(step)
 
 
 __all__ = ["RolloutManager", "generate"]

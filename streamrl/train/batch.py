@@ -135,3 +135,11 @@ def build_train_batch(args: argparse.Namespace, groups: list[Group], version: in
         out.rollout_log_probs.append(lps)
         out.staleness.append(version - min(s.token_versions) if s.token_versions else 0)
     return out
+
+
+def eos_id(path: str) -> int:
+    """The checkpoint's EOS token id (the first, if it lists several; 0 if none)."""
+    from transformers import AutoConfig
+
+    eos = AutoConfig.from_pretrained(path).eos_token_id
+    return eos[0] if isinstance(eos, list) else int(eos or 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from streamrl.placement import gpu_shares
 from streamrl.train.batch import TrainBatch
 
 
@@ -16,8 +17,6 @@ class TrainerGroup:
 
         self.args = args
         self.world = args.actor_num_nodes * args.actor_num_gpus_per_node
-        from streamrl.launch import gpu_shares
-
         share = gpu_shares(args)[1]
         opts = {"num_gpus": share, "num_cpus": 0} if share else {"num_cpus": 0}
         env = {"env_vars": {"OMP_NUM_THREADS": str(args.train_torch_threads), "TOKENIZERS_PARALLELISM": "false"}}

@@ -186,11 +186,11 @@ def model_bytes(model: torch.nn.Module) -> int:
 def kv_bytes_per_slot(cfg: Any, max_context_len: int, dtype: torch.dtype) -> int:
     """K and V of one request slot as the slot cache allocates it: `max_context_len`, capped by the model's
     positions, rounded up to the cache's length bucket."""
-    from .static_kv import LEN_BUCKETS, _bucket
+    from .static_kv import LEN_BUCKETS, round_up_to_bucket
 
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     positions = getattr(cfg, "max_position_embeddings", None) or LEN_BUCKETS[-1]
-    length = _bucket(min(max_context_len, positions, LEN_BUCKETS[-1]), LEN_BUCKETS)
+    length = round_up_to_bucket(min(max_context_len, positions, LEN_BUCKETS[-1]), LEN_BUCKETS)
     return 2 * cfg.num_hidden_layers * length * cfg.num_key_value_heads * head_dim * dtype.itemsize
 
 

@@ -45,7 +45,7 @@ def supports_static_kv(model: torch.nn.Module) -> bool:
     )
 
 
-def _bucket(n: int, buckets: Sequence[int]) -> int:
+def round_up_to_bucket(n: int, buckets: Sequence[int]) -> int:
     for b in buckets:
         if b >= n:
             return b
@@ -87,7 +87,7 @@ class StaticKV:
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.slots, self.max_len = slots, _bucket(max_len, LEN_BUCKETS)
+        self.slots, self.max_len = slots, round_up_to_bucket(max_len, LEN_BUCKETS)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         shape = (slots, self.max_len, self.n_kv, self.head_dim)
@@ -227,9 +227,9 @@ class StaticKV:
         positions = list(self.lens)
         if max(positions) >= self.max_len:
             raise RuntimeError(f"sequence reached the KV cache length {self.max_len}")
-        bucket = _bucket(n, [b for b in BATCH_BUCKETS if b <= self.slots] + [self.slots])
+        bucket = round_up_to_bucket(n, [b for b in BATCH_BUCKETS if b <= self.slots] + [self.slots])
         # flash reads each slot's own length: one graph per batch bucket serves every length
-        width = self.max_len if self.flash else _bucket(max(positions) + 1,
+        width = self.max_len if self.flash else round_up_to_bucket(max(positions) + 1,
                                                         [w for w in LEN_BUCKETS if w <= self.max_len])
         self._tok[:bucket].zero_()
         self._pos[:bucket].zero_()
