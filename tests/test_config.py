@@ -18,7 +18,7 @@ SLIME_FLAGS = [
     "--buffer-filter-path", "--custom-rm-path", "--actor-num-nodes", "--actor-num-gpus-per-node",
     "--rollout-num-gpus", "--rollout-num-gpus-per-engine", "--colocate", "--tensor-model-parallel-size",
     "--loss-type", "--use-wandb", "--check-weight-update-equal",
-    # rollout plug-ins, SGLang, router, eval (issue 7)
+    # rollout plug-ins, SGLang, router, eval
     "--rollout-engine", "--rollout-function-path", "--custom-generate-function-path", "--group-rm",
     "--dynamic-sampling-filter-path", "--over-sampling-batch-size", "--rollout-sample-filter-path",
     "--data-source-path", "--eval-prompt-data", "--n-samples-per-eval-prompt", "--eval-interval",
@@ -26,7 +26,7 @@ SLIME_FLAGS = [
     "--sglang-router-ip", "--sglang-router-port", "--sglang-router-request-timeout-secs", "--sglang-server-concurrency",
     "--sglang-mem-fraction-static", "--sglang-context-length", "--sglang-log-level", "--router-policy",
     "--router-balance-abs-threshold",
-    # RL math (issue 5)
+    # RL math
     "--disable-grpo-std-normalization", "--disable-rewards-normalization", "--normalize-advantages", "--gamma",
     "--lambd", "--kl-coef", "--value-clip", "--num-critic-only-steps", "--use-opd", "--opd-kl-coef",
     "--opd-teacher-load", "--custom-advantage-function-path", "--custom-loss-function-path",

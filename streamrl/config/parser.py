@@ -240,7 +240,7 @@ def validate(args: argparse.Namespace) -> None:
 
 
 def validate_algo(args: argparse.Namespace) -> None:
-    """RL-math rules (issue 5): estimators, loss reductions, off-policy correction.
+    """RL-math rules: estimators, loss reductions, off-policy correction.
 
     Off-policy correction is ON by default. With no correction flag, streamrl uses --use-rollout-logprobs (the PPO
     ratio and clip anchored at the behaviour policy µ), the correction that kept ≥ 90% of sync's gain up to

@@ -1,4 +1,4 @@
-"""The weight-sync sequence shared by every transport (DESIGN.md "Weight sync and partial rollouts").
+"""The weight-sync sequence shared by every transport (docs/design.md, "Weight sync and partial rollouts").
 
     0. stage the new weights (optional, while the engines still generate)
     1. pause every engine (`/pause_generation`). Mode "abort": in-flight requests return their prefixes, which the

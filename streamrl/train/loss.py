@@ -1,6 +1,6 @@
 """The trainer's loss for one micro-batch: the decoupled three-policy objective, and the critic's value loss.
 
-Three policies per response token t of sample i (DESIGN.md, "The loss under staleness"):
+Three policies per response token t of sample i (docs/design.md; docs/offpolicy.md):
 
 * behaviour µ: the policy that sampled the token. Its log-prob ℓroll = log µ(y_t | y_<t) is recorded by the engine
   at sampling time (`rollout_log_probs`), per token; a partial rollout resumed after a weight update keeps the

@@ -1,4 +1,4 @@
-"""SGLang's native HTTP API as documented (reference/sglang-http.md): the embedded engine and SGLang must agree.
+"""SGLang's native HTTP API as documented (docs/sglang.md): the embedded engine and SGLang must agree.
 
 Deterministic: greedy decoding, and aborts are made race-free by pausing in place first (a paused request makes no
 progress, so it is still running when the abort arrives).
