@@ -49,9 +49,9 @@ def groups_per_step(args: Any) -> int:
     samples (slime's default).
     """
     n = int(args.n_samples_per_prompt)
-    gbs = getattr(args, "global_batch_size", None)
+    gbs = args.global_batch_size
     if gbs is None:
-        gbs = args.rollout_batch_size * n // max(1, int(getattr(args, "num_steps_per_rollout", 1)))
+        gbs = args.rollout_batch_size * n // max(1, int(args.num_steps_per_rollout))
     if gbs < n or gbs % n:
         raise ValueError(f"global batch size {gbs} samples is not a positive multiple of n_samples_per_prompt={n}")
     return gbs // n

@@ -118,15 +118,15 @@ def priority_scores(metas: list[GroupMeta], kind: str = "reward_std", reward_key
 def _rng(args: Any, rollout_id: Any, metas: list[GroupMeta]) -> np.random.Generator:
     step = 0 if rollout_id is None else int(rollout_id) + 1
     content = zlib.crc32("\0".join(m.gid for m in metas).encode())
-    return np.random.default_rng([int(getattr(args, "seed", 0) or 0) & 0xFFFFFFFF, step, content])
+    return np.random.default_rng([int(args.seed or 0) & 0xFFFFFFFF, step, content])
 
 
 def _prioritized(args: Any, rollout_id: Any, metas: list[GroupMeta], k: int) -> list[int]:
     k = min(k, len(metas))
     if k == 0:
         return []
-    kind = getattr(args, "buffer_priority", None) or "reward_std"
-    s = priority_scores(metas, kind, getattr(args, "reward_key", None))
+    kind = args.buffer_priority or "reward_std"
+    s = priority_scores(metas, kind, args.reward_key)
     top = s.max()
     p = s + 0.01 * top if top > 0 else np.ones_like(s)
     # Efraimidis-Spirakis: the k largest u^(1/p) are a weighted sample without replacement, in draw order.

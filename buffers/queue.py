@@ -55,15 +55,15 @@ class RolloutBuffer(BufferStateMixin, StoreMixin):
         self.max_staleness = int(args.max_staleness)
         self.stale_policy = args.stale_policy
         self.group_size = int(args.n_samples_per_prompt)
-        self.max_tokens = getattr(args, "async_buffer_max_tokens", None)
-        max_reuse = int(getattr(args, "max_reuse", 1) or 1)
+        self.max_tokens = args.async_buffer_max_tokens
+        max_reuse = int(args.max_reuse or 1)
         if self.capacity < 1 or self.group_size < 1 or self.max_staleness < 0 or max_reuse < 1:
             raise ValueError("need async_buffer_size, n_samples_per_prompt, max_reuse >= 1 and max_staleness >= 0")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"async_buffer_max_tokens must be >= 1 (or None), got {self.max_tokens}")
         if self.stale_policy not in ("drop", "regenerate"):
             raise ValueError(f"stale_policy must be 'drop' or 'regenerate', got {self.stale_policy!r}")
-        self._filter = load_buffer_filter(getattr(args, "buffer_filter_path", None))
+        self._filter = load_buffer_filter(args.buffer_filter_path)
         self._q: list[Entry] = []
         self._held: list[Entry] = []  # fresh groups taken by the get in progress: still queued, still counted
         self._tokens = 0  # tokens over _q and _held

@@ -15,7 +15,7 @@ from typing import Any
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from pipelines.async_loop import run as run_loop
 
-    args.max_staleness = 0
-    args.update_weights_interval = 1
-    args.partial_rollout = False
-    return run_loop(args, sync_mode=True)
+    # a copy with zero lag: the caller's validated config is never changed
+    sync_args = argparse.Namespace(**{**vars(args), "max_staleness": 0, "update_weights_interval": 1,
+                                      "partial_rollout": False})
+    return run_loop(sync_args, sync_mode=True)

@@ -184,7 +184,7 @@ class PromptSource:
             args.n_samples_per_prompt,
             rollout_shuffle=args.rollout_shuffle,
             rollout_seed=args.rollout_seed,
-            max_epochs=getattr(args, "num_epoch", None),
+            max_epochs=args.num_epoch,
         )
         return source, skipped
 

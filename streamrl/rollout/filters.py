@@ -30,7 +30,7 @@ class DynamicFilterOutput:
 
 def check_reward_nonzero_std(args: argparse.Namespace, samples: list[Sample], **kwargs: Any) -> DynamicFilterOutput:
     """DAPO: drop a group whose rewards are all equal (no learning signal for GRPO); reason `zero_std_<reward>`."""
-    rewards = [s.get_reward_value(getattr(args, "reward_key", None)) for s in samples]
+    rewards = [s.get_reward_value(args.reward_key) for s in samples]
     mean = sum(rewards) / len(rewards)
     std = (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5
     if std > 1e-6:

@@ -42,7 +42,7 @@ def client_for(args: argparse.Namespace | None = None) -> EngineClient:
     loop_id = asyncio.get_running_loop()
     if loop_id not in _CLIENTS:
         urls, router = _ENDPOINTS["urls"], _ENDPOINTS["router_url"]
-        if not urls and not router and args is not None and getattr(args, "sglang_router_ip", None):
+        if not urls and not router and args is not None and args.sglang_router_ip:
             router = f"http://{args.sglang_router_ip}:{args.sglang_router_port}"
         _CLIENTS[loop_id] = EngineClient(urls, router_url=router)
     return _CLIENTS[loop_id]

@@ -107,7 +107,7 @@ async def score_group(args: argparse.Namespace, group: list[Sample], reward_fn: 
     `metadata["reward_error"]` (with --group-rm every sample of the group); the others keep their rewards. Samples
     that already carry a reward (set by a custom generate function) are not scored again.
     """
-    timeout = getattr(args, "rm_timeout", None)
+    timeout = args.rm_timeout
     todo = [s for s in group if s.reward is None]
     errors: list[str] = []
 
@@ -126,7 +126,7 @@ async def score_group(args: argparse.Namespace, group: list[Sample], reward_fn: 
             errors.append(f"group {group[0].group_id}: {msg}")
             return errors
         for s in todo:
-            bad = check_reward(s.reward, getattr(args, "reward_key", None))
+            bad = check_reward(s.reward, args.reward_key)
             if bad:
                 _fail(s, bad)
                 errors.append(f"sample {s.index} ({s.group_id}): {bad}")
@@ -139,7 +139,7 @@ async def score_group(args: argparse.Namespace, group: list[Sample], reward_fn: 
             _fail(s, describe(e))
             errors.append(f"sample {s.index} ({s.group_id}): {describe(e)}")
             return
-        bad = check_reward(s.reward, getattr(args, "reward_key", None))
+        bad = check_reward(s.reward, args.reward_key)
         if bad:
             _fail(s, bad)
             errors.append(f"sample {s.index} ({s.group_id}): {bad}")

@@ -28,7 +28,7 @@ class TrainerGroup:
         self.ranks = [cls.options(runtime_env=env).remote(args, r, self.world) for r in range(self.world)]
         addr, port = ray.get(self.ranks[0].master_address.remote())
         # memory budget on a shared GPU: what the engines' --sglang-mem-fraction-static leaves (rounded down)
-        frac = getattr(args, "sglang_mem_fraction_static", None)
+        frac = args.sglang_mem_fraction_static
         budget = None
         if share and share < 1 and frac:
             engines_per_gpu = max(1, round((1 - share) / share))

@@ -86,7 +86,7 @@ def spawn_sglang_engine(args: argparse.Namespace, index: int, launch: list[str] 
     """One more SGLang engine actor (a replacement for a dead one): (actor, ref of its URL once healthy)."""
     import ray
 
-    log_dir = getattr(args, "run_dir", None)
+    log_dir = args.run_dir
     cls = ray.remote(num_gpus=args.rollout_num_gpus_per_engine, num_cpus=0)(SGLangEngineActor)
     actor = cls.remote(args, index, launch, f"{log_dir}/engines" if log_dir else None)
     return actor, actor.start.remote()
@@ -101,7 +101,7 @@ def start_sglang_engines(args: argparse.Namespace, launch: list[str] | None = No
     if gpus < per * n:
         raise LaunchError(f"--rollout-engine sglang needs {n} engines x {per} GPUs (--rollout-num-gpus, "
                           f"--rollout-num-gpus-per-engine) but the Ray cluster has {gpus:g} GPUs")
-    log_dir = getattr(args, "run_dir", None)
+    log_dir = args.run_dir
     cls = ray.remote(num_gpus=per, num_cpus=0)(SGLangEngineActor)
     actors = [cls.remote(args, i, launch, f"{log_dir}/engines" if log_dir else None) for i in range(n)]
     try:
