@@ -54,7 +54,45 @@ def init_ray(args: argparse.Namespace) -> None:
         ray.init(address=args.ray_address, runtime_env={"env_vars": env})
     else:  # a private local cluster: GCS, raylet, agents and workers listen on loopback only, not on every interface
         ray.init(include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True,
-                 num_cpus=max(4, os.cpu_count() or 1), _node_ip_address="127.0.0.1")
+                 num_cpus=max(4, os.cpu_count() or 1), _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+        _quiet_ray_console()
+    _link_ray_logs(args.run_dir)
+
+
+# Lines Ray's processes print that say nothing to a streamrl user: without ray[default] no metrics agent runs, so
+# every Ray process reports once, ~30 s in, that it cannot reach it (in colour, amid the status lines).
+_NOISE = ("metrics exporter agent", "event+metrics exporter agent")
+
+
+def _quiet_ray_console() -> None:
+    """Drop `_NOISE` from the worker output Ray forwards to this console (it stays in the run's ray_logs/)."""
+    from ray._private import worker as ray_worker  # the forwarding handler has no public hook
+
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    ignore_prefix = ray_worker.global_worker.job_logging_config is not None
+
+    def forward(data: dict) -> None:
+        lines = [ln for ln in data.get("lines", []) if not any(n in ln for n in _NOISE)]
+        if lines:
+            ray_worker.print_to_stdstream({**data, "lines": lines}, ignore_prefix=ignore_prefix)
+
+    if any(name == "ray_print_logs" for name, _ in dispatcher.handlers):  # log_to_driver is on
+        dispatcher.remove_handler("ray_print_logs")
+        dispatcher.add_handler("ray_print_logs", forward)
+
+
+def _link_ray_logs(run_dir: str | None) -> None:
+    """`<run dir>/ray_logs` -> this Ray session's log directory (raylet, GCS, every worker's stdout/stderr)."""
+    from ray._private.worker import _global_node  # the session directory has no public accessor
+
+    if not run_dir or _global_node is None:
+        return
+    link = os.path.join(run_dir, "ray_logs")
+    os.makedirs(run_dir, exist_ok=True)
+    if os.path.islink(link):
+        os.remove(link)
+    if not os.path.exists(link):
+        os.symlink(_global_node.get_logs_dir_path(), link)
 
 
 @dataclass

@@ -26,21 +26,23 @@ class MetricsLogger:
             self.file = path.open("a")
         else:
             self.file = path.open("w")
+        # the run's flags beside its metrics: the plot's title and eval steps, and what a reader needs to redo it
+        (run_dir / "config.json").write_text(json.dumps(vars(args), indent=1, sort_keys=True, default=str))
         self.t0 = time.time()
         self._prev: dict[str, Any] | None = None  # the record of the previous status line (engine deltas)
         self.wandb = None
         if args.use_wandb:
-            import wandb  # optional extra: pip install streamrl[wandb]
+            from streamrl.wandb_run import init_wandb
 
-            self.wandb = wandb.init(project=args.wandb_project, group=args.wandb_group, mode=args.wandb_mode,
-                                    dir=str(run_dir), config=vars(args))
+            self.wandb = init_wandb(args, run_dir, resuming=resume_offset is not None)
 
     def log(self, record: dict[str, Any]) -> None:
         record = {"time": round(time.time() - self.t0, 3), **record}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if isinstance(v, int | float)}, step=record.get("step"))
+        numbers = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        if self.wandb is not None and "step" in numbers:  # x-axis: `step` (wandb_run.py), in any order
+            self.wandb.log(numbers)
 
     def position(self) -> int:
         """Byte offset of the next row in metrics.jsonl (saved by checkpoints)."""
@@ -83,8 +85,13 @@ def plot_run(run_dir: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    cfg_path = run_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
     train = [r for r in rows if "reward" in r and "step" in r]
     evals = [r for r in rows if "eval/reward" in r]
+    # an eval is plotted at the step whose weights it ran on: version v was published after step v * interval
+    interval = cfg.get("update_weights_interval") or 1
+    eval_x = [r["eval/version"] * interval if "eval/version" in r else r["step"] for r in evals]
     # per-step idle fractions from the cumulative counters (trainer wait; embedded engines' busy time)
     util = [(b, a) for a, b in zip(train, train[1:], strict=False)
             if all(k in a and k in b for k in ("trainer_wait_time", "engine_busy_time")) and b["time"] > a["time"]]
@@ -96,7 +103,7 @@ def plot_run(run_dir: Path) -> Path:
     ax1, ax2 = axes[0], axes[1]
     ax1.plot([r["step"] for r in train], [r["reward"] for r in train], label="train reward", alpha=0.6)
     if evals:
-        ax1.plot([r["step"] for r in evals], [r["eval/reward"] for r in evals], "o-", label="eval reward (held out)")
+        ax1.plot(eval_x, [r["eval/reward"] for r in evals], "o-", label="eval reward (held out)")
     ax1.set_ylabel("reward")
     ax1.set_ylim(-0.02, 1.02)
     ax1.legend(loc="lower right")
@@ -129,6 +136,9 @@ def plot_run(run_dir: Path) -> Path:
         ax4.legend(loc="upper left", fontsize=7, ncol=2)
         ax4.grid(alpha=0.3)
         ax4.set_xlabel("train step")
+    task = cfg.get("prompt_data") or cfg.get("data_source_path") or "?"
+    fig.suptitle(f"{Path(task).name} ({cfg.get('advantage_estimator', '?')}, max staleness "
+                 f"{cfg.get('max_staleness', '?')}) | run {run_dir}", fontsize=9)
     fig.tight_layout()
     out = run_dir / "reward_staleness.png"
     fig.savefig(out, dpi=100)

@@ -297,7 +297,16 @@ class LogConfig:
     use_wandb: bool = F(False, "Log to Weights & Biases.")
     wandb_mode: str = F("offline", "wandb mode.", choices=["offline", "online", "disabled"])
     wandb_project: str = F("streamrl", "wandb project.")
-    wandb_group: str | None = F(None, "wandb group.")
+    wandb_group: str | None = F(None, "wandb group (slime: a random suffix is appended; the run is named after it).")
+    wandb_team: str | None = F(None, "wandb entity (team or user).")
+    wandb_host: str | None = F(None, "wandb server URL (self-hosted); with --wandb-key, logs in there.")
+    wandb_key: str | None = F(None, "wandb API key (else WANDB_API_KEY or a prior `wandb login`; offline needs none).")
+    wandb_dir: str | None = F(None, "Where wandb writes its files (default: the run directory).")
+    wandb_run_id: str | None = F(None, "Resume this wandb run id (default: a resumed job, --load, continues the run "
+                                       "id saved in its --run-dir).")
+    disable_wandb_random_suffix: bool = F(False, "slime's flag: use --wandb-group as is, without a random suffix.")
+    wandb_always_use_train_step: bool = F(False, "slime's flag; streamrl always logs against the train step "
+                                                 "(evals at the step they started).")
     log_interval: int = F(1, "Print a status line every this many steps.")
     debug: bool = F(False, "Show the Python traceback of a user error (flag, file, plug-in) instead of one "
                            "`streamrl: error:` line (also STREAMRL_DEBUG=1).")
