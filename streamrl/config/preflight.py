@@ -31,13 +31,12 @@ def preflight(args: argparse.Namespace) -> None:
     ctx = _check_checkpoint(args.hf_checkpoint, "--hf-checkpoint")
     if args.ref_load:
         _check_checkpoint(args.ref_load, "--ref-load")
-    if ctx is not None:
-        budget = args.rollout_max_response_len + (args.rollout_max_prompt_len or 1)
-        if budget > ctx:
-            raise ConfigError(f"--rollout-max-response-len ({args.rollout_max_response_len}) + the prompt "
-                              f"({args.rollout_max_prompt_len or 'at least 1'} tokens) exceeds the model's context "
-                              f"length ({ctx}, max_position_embeddings of --hf-checkpoint): the engine would refuse "
-                              f"every request. Lower --rollout-max-response-len.")
+    for flag in ("rollout_max_response_len", "eval_max_response_len"):  # the engine refuses what cannot fit
+        n, prompt = getattr(args, flag, None), args.rollout_max_prompt_len
+        if ctx is not None and n is not None and n + (prompt or 1) > ctx:
+            raise ConfigError(f"--{flag.replace('_', '-')} ({n}) + the prompt ({prompt or 'at least 1'} tokens) "
+                              f"exceeds the model's context length ({ctx}, max_position_embeddings of "
+                              f"--hf-checkpoint): the engine would refuse every request. Lower it.")
     if args.prompt_data and not args.data_source_path:
         label = args.label_key or ("label" if args.loss_type == "sft_loss" else None)  # SFT trains on the label
         _check_prompts(args.prompt_data, "--prompt-data", args.input_key, label, args.metadata_key)
