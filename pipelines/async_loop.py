@@ -3,7 +3,7 @@
     producers (RolloutManager actor)                 driver (this loop)                 engines
     ───────────────────────────────                  ──────────────────                 ───────
     admit while in_flight < limit and                get(B groups)  <── waits only if
-      admitted < (v+K+1)·N·B  ─────┐                   the buffer is empty
+      slots < (v+K+1)·N·B  ────────┐                   the buffer is empty
     /generate ... reward           │                 build batch (advantages by estimator)
     put(group) ──> Buffer ─────────┼───────────────> train_step on every FSDP rank
       (blocks when full)           │                 every N steps: pause ───────────────> abort in-flight (kept)
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
     from streamrl.data import load_prompts
     from streamrl.launch import build, shutdown
     from streamrl.metrics import MetricsLogger, plot_run
-    from streamrl.sync.base import sync_weights
+    from streamrl.sync.publisher import WeightPublisher
     from streamrl.train.batch import build_train_batch, eos_id
 
     records, _ = load_prompts(args.prompt_data, args.input_key, args.label_key, args.metadata_key)
@@ -64,30 +64,14 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
             return None, step
         return c.manager.evaluate.remote(step), step  # eval/<name>/reward, eval/reward, eval/version
 
-    transport = {"last": None}  # the trainer's weight transport, known after the first sync
-    version_calls: list = []  # the producers' set_version answers, not awaited during a sync
-
-    def publish(new_version: int) -> dict[str, float]:
-        c.pool.before_sync()  # dead engines leave, ready replacements join (streamrl/rollout/pool.py)
-        stats = sync_weights(
-            c.engine_urls,
-            stage=lambda: c.trainer.stage_weights(new_version),  # while the engines still generate
-            push=lambda: c.trainer.push_staged(c.engine_urls),
-            publish=lambda: _set_version(c, new_version, version_calls),
-            pause_while_staging=transport["last"] == "ipc",  # a ~1 ms stage: overlap it with the pause
-            pause_mode=args.pause_generation_mode,
-            on_dead=c.pool.drop,
-        )
-        c.pool.after_sync()
-        transport["last"] = stats.pop("sync_transport", None)
-        return {**stats, **c.pool.stats()}
+    publisher = WeightPublisher(c, args.pause_generation_mode)
 
     try:
         start_step = 0
         if args.load:  # trainer, buffer + ledger, producers; then the engines get the trainer's weights as v
             resume = load_checkpoint(c, args.load, args)
             start_step, version = resume["step"], resume["version"]
-            last_sync = publish(version)
+            last_sync = publisher.publish(version)
             summary["resumed_from"] = resume
             if args.check_weight_update_equal:
                 summary["resume_weight_check"] = {"trainer_vs_checkpoint": saved_weight_diff(c, resume["dir"]),
@@ -116,7 +100,7 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
             m = c.trainer.train_step(batch) if c.trainer is not None else {}  # none with --debug-rollout-only
             trained_samples += len(batch)
             if (step + 1) % n_int == 0 and c.trainer is not None:
-                last_sync = publish(version + 1)
+                last_sync = publisher.publish(version + 1)
                 version += 1
             elapsed = time.time() - t_start
             bstats = ray.get(stats_ref)
@@ -148,11 +132,11 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
         summary["wall_time"] = time.time() - t_start
         summary["trainer_wait_frac"] = wait_total / summary["wall_time"]
         if total % n_int and c.trainer is not None:  # the engines serve the final weights for the final eval
-            publish(version + 1)
+            publisher.publish(version + 1)
             version += 1
         if args.check_weight_update_equal:
             summary["weight_check_max_diff"] = _weight_diff(c)
-        ray.get(version_calls)
+        publisher.wait()
         summary["manager"] = ray.get(c.manager.stop.remote())
         if eval_ref is not None:
             ray.get(eval_ref)
@@ -183,24 +167,6 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
     finally:
         logger.close()
         shutdown(c)
-
-
-def _set_version(c: Any, version: int, pending: list) -> dict[str, float]:
-    """Tell the buffer and the producers the new version (every engine has confirmed it).
-
-    Only the buffer's answer is awaited (its staleness check needs the version before the next `get`). The
-    producers' copy only moves admission forward, and their event loop can be busy for seconds with hundreds of
-    requests in flight: waiting for it kept the engines paused that long (4.4 s per sync on an H100,
-    docs/benchmarks.md). Its answer (a ref in `pending`) is collected at a later sync or at the end, so an error
-    still surfaces."""
-    import ray
-
-    done, pending[:] = ray.wait(pending, num_returns=len(pending), timeout=0) if pending else ([], [])
-    ray.get(done)
-    t0 = time.time()
-    pending.append(c.manager.set_version.remote(version))
-    ray.get(c.buffer.set_version.remote(version))
-    return {"sync_set_version_time": time.time() - t0}
 
 
 def _pipeline_health(bstats: dict[str, Any], prod_ref: Any) -> dict[str, Any]:
