@@ -391,8 +391,10 @@ class HttpServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port or 0))
         self.port = sock.getsockname()[1]
+        # log_level error: sglang-router probes each worker for gRPC first, and uvicorn would warn "Invalid HTTP
+        # request received." for every probe (a malformed request is the client's error, answered with a 400 anyway)
         config = uvicorn.Config(
-            self.app, log_config=None, log_level="warning", access_log=False, lifespan="off",
+            self.app, log_config=None, log_level="error", access_log=False, lifespan="off",
             timeout_graceful_shutdown=5, loop="asyncio",
         )  # fmt: skip
         self._server = uvicorn.Server(config)
