@@ -50,13 +50,14 @@ def test_huge_text_is_tokenized_off_the_event_loop(engine, monkeypatch):
     real = tok.encode
 
     def slow_encode(text, *a, **kw):
-        if len(text) > 100_000:
+        if len(text) > 8_000:
             entered.set()
             answered.wait(30)
         return real(text, *a, **kw)
 
     monkeypatch.setattr(tok, "encode", slow_encode)
-    body = {"text": "a" * 200_000, "sampling_params": {"max_new_tokens": 1}}
+    # a batch of texts each short enough to be tokenized (see the next test), 72 KB in all: parsed off the loop
+    body = {"text": ["a" * 9_000] * 8, "sampling_params": {"max_new_tokens": 1}}
     try:
         with ThreadPoolExecutor(1) as pool:
             fut = pool.submit(httpx.post, engine.url + "/generate", json=body, timeout=60)
@@ -68,3 +69,11 @@ def test_huge_text_is_tokenized_off_the_event_loop(engine, monkeypatch):
     finally:
         answered.set()
     assert r.status_code == 400 and "longer than the model's context length" in r.text
+
+
+def test_a_text_too_long_for_any_tokenization_is_refused_without_tokenizing(engine, monkeypatch):
+    calls = []
+    monkeypatch.setattr(engine.scheduler.tokenizer, "encode", lambda text, *a, **kw: calls.append(len(text)))
+    r = httpx.post(engine.url + "/generate", json={"text": "a" * 10_000_000}, timeout=60)
+    assert r.status_code == 400 and "(at least " in r.text and "10000000 characters" in r.text, r.text[:300]
+    assert calls == []  # refused from its length alone

@@ -114,9 +114,20 @@ def build_app(scheduler: Scheduler, *, loader: Callable[[str], Any] | None = Non
             ]
         return GenerateResponse(text=text, output_ids=out.output_ids, meta_info=meta)
 
+    # A token spans at most `longest` characters, so a text over `longest * context` characters cannot fit: refused
+    # before tokenizing (4x margin for normalizers that merge characters); a 10 MB text costs nothing.
+    longest = max(map(len, tok.get_vocab()), default=1) if tok is not None else 1
+    text_limit = 4 * longest * sch.max_positions
+
+    def tokenize(text: str) -> list[int]:
+        if len(text) > text_limit:
+            raise ValueError(f"The input (at least {len(text) // longest} tokens: {len(text)} characters) is longer "
+                             f"than the model's context length ({sch.max_positions} tokens).")
+        return tok.encode(text)
+
     def parse_generate(body: GenerateRequest) -> tuple[list[tuple[str, list[int], SamplingParams]], bool]:
-        tokenize = (lambda s: tok.encode(s)) if tok is not None else None
-        prompts, batch = body.prompts(tokenize, sch.vocab_size)
+        tokenize_or_none = tokenize if tok is not None else None
+        prompts, batch = body.prompts(tokenize_or_none, sch.vocab_size)
         if body.stream and batch:
             raise ValueError("stream=true supports a single prompt only")
         rids = body.rid if isinstance(body.rid, list) else [body.rid or uuid.uuid4().hex]
