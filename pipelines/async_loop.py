@@ -29,9 +29,9 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
     import ray
 
     from buffers.admission import groups_per_step
+    from pipelines.launch import build, shutdown
     from streamrl.config.parser import steps_total
     from streamrl.data import load_prompts
-    from streamrl.launch import build, shutdown
     from streamrl.metrics import MetricsLogger, plot_run
     from streamrl.sync.publisher import WeightPublisher
     from streamrl.train.batch import build_train_batch, eos_id

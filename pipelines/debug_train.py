@@ -56,7 +56,7 @@ def load_debug_rollout(template: str, rollout_id: int) -> DebugRollout:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train `--num-rollout` steps on saved rollouts (rollout ids 0, 1, ...): trainer ranks only."""
-    from streamrl.launch import init_ray
+    from pipelines.launch import init_ray
     from streamrl.metrics import MetricsLogger, plot_run
     from streamrl.plugins import load_function
     from streamrl.train.batch import build_train_batch, eos_id

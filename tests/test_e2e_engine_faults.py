@@ -39,7 +39,7 @@ def _fault_after_step(metrics: Path, step: int, pid_box: dict, sig: int, done: t
 
 @pytest.mark.parametrize("fault", ["kill", "freeze"])
 def test_job_goes_on_when_an_engine_dies(ray_cluster, tiny_ckpt, sort_data, tmp_path, monkeypatch, fault):
-    import streamrl.launch as launch
+    import pipelines.launch as launch
     from pipelines.async_loop import run
 
     ray = ray_cluster

@@ -19,7 +19,7 @@ PREEXISTING: set[tuple[int, str, int]] = set()
 def local_ray():
     import ray
 
-    from streamrl.launch import init_ray
+    from pipelines.launch import init_ray
 
     assert not ray.is_initialized()
     PREEXISTING.update(listening({os.getpid()}))  # sockets this pytest process had already (earlier tests' servers)
@@ -68,7 +68,7 @@ class _Router:
 
 
 def test_shutdown_with_dead_actors_keeps_the_original_error(local_ray, tmp_path, caplog):
-    from streamrl.launch import Components, shutdown
+    from pipelines.launch import Components, shutdown
 
     cls = local_ray.remote(num_cpus=0)(_Actor)
     manager, dead_engine, buffer = cls.remote(), cls.remote(), cls.remote()
@@ -80,7 +80,7 @@ def test_shutdown_with_dead_actors_keeps_the_original_error(local_ray, tmp_path,
     c = Components([dead_engine, live_engine], ["http://127.0.0.1:1", "http://127.0.0.1:2"], buffer, manager,
                    _Raises(), router)
     errors: list[str] = []
-    with caplog.at_level(logging.WARNING, logger="streamrl.launch"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.launch"):
         with pytest.raises(RuntimeError, match="engine http://127.0.0.1:1 died") as exc:
             try:
                 raise RuntimeError("engine http://127.0.0.1:1 died")

@@ -47,7 +47,7 @@ def _kill_after_step(metrics: Path, step: int, box: dict, done: threading.Event,
 @pytest.mark.parametrize("stale_policy", ["regenerate", "drop"])
 def test_soak_stays_async_and_accounts_for_everything(ray_cluster, tiny_ckpt, sort_data, tmp_path, monkeypatch,
                                                       stale_policy):
-    import streamrl.launch as launch
+    import pipelines.launch as launch
     from pipelines.async_loop import run
 
     ray = ray_cluster
