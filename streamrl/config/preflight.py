@@ -29,8 +29,10 @@ def preflight(args: argparse.Namespace) -> None:
     if args.loss_type == "sft_loss" and args.num_rollout is None:
         raise ConfigError("--loss-type sft_loss needs --num-rollout N (the number of SFT steps).")
     ctx = _check_checkpoint(args.hf_checkpoint, "--hf-checkpoint")
-    if args.ref_load:
-        _check_checkpoint(args.ref_load, "--ref-load")
+    ctx = getattr(args, "sglang_context_length", None) or ctx  # SGLang serves what --sglang-context-length says
+    for flag in ("ref_load", "opd_teacher_load"):  # HF checkpoints too, loaded by the trainer
+        if getattr(args, flag):
+            _check_checkpoint(getattr(args, flag), "--" + flag.replace("_", "-"))
     for flag in ("rollout_max_response_len", "eval_max_response_len"):  # the engine refuses what cannot fit
         n, prompt = getattr(args, flag, None), args.rollout_max_prompt_len
         if ctx is not None and n is not None and n + (prompt or 1) > ctx:
@@ -58,9 +60,11 @@ def _check_checkpoint(path: str, flag: str) -> int | None:
         raise ConfigError(f"{flag} {path}: not an HF checkpoint directory (no config.json).")
     try:
         with open(config, encoding="utf-8") as f:
-            return json.load(f).get("max_position_embeddings")
+            cfg = json.load(f)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{config}: unreadable ({e}); check {flag}.") from None
+    # with rope scaling the served context is longer than max_position_embeddings (SGLang scales it): not checked
+    return None if cfg.get("rope_scaling") else cfg.get("max_position_embeddings")
 
 
 def _check_prompts(path: str, flag: str, input_key: str, label_key: str | None, metadata_key: str) -> None:
