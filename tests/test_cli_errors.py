@@ -51,7 +51,8 @@ CASES = [  # (extra argv with {d} for the directory, text the one line must cont
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--hf-checkpoint", "{d}/no_ckpt"], "--hf-checkpoint {d}/no_ckpt: no such directory"),
     (["--hf-checkpoint", "{d}"], "not an HF checkpoint directory (no config.json)"),
-    (["--use-kl-loss", "--kl-loss-coef", "0.1", "--ref-load", "{d}/no_ref"], "--ref-load {d}/no_ref: no such directory"),
+    (["--use-kl-loss", "--kl-loss-coef", "0.1", "--ref-load", "{d}/no_ref"],
+     "--ref-load {d}/no_ref: no such directory"),
     # SFT alike
     (["--loss-type", "sft_loss", "--num-rollout", "2", "--prompt-data", "{d}/no_label.jsonl"],
      "no_label.jsonl:3: missing label key 'label'"),
