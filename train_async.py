@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 
 def _user_error(e: BaseException) -> str | None:
@@ -58,6 +59,8 @@ def _run(argv: list[str]) -> dict:
     if not args.prompt_data and not args.data_source_path:
         raise ConfigError("--prompt-data is required (a JSONL file with one prompt object per line).")
     preflight(args)
+    if args.run_dir is None:  # named here so that Ray's logs can be linked into it as soon as Ray starts
+        args.run_dir = f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
     if args.loss_type == "sft_loss":
         from pipelines.sft import run_sft
 

@@ -1,9 +1,10 @@
 """wandb with slime's flags (`--use-wandb`, `--wandb-mode/project/group/team/host/key/dir/run-id`,
 `--disable-wandb-random-suffix`), offline by default: no account, no network; `wandb sync <dir>` uploads later.
 
-The run id is saved as `<run dir>/wandb.json`, so a resumed job (`--load` into the same `--run-dir`) continues the
-same wandb run; `--wandb-run-id` names one explicitly. Every metric is plotted against the `step` key (the train
-step), so an eval logged at the step it started on after later steps is kept, not dropped as out of order.
+The run id is saved as `wandb.json` in the run dir and the `--save` dir, so a resumed job (`--load`, same or new
+`--run-dir`) continues the same wandb run; `--wandb-run-id` names one explicitly. Every metric is plotted against
+the `step` key (the train step), so an eval logged at the step it started on after later steps is kept, not
+dropped as out of order.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ def init_wandb(args: argparse.Namespace, run_dir: Path, resuming: bool) -> Any:
         os.environ["WANDB_BASE_URL"] = args.wandb_host
     if args.wandb_key and args.wandb_mode == "online":
         wandb.login(key=args.wandb_key, host=args.wandb_host)
-    saved_path = run_dir / "wandb.json"
-    saved = json.loads(saved_path.read_text()) if resuming and saved_path.exists() else {}
+    # where the run id is kept: the run dir, and the --save dir (a resume may use a new --run-dir but --load's)
+    homes = [run_dir] + ([Path(args.save)] if args.save else [])
+    found = [p for p in [run_dir / "wandb.json"] + ([Path(args.load) / "wandb.json"] if args.load else [])
+             if p.exists()]
+    saved = json.loads(found[0].read_text()) if resuming and found else {}
     run_id = args.wandb_run_id or saved.get("id")
     group = saved.get("group") or args.wandb_group
     if group and not saved and not args.disable_wandb_random_suffix:
@@ -35,5 +39,7 @@ def init_wandb(args: argparse.Namespace, run_dir: Path, resuming: bool) -> Any:
                      resume="allow" if run_id else None)
     run.define_metric("step")
     run.define_metric("*", step_metric="step")
-    saved_path.write_text(json.dumps({"id": run.id, "group": group, "project": args.wandb_project}))
+    for home in homes:
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "wandb.json").write_text(json.dumps({"id": run.id, "group": group, "project": args.wandb_project}))
     return run

@@ -36,7 +36,7 @@ def history(wandb_dir: Path, run_id: str) -> list[dict]:
 
 def test_offline_run_holds_step_metrics_and_a_resume_continues_it(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
-    args = default_args(use_wandb=True, wandb_group="exp", wandb_project="p", num_rollout=4)
+    args = default_args(use_wandb=True, wandb_group="exp", wandb_project="p", num_rollout=4, save=str(tmp_path / "ck"))
     log = MetricsLogger(args, tmp_path, total_steps=4)
     for step in (1, 2, 3):
         log.log({"step": step, "reward": step / 10, "ok": True})
@@ -52,6 +52,9 @@ def test_offline_run_holds_step_metrics_and_a_resume_continues_it(tmp_path, monk
     log.log({"step": 4, "reward": 0.4})
     log.close()
     assert json.loads((tmp_path / "wandb.json").read_text()) == saved  # same run id and group
+    args.load, args.wandb_dir = str(tmp_path / "ck"), str(tmp_path / "resumed2")  # a resume into a new --run-dir
+    MetricsLogger(args, tmp_path / "run2", total_steps=4, resume_offset=0).close()
+    assert json.loads((tmp_path / "run2" / "wandb.json").read_text()) == saved
     rows = history(tmp_path, saved["id"]) + history(tmp_path / "resumed", saved["id"])
     assert [(r["step"], r["reward"]) for r in rows if "reward" in r] == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.4)]
     assert [(r["step"], r["eval/reward"]) for r in rows if "eval/reward" in r] == [(1, 0.5)]
