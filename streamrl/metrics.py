@@ -77,6 +77,12 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+def eval_steps(evals: list[dict[str, Any]], interval: int) -> list[float]:
+    """The step each eval is plotted at: that of the weights it ran on (version v was published after step
+    v * --update-weights-interval), not the step the driver logged it at."""
+    return [r["eval/version"] * interval if "eval/version" in r else r["step"] for r in evals]
+
+
 def plot_run(run_dir: Path) -> Path:
     """PNG of reward (train and eval) and staleness over steps, from metrics.jsonl."""
     import matplotlib
@@ -89,9 +95,7 @@ def plot_run(run_dir: Path) -> Path:
     cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
     train = [r for r in rows if "reward" in r and "step" in r]
     evals = [r for r in rows if "eval/reward" in r]
-    # an eval is plotted at the step whose weights it ran on: version v was published after step v * interval
-    interval = cfg.get("update_weights_interval") or 1
-    eval_x = [r["eval/version"] * interval if "eval/version" in r else r["step"] for r in evals]
+    eval_x = eval_steps(evals, cfg.get("update_weights_interval") or 1)
     # per-step idle fractions from the cumulative counters (trainer wait; embedded engines' busy time)
     util = [(b, a) for a, b in zip(train, train[1:], strict=False)
             if all(k in a and k in b for k in ("trainer_wait_time", "engine_busy_time")) and b["time"] > a["time"]]
@@ -137,7 +141,8 @@ def plot_run(run_dir: Path) -> Path:
         ax4.grid(alpha=0.3)
         ax4.set_xlabel("train step")
     task = cfg.get("prompt_data") or cfg.get("data_source_path") or "?"
-    fig.suptitle(f"{Path(task).name} ({cfg.get('advantage_estimator', '?')}, max staleness "
+    task = "/".join(Path(task).parts[-2:])  # e.g. demo/train.jsonl: the task's directory says which task
+    fig.suptitle(f"{task} ({cfg.get('advantage_estimator', '?')}, max staleness "
                  f"{cfg.get('max_staleness', '?')}) | run {run_dir}", fontsize=9)
     fig.tight_layout()
     out = run_dir / "reward_staleness.png"

@@ -4,7 +4,7 @@ import json
 import struct
 
 from streamrl.config import default_args
-from streamrl.metrics import MetricsLogger, plot_run
+from streamrl.metrics import MetricsLogger, eval_steps, plot_run
 
 
 def row(step, t, wait, busy, its, rows):
@@ -42,3 +42,11 @@ def test_plot_has_a_mismatch_panel_when_buckets_are_logged(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     height = struct.unpack(">I", plot_run(tmp_path).read_bytes()[20:24])[0]
     assert height == 1100  # reward, staleness, utilisation, KL(µ‖π_prox) per staleness bucket
+
+
+def test_evals_are_plotted_at_the_step_of_their_weights_and_the_run_keeps_its_flags(tmp_path):
+    evals = [{"step": 0, "eval/version": 0.0}, {"step": 12, "eval/version": 5.0}, {"step": 30}]
+    assert eval_steps(evals, interval=2) == [0.0, 10.0, 30]  # version 5 = the weights after step 10
+    MetricsLogger(default_args(update_weights_interval=2, prompt_data="data/sort/train.jsonl"), tmp_path, 3).close()
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["update_weights_interval"] == 2 and cfg["prompt_data"] == "data/sort/train.jsonl"
