@@ -108,7 +108,12 @@ def test_soak_stays_async_and_accounts_for_everything(ray_cluster, tiny_ckpt, so
         return mean(r["pacing_used"] >= r["pacing_limit"] - 2 for r in rs)  # at most one group settling
 
     first, last = steps[10:STEPS // 4], steps[-STEPS // 4:]
+    wait = [b["trainer_wait_time"] - a["trainer_wait_time"] for a, b in zip(steps, steps[1:], strict=False)]
+    print(json.dumps({"soak": stale_policy, "steps": STEPS, "ledger": ledger, "tokens": tok,
+                      "failed_samples_masked": m["failed_samples_masked"], "groups_failed": m["groups_failed"],
+                      "engine_failures": steps[-1]["engine_failures"], "full_lookahead_first": full(first),
+                      "full_lookahead_last": full(last), "wait_s_first": mean(wait[10:STEPS // 4]),
+                      "wait_s_last": mean(wait[-STEPS // 4:])}))  # shown with -s
     assert full(first) >= 0.8 and full(last) >= 0.8, (full(first), full(last))
     assert all(r["pacing_used"] <= r["pacing_limit"] for r in steps)
-    wait = [b["trainer_wait_time"] - a["trainer_wait_time"] for a, b in zip(steps, steps[1:], strict=False)]
     assert mean(wait[-STEPS // 4:]) <= 2 * mean(wait[10:STEPS // 4]) + 0.05  # idle did not creep up
