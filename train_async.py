@@ -31,10 +31,11 @@ def _user_error(e: BaseException) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    t_command = time.time()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("STREAMRL_DEBUG", "") not in ("", "0")
     try:
-        return _run(argv)
+        return _finish(_run(argv), t_command)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:
@@ -68,6 +69,32 @@ def _run(argv: list[str]) -> dict:
     from pipelines.async_loop import run
 
     return run(args)
+
+
+def _finish(summary: dict, t_command: float) -> dict:
+    """Complete an RL run's summary.json with the whole command's time (`wall_time` is the training loop only) and
+    say what the groups left in the buffer are."""
+    import json
+    from pathlib import Path
+
+    if not isinstance(summary, dict) or "ledger" not in summary:
+        return summary  # SFT, debug-train: nothing to add
+    summary["command_time"] = time.time() - t_command
+    summary["startup_and_teardown_time"] = summary["command_time"] - summary.get("wall_time", 0.0)
+    path = Path(summary["run_dir"]) / "summary.json"
+    if path.exists():
+        path.write_text(json.dumps(summary, indent=1))
+    left = {k: summary["ledger"].get(k, 0) for k in ("queued", "partial", "in_flight")}
+    if any(left.values()):
+        tokens = sum((summary.get("tokens") or {}).get("carried", {}).values())
+        print(f"[streamrl] left untrained: {left['queued']} queued + {left['partial']} partial groups ({tokens} "
+              f"tokens): generated ahead for steps after the last one (the look-ahead --max-staleness and "
+              f"--async-buffer-size allow); kept in the final checkpoint with --save-interval, else dropped",
+              flush=True)
+    print(f"[streamrl] {summary['command_time']:.0f} s in all: {summary.get('wall_time', 0):.0f} s training, "
+          f"{summary['startup_and_teardown_time']:.0f} s start-up, evals and shutdown; {summary['run_dir']}",
+          flush=True)
+    return summary
 
 
 if __name__ == "__main__":

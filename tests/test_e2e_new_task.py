@@ -46,3 +46,9 @@ def test_new_task_recipe_sft_warmup_then_rl(tmp_path):
     assert summary["steps"] == 60
     assert summary["eval_initial"] < 0.5  # the short warm-up left room
     assert summary["eval_final"] - summary["eval_initial"] > 0.12, summary
+    # the summary counts the start-up too, and the last lines say what was left in the buffer and where time went
+    assert summary["command_time"] > summary["wall_time"] and summary["startup_and_teardown_time"] > 0
+    lines = rl.stdout.strip().splitlines()
+    assert lines[-1].startswith("[streamrl] ") and " s in all: " in lines[-1] and str(run_dir) in lines[-1]
+    queued = summary["ledger"]["queued"]
+    assert (f"left untrained: {queued} queued" in rl.stdout) == (queued + summary["ledger"]["partial"] > 0)
