@@ -16,8 +16,7 @@ from buffers.filters import (
 from buffers.ledger import STATES, Ledger, LedgerError
 from buffers.queue import BufferClosed, RolloutBuffer, make_buffer_actor
 from buffers.replay import ReplayStore
-from buffers.store import fetch_groups, get_groups, put_groups, put_split
-from buffers.wire import GroupMeta, decode_batch, encode_batch, encode_split, meta_of
+from streamrl.wire import GroupMeta, decode_batch, encode_batch, meta_of
 
 __all__ = [
     "BUILTIN_FILTERS",
@@ -31,11 +30,8 @@ __all__ = [
     "admission_limit",
     "decode_batch",
     "encode_batch",
-    "encode_split",
-    "fetch_groups",
     "fifo",
     "freshest_first",
-    "get_groups",
     "groups_per_step",
     "lifo",
     "load_buffer_filter",
@@ -46,6 +42,4 @@ __all__ = [
     "pop_first",
     "prioritized",
     "priority_scores",
-    "put_groups",
-    "put_split",
 ]

@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from buffers.wire import GroupMeta, meta_of
 from streamrl.plugins import load_function
 from streamrl.types import Group
+from streamrl.wire import GroupMeta, meta_of
 
 Order = Callable[[Any, Any, list[GroupMeta], int], list[int]]
 PRIORITIES = ("reward_std", "abs_advantage", "recency")

@@ -1,10 +1,9 @@
 """The rollout buffer: a bounded, versioned queue of groups between producers and the trainer (a Ray async actor).
 
 Producers `put` completed groups (blocking while the buffer is full: backpressure, never a drop); the driver
-`get`s one batch of groups per train step. Transfers are batched (one call per many groups) because a round
-trip through an actor costs about 2 ms. Three forms, freely mixed: `put`/`get` (Sample objects, pickled by Ray),
-`put_encoded`/`get_encoded` (msgpack bytes the buffer never decodes, buffers/wire.py) and `put_stored`/
-`get_stored` (bodies in the Ray object store, only metadata through the actor, buffers/store.py: the fastest).
+`get`s one batch of groups per train step. Two forms, freely mixed: `put_encoded`/`get_encoded` (msgpack bytes
+with their metadata beside them, which the buffer never decodes on the way: what the producers and the driver
+use, streamrl/wire.py) and `put`/`get` (Sample objects, pickled by Ray: tests and plug-ins).
 Every group is tracked in the Ledger; `check_ledger()` proves that nothing was lost or trained twice. The ledger
 is also the one owner of admission pacing (`admission_room`, buffers/admission.py) and of the token ledger of
 settled groups (buffers/tokens.py). The buffer filter decides the order; staleness is checked at `get` against
@@ -28,15 +27,15 @@ import time
 from typing import Any
 
 from buffers.admission import Pacing, groups_per_step
+from buffers.entry import Entry
 from buffers.filters import load_buffer_filter
 from buffers.ledger import DROPPED_STALE, FAILED, FILTERED, IN_FLIGHT, PARTIAL, QUEUED, REGENERATING, TRAINED, Ledger
 from buffers.metrics import BufferMetrics
 from buffers.replay import ReplayStore, Reuse
 from buffers.state import BufferStateMixin
-from buffers.store import StoreMixin
 from buffers.tokens import TokenLedger
-from buffers.wire import Entry, join_groups, parse_batch
 from streamrl.types import Group
+from streamrl.wire import join_groups, parse_batch
 
 MARKABLE = frozenset({IN_FLIGHT, PARTIAL, FILTERED, FAILED, DROPPED_STALE})  # states producers may set via mark()
 OUTSTANDING = (IN_FLIGHT, PARTIAL, QUEUED, REGENERATING)  # admitted, not yet trained nor discarded: hold a slot
@@ -46,7 +45,7 @@ class BufferClosed(RuntimeError):
     """The buffer was closed: a blocked or later put fails, a get that cannot be filled fails."""
 
 
-class RolloutBuffer(BufferStateMixin, StoreMixin):
+class RolloutBuffer(BufferStateMixin):
     """Bounded FIFO (or filter-ordered) queue of groups with a ledger; see the module docstring."""
 
     def __init__(self, args: Any) -> None:
@@ -147,7 +146,7 @@ class RolloutBuffer(BufferStateMixin, StoreMixin):
         return await self._put([Entry.of(g) for g in groups], timeout)
 
     async def put_encoded(self, data: bytes, timeout: float | None = None) -> int:
-        """`put` for groups as bytes: `buffers.wire.encode_batch(groups)` (fastest) or `streamrl.types.encode`."""
+        """`put` for groups as bytes: `streamrl.wire.encode_batch(groups)` (fastest) or `streamrl.types.encode`."""
         return await self._put([Entry(m, raw=r) for m, r in parse_batch(data)], timeout)
 
     def admit(self, gids: list[str]) -> None:
@@ -326,12 +325,12 @@ class RolloutBuffer(BufferStateMixin, StoreMixin):
         bound) instead of waiting. Raises TimeoutError after `timeout` seconds and BufferClosed when the buffer
         is closed with fewer than needed; in both cases the fresh groups already taken go back in front.
         """
-        return [e.group for e in await self._materialize(await self._take(n, step, timeout))]
+        return [e.group for e in await self._take(n, step, timeout)]
 
     async def get_encoded(self, n: int, step: int, timeout: float | None = None) -> bytes:
-        """`get`, as the msgpack of `list[list[Sample]]`: read it with `buffers.wire.decode_batch` (or
+        """`get`, as the msgpack of `list[list[Sample]]`: read it with `streamrl.wire.decode_batch` (or
         `streamrl.types.decode_groups`). Groups that arrived encoded are passed through without decoding."""
-        return join_groups([e.raw for e in await self._materialize(await self._take(n, step, timeout))])
+        return join_groups([e.raw for e in await self._take(n, step, timeout)])
 
     # -- driver, lifecycle ---------------------------------------------------------------------------------------
     def set_version(self, v: int) -> None:

@@ -22,7 +22,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, NamedTuple
 
-from buffers.wire import Entry, join_groups, parse_batch
+from buffers.entry import Entry
+from streamrl.wire import join_groups, parse_batch
 
 
 class Reuse(NamedTuple):

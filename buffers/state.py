@@ -10,11 +10,12 @@ import os
 from typing import Any
 
 from buffers.admission import Pacing
+from buffers.entry import Entry
 from buffers.ledger import IN_FLIGHT, PARTIAL, QUEUED, REGENERATING, TRAINED, Ledger
 from buffers.persist import read_state, write_state
 from buffers.tokens import TokenLedger, generated, group_tokens
-from buffers.wire import Entry, join_groups, parse_batch
 from streamrl.types import Group, decode_groups, encode
+from streamrl.wire import join_groups, parse_batch
 
 
 class BufferStateMixin:

@@ -202,9 +202,11 @@ def _get_batch(c: Any, b: int, step: int, watchdog_s: float | None, poll_s: floa
     says what is stuck."""
     import ray
 
+    from streamrl.wire import decode_batch
+
     while True:
-        try:
-            return ray.get(c.buffer.get.remote(b, step, timeout=poll_s))
+        try:  # msgpack bytes from the buffer, decoded here (the trainer's side pays the decode, nobody else)
+            return decode_batch(ray.get(c.buffer.get_encoded.remote(b, step, timeout=poll_s)))
         except TimeoutError:
             try:
                 st = ray.get(c.manager.get_stats.remote(), timeout=60)

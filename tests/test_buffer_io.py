@@ -11,8 +11,8 @@ from buffer_helpers import group, ids, make_args
 
 from buffers import BufferClosed, RolloutBuffer, decode_batch, encode_batch, meta_of
 from buffers.persist import atomic_write, read_state
-from buffers.wire import GroupMeta, join_groups, parse_batch
 from streamrl.types import decode_groups, encode
+from streamrl.wire import GroupMeta, join_groups, parse_batch
 
 
 def run(coro):

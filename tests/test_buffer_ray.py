@@ -11,10 +11,8 @@ import pytest
 import ray
 from buffer_helpers import group, ids, make_args
 
-from buffers import BufferClosed, encode_batch, make_buffer_actor
-from buffers.store import fetch_groups, get_groups, put_groups, put_split
-from buffers.wire import encode_split
-from streamrl.types import Status, decode_groups
+from buffers import BufferClosed, decode_batch, encode_batch, make_buffer_actor
+from streamrl.types import Status
 
 for _mod in (buffer_helpers, sys.modules[__name__]):  # Ray workers cannot import tests/: ship these by value
     ray.cloudpickle.register_pickle_by_value(_mod)
@@ -193,67 +191,49 @@ def test_state_dict_roundtrip(actor):
         ray.get(b.put.remote([group("q0", 1)]))
 
 
-# -- the object-store path and dying producers --------------------------------------------------------------------
+# -- the encoded path (what producers and driver use) and dying producers ----------------------------------------
 @ray.remote(num_cpus=0)
 class Producer:
-    """A producer in its own process: puts through the object store (owner: the buffer), or blocks in a put."""
+    """A producer in its own process: puts groups as msgpack bytes, or blocks in a put."""
 
     def put(self, buf, names: list[str]) -> int:
-        return ray.get(put_groups(buf, [group(n, 1) for n in names]))
+        return ray.get(buf.put_encoded.remote(encode_batch([group(n, 1) for n in names])))
 
     def put_blocking(self, buf, names: list[str]) -> int:
         return ray.get(buf.put.remote([group(n, 1) for n in names]))
 
 
-def test_store_path_roundtrip_and_mixed_inputs(actor):
+def test_encoded_path_roundtrip_and_mixed_inputs(actor):
     a = actor(async_buffer_size=8)
-    assert ray.get(put_groups(a, [group("s0", 1), group("s1", 1)])) == 2
+    assert ray.get(a.put_encoded.remote(encode_batch([group("e0", 1), group("e1", 1)]))) == 2
     ray.get(a.put.remote([group("o0", 1)]))
-    ray.get(a.put_encoded.remote(encode_batch([group("e0", 1)])))
-    pieces = ray.get(a.get_stored.remote(3, step=0))
-    assert len(pieces) == 3 and len({r for r, _, _ in pieces}) == 2  # s0, s1 share the producer's object
-    got = fetch_groups(pieces)
-    assert ids(got) == ["s0", "s1", "o0"] and got[0] == group("s0", 1)
-    assert decode_groups(fetch_groups(pieces, decode=False)) == got
-    assert ids(get_groups(a, 1, step=1)) == ["e0"]
-    ray.get(put_groups(a, [group("s2", 1)]))
-    assert ids(ray.get(a.get.remote(1, step=2))) == ["s2"]  # a stored group read inside the actor
+    got = decode_batch(ray.get(a.get_encoded.remote(3, step=0)))
+    assert ids(got) == ["e0", "e1", "o0"] and got[0] == group("e0", 1) and got[2] == group("o0", 1)
+    ray.get(a.put_encoded.remote(encode_batch([group("e2", 1)])))
+    assert ids(ray.get(a.get.remote(1, step=1))) == ["e2"]  # an encoded group decoded inside the actor
     counts = ray.get(a.check_ledger.remote())
-    assert (counts["trained"], counts["queued"]) == (5, 0)
+    assert (counts["trained"], counts["queued"]) == (4, 0)
 
 
-def test_put_split_from_asyncio(actor):
-    import asyncio
-
-    a = actor(async_buffer_size=8)
-
-    async def produce() -> int:  # two batches in flight, as an asyncio producer would send them
-        first = asyncio.ensure_future(put_split(a, *encode_split([group("x0", 1), group("x1", 1)])))
-        second = asyncio.ensure_future(put_split(a, *encode_split([group("x2", 1)])))
-        return sum(await asyncio.gather(first, second))
-
-    assert asyncio.run(produce()) == 3
-    assert sorted(ids(get_groups(a, 3, step=0, timeout=10))) == ["x0", "x1", "x2"]  # the two puts may race
-
-
-def test_stored_groups_survive_their_producer_and_a_checkpoint(actor, tmp_path):
+def test_encoded_groups_survive_their_producer_and_a_checkpoint(actor, tmp_path):
     a = actor(async_buffer_size=8, stale_policy="regenerate", max_staleness=0)
     p = Producer.remote()
     assert ray.get(p.put.remote(a, ["p0", "p1", "p2"])) == 3
-    ray.kill(p)  # the producer process dies: the buffer owns the objects, so its groups stay readable
-    ray.get(a.set_version.remote(2))  # p0..p2 (version 1) are stale now: regenerate reads one inside the actor
-    ray.get(put_groups(a, [group("fresh", 2)]))
-    assert ids(get_groups(a, 1, step=0, timeout=10)) == ["fresh"]
+    ray.kill(p)  # the producer process dies: its groups are bytes held by the buffer
+    ray.get(a.set_version.remote(2))  # p0..p2 (version 1) are stale now: regenerate decodes one inside the actor
+    ray.get(a.put_encoded.remote(encode_batch([group("fresh", 2)])))
+    assert ids(decode_batch(ray.get(a.get_encoded.remote(1, step=0, timeout=10)))) == ["fresh"]
     regen = ray.get(a.take_regenerate.remote(1))
     assert ids(regen) == ["p0"] and regen[0][0].response_length == 0 and regen[0][0].tokens == [1, 2, 3]
+    assert regen[0][0].discarded_tokens == {"stale_regenerate": 2}  # the token ledger keeps what was dropped
     b_args = dict(async_buffer_size=8, stale_policy="regenerate", max_staleness=5)
     c = actor(**b_args)
-    ray.get(put_groups(c, [group("q0", 1), group("q1", 1)]))
+    ray.get(c.put_encoded.remote(encode_batch([group("q0", 1), group("q1", 1)])))
     path = str(tmp_path / "buf")
-    ray.get(c.save.remote(path))  # stored groups are fetched into the checkpoint
+    ray.get(c.save.remote(path))
     d = actor(**b_args)
     ray.get(d.load.remote(path))
-    assert fetch_groups(ray.get(d.get_stored.remote(2, step=0))) == fetch_groups(ray.get(c.get_stored.remote(2, 0)))
+    assert ray.get(d.get_encoded.remote(2, step=0)) == ray.get(c.get_encoded.remote(2, 0))
 
 
 def test_producer_killed_while_blocked_in_put(actor):

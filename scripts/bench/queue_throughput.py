@@ -9,16 +9,14 @@ Samples are real `Sample`s of 512 tokens (64 prompt + 448 response) with per-tok
 reward, in groups of 8; every group gets a fresh group_id, so the buffer's ledger tracks each one. Paths:
   * queue:   `ray.util.queue.Queue`, `put(sample)` / `get()` one sample per call (the baseline);
   * objects: `RolloutBuffer.put(groups)` / `get(n)`: batches of Sample objects, pickled by Ray;
-  * encoded: `put_encoded(encode_batch(groups))` / `get_encoded(n)`: msgpack bytes that the buffer never decodes;
-  * store:   `buffers.store.put_split` / `get_stored` + `fetch_groups`: the msgpack body goes to the Ray object
-    store once (owned by the buffer actor; the write overlaps the next batch's encoding); the buffer moves only
-    metadata and ObjectRefs; the trainer reads the body in place.
-`*_samples_per_s`: the consumer ends with each batch as msgpack bytes of `list[list[Sample]]` (what the trainer
-decodes when it builds its batch); `store_decoded_samples_per_s`: it also decodes every batch into Samples inside
-the timed loop. The producer encodes inside the timed loop in every path; `producer_alone_samples_per_s` is its own
-ceiling (encode + object-store write, nothing else), the bound of every single-producer path. The buffer's ledger is
-checked after each run. Each figure is the best of `--repeats` runs (the paths interleaved), since other work on a
-small shared machine comes and goes. Prints one JSON line; `ratio` = store / queue.
+  * encoded: `put_encoded(encode_batch(groups))` / `get_encoded(n)`: msgpack bytes with their metadata beside them,
+    which the buffer never decodes: the path the producers and the driver take in a job
+    (`RolloutManager._queue`, `pipelines/async_loop._get_batch`);
+  * encoded_decoded: the same, the consumer also decoding every batch into Samples inside the timed loop (as the
+    driver does before it builds the train batch).
+The producer encodes inside the timed loop; `producer_alone_samples_per_s` is its own ceiling (encoding only). The
+buffer's ledger is checked after each run. Each figure is the best of `--repeats` runs (the paths interleaved),
+since other work on a small shared machine comes and goes. Prints one JSON line; `ratio` = encoded / queue.
 
     python scripts/bench/queue_throughput.py [--seconds 1.5] [--repeats 2]
 """
@@ -37,7 +35,6 @@ import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
-import types  # noqa: E402
 from collections import deque  # noqa: E402
 
 GROUP, PROMPT, RESPONSE = 8, 64, 448
@@ -75,13 +72,10 @@ class Producer:
         return self.templates
 
     async def to_buffer(self, buf, batches: int, mode: str, inflight: int = 2) -> int:
-        import asyncio
+        from streamrl.wire import encode_batch
 
-        from buffers.store import put_split
-        from buffers.wire import encode_batch, encode_split
-
-        send = {"objects": lambda g: buf.put.remote(g), "encoded": lambda g: buf.put_encoded.remote(encode_batch(g)),
-                "store": lambda g: asyncio.ensure_future(put_split(buf, *encode_split(g)))}[mode]
+        send = {"objects": lambda g: buf.put.remote(g),
+                "encoded": lambda g: buf.put_encoded.remote(encode_batch(g))}[mode]
         refs: deque = deque()
         for b in range(batches):  # every path serializes before returning: re-labelling the templates is safe
             refs.append(send(self._batch(b)))
@@ -92,17 +86,12 @@ class Producer:
         return batches
 
     def alone(self, batches: int) -> float:
-        """The producer's own ceiling: encode + write to the object store, no buffer, no consumer (samples/s)."""
-        import numpy as np
-        import ray
-
-        from buffers.wire import encode_split
+        """The producer's own ceiling: encoding only, no buffer, no consumer (samples/s)."""
+        from streamrl.wire import encode_batch
 
         t0 = time.perf_counter()
         for b in range(batches):
-            _, body = encode_split(self._batch(b))
-            ref = ray.put(np.frombuffer(body, dtype=np.uint8))
-            del ref  # freed at once, as a consumed batch would be
+            encode_batch(self._batch(b))
         return batches * PER_CALL * GROUP / (time.perf_counter() - t0)
 
     def to_queue(self, q, n: int) -> int:
@@ -129,13 +118,13 @@ def bench_queue(ray, producer, n: int) -> float:
 
 def bench_buffer(ray, producer, batches: int, mode: str, decode: bool) -> float:
     from buffers import decode_batch, make_buffer_actor
-    from buffers.store import fetch_groups
+    from streamrl.config import default_args
 
-    args = types.SimpleNamespace(async_buffer_size=4 * PER_CALL, max_staleness=1, stale_policy="drop",
-                                 buffer_filter_path=None, n_samples_per_prompt=GROUP)
+    args = default_args(async_buffer_size=4 * PER_CALL, max_staleness=1, stale_policy="drop",
+                        n_samples_per_prompt=GROUP, rollout_batch_size=PER_CALL)
     buf = make_buffer_actor(args)
     ray.get(buf.size.remote())
-    get = {"objects": buf.get, "encoded": buf.get_encoded, "store": buf.get_stored}[mode]
+    get = {"objects": buf.get, "encoded": buf.get_encoded}[mode]
     t0 = time.perf_counter()
     prod = producer.to_buffer.remote(buf, batches, mode)
     pending, samples = get.remote(PER_CALL, 0), 0
@@ -143,8 +132,6 @@ def bench_buffer(ray, producer, batches: int, mode: str, decode: bool) -> float:
         out = ray.get(pending)
         if step + 1 < batches:  # the next get runs in the actor while this batch is handled here
             pending = get.remote(PER_CALL, step + 1)
-        if mode == "store":
-            out = fetch_groups(out, decode=False)
         if decode:
             out = decode_batch(out)
         samples += sum(len(g) for g in out) if not isinstance(out, bytes) else PER_CALL * GROUP
@@ -180,9 +167,8 @@ def main() -> None:
                  "producer_alone": lambda: ray.get(producer.alone.remote(sized(50_000))),
                  "objects": lambda: bench_buffer(ray, producer, sized(5_000), "objects", False),
                  "encoded": lambda: bench_buffer(ray, producer, sized(40_000), "encoded", False),
-                 "store": lambda: bench_buffer(ray, producer, sized(50_000), "store", False),
-                 "store_decoded": lambda: bench_buffer(ray, producer, sized(20_000), "store", True)}
-        bench_buffer(ray, producer, 4, "store", False)  # warm-up: imports, first actor
+                 "encoded_decoded": lambda: bench_buffer(ray, producer, sized(20_000), "encoded", True)}
+        bench_buffer(ray, producer, 4, "encoded", False)  # warm-up: imports, first actor
         r = {k: 0.0 for k in paths}
         for _ in range(a.repeats):  # best of N, paths interleaved: this machine's load comes and goes
             for k, fn in paths.items():
@@ -193,9 +179,9 @@ def main() -> None:
     print(json.dumps({
         "sample_tokens": PROMPT + RESPONSE, "group_size": GROUP, "groups_per_call": PER_CALL,
         **{f"{k}_samples_per_s": round(v) for k, v in r.items()},
-        "ratio": round(r["store"] / q, 1), **{f"ratio_{k}": round(r[k] / q, 1) for k in ("objects", "encoded",
-                                                                                           "store_decoded")},
-        "target_met": r["store"] >= 50 * q and r["store"] >= 50_000, "best_of": a.repeats, "cpus": os.cpu_count(),
+        "ratio": round(r["encoded"] / q, 1), "encoded_vs_objects": round(r["encoded"] / r["objects"], 1),
+        **{f"ratio_{k}": round(r[k] / q, 1) for k in ("objects", "encoded_decoded")},
+        "target_met": r["encoded"] >= 50 * q, "best_of": a.repeats, "cpus": os.cpu_count(),
     }))
 
 
