@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 from pathlib import Path
 
 import pytest
+from faultutil import signal_after_step
 
 from streamrl.config import default_args
 
@@ -24,17 +24,6 @@ def ray_cluster():
     ray.init(num_cpus=4, include_dashboard=False)
     yield ray
     ray.shutdown()
-
-
-def _fault_after_step(metrics: Path, step: int, pid_box: dict, sig: int, done: threading.Event,
-                      stop: threading.Event) -> None:
-    """Send `sig` to the engine process once `step` steps are logged (polling the metrics file)."""
-    while not stop.wait(0.1):  # polling a condition
-        if metrics.exists() and any(json.loads(x).get("step", 0) >= step and "reward" in x
-                                    for x in metrics.read_text().splitlines()):
-            os.kill(pid_box["pid"], sig)
-            done.set()
-            return
 
 
 @pytest.mark.parametrize("fault", ["kill", "freeze"])
@@ -68,15 +57,12 @@ def test_job_goes_on_when_an_engine_dies(ray_cluster, tiny_ckpt, sort_data, tmp_
         update_weights_interval=1, max_staleness=1, partial_rollout=True, use_tis=True,
         check_weight_update_equal=True, run_dir=str(tmp_path / "run"), rollout_stream=fault == "freeze",
         rollout_health_check_interval=0.5, rollout_health_check_timeout=3.0, use_fault_tolerance=True)
-    metrics, done, stop = tmp_path / "run" / "metrics.jsonl", threading.Event(), threading.Event()
+    metrics = tmp_path / "run" / "metrics.jsonl"
     sig = signal.SIGKILL if fault == "kill" else signal.SIGSTOP
-    killer = threading.Thread(target=_fault_after_step, args=(metrics, 2, box, sig, done, stop))
-    killer.start()
     try:
-        summary = run(args)
+        with signal_after_step(metrics, 2, box, sig) as done:
+            summary = run(args)
     finally:
-        stop.set()
-        killer.join()
         if fault == "freeze" and "pid" in box:  # the pool killed it; make sure, by its pid, before Ray goes
             try:
                 os.kill(box["pid"], signal.SIGKILL)

@@ -10,13 +10,12 @@ quarter as in the first) and that the group and token ledgers balance.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import threading
 from pathlib import Path
 from statistics import mean
 
 import pytest
+from faultutil import signal_after_step
 
 from streamrl.config import default_args
 
@@ -33,15 +32,6 @@ def ray_cluster():
     ray.init(num_cpus=4, include_dashboard=False)
     yield ray
     ray.shutdown()
-
-
-def _kill_after_step(metrics: Path, step: int, box: dict, done: threading.Event, stop: threading.Event) -> None:
-    while not stop.wait(0.2):  # polling a condition: the metrics file
-        rows = metrics.read_text().splitlines() if metrics.exists() else []
-        if any(json.loads(x).get("step", 0) >= step and "reward" in x for x in rows):
-            os.kill(box["pid"], signal.SIGKILL)
-            done.set()
-            return
 
 
 @pytest.mark.parametrize("stale_policy", ["regenerate", "drop"])
@@ -69,15 +59,10 @@ def test_soak_stays_async_and_accounts_for_everything(ray_cluster, tiny_ckpt, so
         buffer_filter_path="lifo", stale_policy=stale_policy, run_dir=str(tmp_path / "run"),
         rollout_health_check_interval=0.5, rollout_health_check_timeout=3.0, use_fault_tolerance=True,
         log_interval=50)
-    metrics, done, stop = tmp_path / "run" / "metrics.jsonl", threading.Event(), threading.Event()
-    killer = threading.Thread(target=_kill_after_step, args=(metrics, KILL_AT, box, done, stop))
-    killer.start()
-    try:
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with signal_after_step(metrics, KILL_AT, box, signal.SIGKILL) as killed:
         summary = run(args)
-    finally:
-        stop.set()
-        killer.join()
-    assert done.is_set()
+    assert killed.is_set()
     rows = [json.loads(x) for x in metrics.read_text().splitlines()]
     steps = [r for r in rows if "reward" in r and "step" in r]
     assert len(steps) == STEPS
