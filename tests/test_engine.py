@@ -16,7 +16,7 @@ from streamrl.rollout.engine.actor import EmbeddedEngine, make_engine_actor
 from streamrl.rollout.engine.protocol import SamplingParams
 from streamrl.rollout.engine.sampling import sample_tokens
 from streamrl.rollout.engine.scheduler import Request, Scheduler
-from streamrl.rollout.engine.weights import (
+from streamrl.weights.tensor import (
     deserialize_named_tensors,
     encode_update_request,
     serialize_named_tensors,

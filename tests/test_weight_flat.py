@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from streamrl.models.tiny import tiny_config
 from streamrl.rollout.engine.flat import ALIGN_BYTES, aligned, flatten_parameters
-from streamrl.sync.cuda_ipc import IpcBucket, bucket_layout, copy_plan
+from streamrl.weights.layout import IpcBucket, bucket_layout, copy_plan
 
 
 def _model(seed: int):

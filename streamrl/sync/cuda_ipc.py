@@ -20,28 +20,7 @@ from typing import Any
 
 import msgspec
 
-
-class IpcBucket(msgspec.Struct, kw_only=True):
-    """One flat CUDA buffer shared by handle; tensor i is `flat[offsets[i]: offsets[i] + numel(shapes[i])]`."""
-
-    handle: list[Any]  # torch.UntypedStorage._share_cuda_() fields: bytes / ints / bool
-    dtype: str  # "bfloat16", "float32", ...
-    numel: int
-    names: list[str]
-    shapes: list[list[int]]
-    offsets: list[int]
-
-
-class UpdateWeightsFromIpcRequest(msgspec.Struct, kw_only=True):
-    buckets: list[IpcBucket]
-    weight_version: str | None = None
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+from streamrl.weights.layout import IpcBucket, UpdateWeightsFromIpcRequest, bucket_layout
 
 
 class IpcSender:
@@ -88,92 +67,6 @@ def _allocate(named: list, bucket_bytes: int, dtype: Any) -> tuple[list[Any], li
                                  dtype=str(dt).replace("torch.", ""), numel=numel, names=[named[i][0] for i in idx],
                                  shapes=[list(named[i][1].shape) for i in idx], offsets=offsets))
     return flats, buckets, views
-
-
-def bucket_layout(tensors: list, bucket_bytes: int) -> list[tuple[Any, list[int], list[int], int]]:
-    """Split [(tensor, target dtype)] into per-dtype buckets of at most `bucket_bytes` (a bigger tensor gets its
-    own): [(dtype, tensor indices, offsets, numel)], offsets aligned as the engine's flat weights (flat.py)."""
-    from streamrl.rollout.engine.flat import aligned
-
-    open_: dict[Any, tuple[list[int], list[int], int]] = {}  # dtype -> the bucket being filled
-    out = []
-    for i, (t, dt) in enumerate(tensors):
-        idx, offs, end = open_.get(dt, ([], [], 0))
-        off = aligned(end, dt.itemsize)
-        if idx and (off + t.numel()) * dt.itemsize > bucket_bytes:
-            out.append((dt, idx, offs, end))
-            idx, offs, off = [], [], 0
-        open_[dt] = (idx + [i], offs + [off], off + t.numel())
-    out.extend((dt, idx, offs, end) for dt, (idx, offs, end) in open_.items())
-    return out
-
-
-_OPENED: dict[bytes, tuple[Any, list[tuple[str, Any]]]] = {}  # engine side: handle -> (flat, views), opened once
-_PLANS: dict[bytes, list[tuple[Any, Any]]] = {}  # engine side: bucket -> [(destination, source)] copies
-
-
-def _key(b: IpcBucket) -> bytes:
-    h = b.handle
-    return bytes(h[1]) + h[3].to_bytes(8, "little") + repr((b.dtype, b.numel, b.names, b.offsets)).encode()
-
-
-def open_buckets(buckets: list[IpcBucket]) -> list[tuple[str, Any]]:
-    """Engine side: views into the trainer's buckets, [(name, tensor)] (handles opened once per bucket)."""
-    import torch
-
-    out = []
-    for b in buckets:
-        key = _key(b)
-        hit = _OPENED.get(key)
-        if hit is None:
-            h = b.handle
-            storage = torch.UntypedStorage._new_shared_cuda(h[0], bytes(h[1]), h[2], h[3], bytes(h[4]), h[5],
-                                                            bytes(h[6]) if h[6] else h[6], h[7])
-            flat = torch.empty(0, dtype=getattr(torch, b.dtype), device=f"cuda:{h[0]}").set_(storage, 0, (b.numel,))
-            views = [(name, flat[off : off + _numel(shape)].view(shape))
-                     for name, shape, off in zip(b.names, b.shapes, b.offsets, strict=True)]
-            hit = _OPENED[key] = (flat, views)
-        out.extend(hit[1])
-    return out
-
-
-def copy_plan(buckets: list[IpcBucket], flats: list[Any], flat_index: dict, params: dict) -> list[tuple[Any, Any]]:
-    """Engine side: [(destination, source)] device copies that load `buckets` (mapped as `flats`) into the model.
-
-    A bucket whose tensors sit in the engine's flat weights (`flat_index`, flat.py) at the same relative offsets
-    becomes ONE contiguous copy; any other bucket is copied tensor by tensor into `params` (state-dict views).
-    Names, shapes and dtypes are checked first: ValueError, nothing written.
-    """
-    pairs = []
-    for b, flat in zip(buckets, flats, strict=True):
-        for name, shape in zip(b.names, b.shapes, strict=True):
-            if name not in params:
-                raise ValueError(f"unknown parameter name {name!r}")
-            if tuple(shape) != tuple(params[name].shape):
-                raise ValueError(f"{name}: shape {tuple(shape)} != model shape {tuple(params[name].shape)}")
-        first = flat_index.get(b.names[0]) if b.names else None
-        one_range = first is not None and str(first.flat.dtype).replace("torch.", "") == b.dtype and all(
-            (s := flat_index.get(n)) is not None and s.flat is first.flat and s.offset - first.offset == off
-            for n, off in zip(b.names, b.offsets, strict=True))
-        if one_range:
-            end = b.offsets[-1] + _numel(b.shapes[-1])
-            pairs.append((first.flat[first.offset : first.offset + end], flat[:end]))
-        else:
-            pairs += [(params[n], flat[off : off + _numel(shape)].view(shape))
-                      for n, shape, off in zip(b.names, b.shapes, b.offsets, strict=True)]
-    return pairs
-
-
-def engine_copy_plan(buckets: list[IpcBucket], flat_index: dict, params: dict) -> list[tuple[Any, Any]]:
-    """`copy_plan` for buckets received over HTTP: handles opened and plans built once per bucket."""
-    open_buckets(buckets)
-    out = []
-    for b in buckets:
-        key = _key(b)
-        if key not in _PLANS:
-            _PLANS[key] = copy_plan([b], [_OPENED[key][0]], flat_index, params)
-        out += _PLANS[key]
-    return out
 
 
 _SENDER = IpcSender()

@@ -26,7 +26,7 @@ def buckets(named: list, limit_bytes: int) -> list[list]:
 
 def stage_named_tensors(named: list, version: int, bucket_bytes: int) -> Callable[[list[str]], dict]:
     """Serialize the buckets now (engines may still generate); returns `push(engine_urls)` that posts them."""
-    from streamrl.rollout.engine.weights import encode_update_request
+    from streamrl.weights.tensor import encode_update_request
 
     t0 = time.time()
     parts = buckets(named, bucket_bytes)

@@ -19,42 +19,8 @@ from typing import Any
 
 import msgspec
 
-from streamrl.sync.cuda_ipc import IpcBucket, bucket_layout
-
-PREFIX = "/dev/shm/streamrl-weights-"
-
-
-class UpdateWeightsFromPinnedRequest(msgspec.Struct, kw_only=True):
-    path: str  # PREFIX...
-    nbytes: int
-    buckets: list[IpcBucket]  # `handle` unused
-    byte_offsets: list[int]  # where each bucket starts in the file
-    weight_version: str | None = None
-
-
-def _map(path: str, nbytes: int, create: bool) -> Any:
-    """The file as a pinned uint8 tensor (MAP_SHARED)."""
-    import torch
-
-    if create:
-        with open(path, "wb") as f:
-            f.truncate(nbytes)
-    t = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
-    if torch.cuda.is_available():
-        err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0)
-        if int(err) != 0:
-            raise RuntimeError(f"cudaHostRegister of {path} ({nbytes} bytes) failed: {err}")
-    return t
-
-
-def _views(host: Any, buckets: list[IpcBucket], byte_offsets: list[int]) -> list[Any]:
-    import torch
-
-    out = []
-    for b, start in zip(buckets, byte_offsets, strict=True):
-        dt = getattr(torch, b.dtype)
-        out.append(host[start : start + b.numel * dt.itemsize].view(dt))
-    return out
+from streamrl.weights.layout import IpcBucket, aligned, bucket_layout
+from streamrl.weights.pinned import PREFIX, UpdateWeightsFromPinnedRequest, bucket_views, map_file
 
 
 class PinnedSender:
@@ -77,8 +43,6 @@ class PinnedSender:
         return self.request
 
     def _allocate(self, named: list, bucket_bytes: int, dtype: Any) -> None:
-        from streamrl.rollout.engine.flat import aligned
-
         target = [(t, dtype if dtype is not None and t.is_floating_point() else t.dtype) for _, t in named]
         layout = bucket_layout(target, bucket_bytes)
         buckets, byte_offsets, end = [], [], 0
@@ -90,10 +54,10 @@ class PinnedSender:
                                      offsets=offsets))
             end += numel * dt.itemsize
         path = f"{PREFIX}{os.getpid()}-{len(buckets)}-{end}"
-        host = _map(path, end, create=True)
+        host = map_file(path, end, create=True)
         self.linked = True  # the name is removed once every engine has mapped the file (see stage_pinned)
         atexit.register(lambda: os.path.exists(path) and os.unlink(path))
-        flats = _views(host, buckets, byte_offsets)
+        flats = bucket_views(host, buckets, byte_offsets)
         self.views = [None] * len(named)
         for flat, (_, idx, offsets, _) in zip(flats, layout, strict=True):
             for i, off in zip(idx, offsets, strict=True):
@@ -129,23 +93,3 @@ def stage_pinned(named: list, version: int, bucket_bytes: int, dtype: Any = None
                 "sync_bytes": float(req.nbytes), "sync_buckets": float(len(req.buckets))}
 
     return push
-
-
-_OPENED: dict[str, tuple[Any, list]] = {}  # engine side: path -> (pinned host tensor, copy plan)
-
-
-def engine_copy_plan_pinned(req: UpdateWeightsFromPinnedRequest, flat_index: dict, params: dict) -> list:
-    """Engine side: [(destination, pinned source)] copies for `req` (file mapped and plan built once per file)."""
-    from streamrl.sync.cuda_ipc import copy_plan
-
-    real = os.path.realpath(req.path)
-    if not real.startswith(PREFIX) or "/" in real[len(PREFIX):]:
-        raise ValueError(f"refusing to map {req.path!r}: not a streamrl weights file ({PREFIX}*)")
-    hit = _OPENED.get(real)
-    if hit is None:
-        if os.path.getsize(real) != req.nbytes:
-            raise ValueError(f"{real}: {os.path.getsize(real)} bytes, the request says {req.nbytes}")
-        host = _map(real, req.nbytes, create=False)
-        plan = copy_plan(req.buckets, _views(host, req.buckets, req.byte_offsets), flat_index, params)
-        hit = _OPENED[real] = (host, plan)
-    return hit[1]

@@ -12,14 +12,9 @@ from typing import NamedTuple
 
 import torch
 
-ALIGN_BYTES = 256  # keeps every tensor's address 256-byte aligned, as the caching allocator would
+from streamrl.weights.layout import ALIGN_BYTES, aligned
 
-
-def aligned(offset: int, itemsize: int) -> int:
-    """`offset` (elements) rounded up so that offset * itemsize is a multiple of ALIGN_BYTES."""
-    step = max(1, ALIGN_BYTES // itemsize)
-    return -(-offset // step) * step
-
+__all__ = ["ALIGN_BYTES", "FlatSlot", "aligned", "flatten_parameters"]
 
 class FlatSlot(NamedTuple):
     flat: torch.Tensor  # the dtype's flat buffer

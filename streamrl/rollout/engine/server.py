@@ -24,6 +24,8 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from streamrl.weights.tensor import UpdateWeightsFromTensorRequest, deserialize_named_tensors
+
 from .protocol import (
     AbortRequest,
     ErrorBody,
@@ -36,7 +38,6 @@ from .protocol import (
     check_context,
 )
 from .scheduler import Request, RequestOutput, Scheduler
-from .weights import UpdateWeightsFromTensorRequest, deserialize_named_tensors
 
 _BAD_INPUT = (msgspec.DecodeError, msgspec.ValidationError, ValueError)
 
@@ -239,7 +240,9 @@ def build_app(scheduler: Scheduler, *, loader: Callable[[str], Any] | None = Non
 
     async def update_from_ipc(request: HttpRequest) -> Response:
         """CUDA IPC buckets from a trainer on the same GPU (streamrl/sync/cuda_ipc.py); copied on the device."""
-        from streamrl.sync.cuda_ipc import UpdateWeightsFromIpcRequest, engine_copy_plan
+        from streamrl.weights.layout import UpdateWeightsFromIpcRequest
+
+        from .receive import engine_copy_plan
 
         try:
             body = msgspec.msgpack.decode(await request.body(), type=UpdateWeightsFromIpcRequest)
@@ -261,7 +264,9 @@ def build_app(scheduler: Scheduler, *, loader: Callable[[str], Any] | None = Non
 
     async def update_from_pinned(request: HttpRequest) -> Response:
         """Host-pinned shared memory from a trainer on this host (streamrl/sync/pinned.py); one H2D copy per bucket."""
-        from streamrl.sync.pinned import UpdateWeightsFromPinnedRequest, engine_copy_plan_pinned
+        from streamrl.weights.pinned import UpdateWeightsFromPinnedRequest
+
+        from .receive import engine_copy_plan_pinned
 
         try:
             body = msgspec.msgpack.decode(await request.body(), type=UpdateWeightsFromPinnedRequest)
