@@ -113,8 +113,8 @@ def engine_spawner(args: argparse.Namespace) -> Any:
         from streamrl.rollout.sglang.launcher import spawn_sglang_engine
 
         return lambda index: spawn_sglang_engine(args, index)
-    from streamrl.rollout.engine.actor import make_engine_actor
-    from streamrl.rollout.engine.kv import DEFAULT_MAX_PREFILL_TOKENS
+    from streamrl.engine.actor import make_engine_actor
+    from streamrl.engine.kv import DEFAULT_MAX_PREFILL_TOKENS
 
     engine_gpus, _ = gpu_shares(args)
     cls = make_engine_actor(num_cpus=0, num_gpus=engine_gpus)

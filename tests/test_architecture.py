@@ -115,11 +115,11 @@ def test_graph_sees_top_level_lazy_and_relative_imports():
     g = import_graph()
     assert "streamrl.types" in g["streamrl.rollout.manager"]  # top level
     assert "buffers.queue" in g["pipelines.launch"]  # inside a function
-    assert "streamrl.rollout.engine.scheduler" in g["streamrl.rollout.engine.actor"]  # relative
+    assert "streamrl.engine.scheduler" in g["streamrl.engine.actor"]  # relative
 
 
 def test_weight_sync_and_engine_meet_only_in_the_weight_wire_format():
     bad = [f"{m} -> {d}" for m, deps in import_graph().items() for d in deps
-           if (m.startswith("streamrl.sync") and d.startswith("streamrl.rollout.engine"))
-           or (m.startswith("streamrl.rollout.engine") and d.startswith("streamrl.sync"))]
+           if (m.startswith("streamrl.sync") and d.startswith("streamrl.engine"))
+           or (m.startswith("streamrl.engine") and d.startswith("streamrl.sync"))]
     assert bad == []  # both sides import streamrl.weights instead

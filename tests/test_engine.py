@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from streamrl.rollout.engine.actor import EmbeddedEngine, make_engine_actor
-from streamrl.rollout.engine.protocol import SamplingParams
-from streamrl.rollout.engine.sampling import sample_tokens
-from streamrl.rollout.engine.scheduler import Request, Scheduler
+from streamrl.engine.actor import EmbeddedEngine, make_engine_actor
+from streamrl.engine.protocol import SamplingParams
+from streamrl.engine.sampling import sample_tokens
+from streamrl.engine.scheduler import Request, Scheduler
 from streamrl.weights.tensor import (
     deserialize_named_tensors,
     encode_update_request,
@@ -447,7 +447,7 @@ def test_mem_fraction_static_sizes_the_kv_slots():
     """--sglang-mem-fraction-static for the embedded engine: weights + KV slots within the fraction of the GPU."""
     from types import SimpleNamespace
 
-    from streamrl.rollout.engine.actor import kv_bytes_per_slot, kv_slots_for_budget
+    from streamrl.engine.actor import kv_bytes_per_slot, kv_slots_for_budget
 
     cfg = SimpleNamespace(hidden_size=1024, num_attention_heads=16, head_dim=128, num_key_value_heads=8,
                           num_hidden_layers=28)  # Qwen3-0.6B
@@ -468,8 +468,8 @@ def test_mem_fraction_static_sizes_the_kv_slots():
 
 def test_kv_slot_estimate_matches_the_slot_cache(tiny_ckpt):
     """The budget's bytes per slot are what StaticKV really allocates (capped by the model's positions)."""
-    from streamrl.rollout.engine.actor import kv_bytes_per_slot, load_model
-    from streamrl.rollout.engine.static_kv import StaticKV
+    from streamrl.engine.actor import kv_bytes_per_slot, load_model
+    from streamrl.engine.static_kv import StaticKV
 
     model = load_model(tiny_ckpt)
     for ctx in (100, 1024):
@@ -480,7 +480,7 @@ def test_kv_slot_estimate_matches_the_slot_cache(tiny_ckpt):
 def test_spawn_engine_process_serves_and_reports_a_crash(tiny_ckpt, tmp_path):
     """The separate-process engine used by the GPU test and the weight-sync bench: it answers, and a process that
     dies before /health is reported at once, not after the timeout."""
-    from streamrl.rollout.engine.actor import spawn_engine_process
+    from streamrl.engine.actor import spawn_engine_process
 
     proc, url = spawn_engine_process(tiny_ckpt, device="cpu", max_running_requests=4)
     try:

@@ -13,8 +13,8 @@ import anyio
 import httpx
 import pytest
 
+from streamrl.engine.actor import EmbeddedEngine
 from streamrl.rollout.client import EngineClient, EngineError, NoEngineError
-from streamrl.rollout.engine.actor import EmbeddedEngine
 from streamrl.sync.base import sync_weights
 
 GREEDY = {"max_new_tokens": 4, "temperature": 0.0, "ignore_eos": True}

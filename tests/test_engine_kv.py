@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from streamrl.rollout.engine.kv import KVBatch
-from streamrl.rollout.engine.protocol import SamplingParams
-from streamrl.rollout.engine.scheduler import Request, Scheduler
+from streamrl.engine.kv import KVBatch
+from streamrl.engine.protocol import SamplingParams
+from streamrl.engine.scheduler import Request, Scheduler
 
 torch.set_num_threads(1)
 VOCAB = 64
@@ -249,7 +249,7 @@ def test_embedded_engine_kv_cache_flag(tmp_path):
     """The flag reaches the scheduler through EmbeddedEngine; both engines answer the same over HTTP."""
     import httpx
 
-    from streamrl.rollout.engine.actor import EmbeddedEngine
+    from streamrl.engine.actor import EmbeddedEngine
 
     tiny(0).save_pretrained(tmp_path)
     body = {"input_ids": [[5, 6, 7, 8], [1, 2]], "return_logprob": True,

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from streamrl.rollout.engine.actor import EmbeddedEngine
+from streamrl.engine.actor import EmbeddedEngine
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,13 @@ import threading
 import pytest
 import torch
 
-from streamrl.rollout.engine.protocol import SamplingParams
-from streamrl.rollout.engine.scheduler import Request, Scheduler
+from streamrl.engine.protocol import SamplingParams
+from streamrl.engine.scheduler import Request, Scheduler
 
 
 @pytest.fixture(scope="module")
 def model(tiny_ckpt):
-    from streamrl.rollout.engine.actor import load_model
+    from streamrl.engine.actor import load_model
 
     return load_model(tiny_ckpt)
 
@@ -67,7 +67,7 @@ def test_prefill_in_token_budget_chunks_gives_the_same_tokens(model, backend):
 
 
 def test_prefill_chunks_pack_longest_first_within_the_budget():
-    from streamrl.rollout.engine.kv import prefill_chunks
+    from streamrl.engine.kv import prefill_chunks
 
     class R:
         def __init__(self, n):
@@ -95,7 +95,7 @@ def test_flash_decode_plumbing_matches_sdpa_with_a_reference_kernel(model, monke
     """The varlen FlashAttention branch (CUDA only) with the kernel replaced by a plain reference of its contract:
     the slot views, offsets, used lengths and GQA head mapping give the SDPA branch's logits, rows joining and
     leaving. The real kernel is compared on a GPU (tests/test_gpu.py)."""
-    import streamrl.rollout.engine.static_kv as skv
+    import streamrl.engine.static_kv as skv
 
     def reference(q, k, v, cu_q, cu_k, max_k, used_k):  # q [n,H,D]; k/v [n*max_len,KV,D]
         out = []
@@ -173,7 +173,7 @@ def test_keep_kv_on_update_continues_on_the_old_weights_cache(model, backend):
 def test_slot_compaction_moves_every_layer_in_one_go(model):
     """Rows leaving from the middle and the end (several per step): each remaining request's K/V, in every layer,
     is its own, at its own length, and the slots stay compacted."""
-    from streamrl.rollout.engine.static_kv import StaticKV
+    from streamrl.engine.static_kv import StaticKV
 
     kv = StaticKV(model, slots=8, max_len=64, use_graphs=False)
     reqs = [object() for _ in range(8)]

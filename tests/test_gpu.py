@@ -8,7 +8,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(scope="module")
 def cuda_model(tiny_ckpt):
-    from streamrl.rollout.engine.actor import load_model
+    from streamrl.engine.actor import load_model
 
     return load_model(tiny_ckpt, "cuda")
 
@@ -28,8 +28,8 @@ def test_flash_decode_matches_sdpa_with_mixed_lengths(tiny_ckpt):
     decode's logits, with rows of very different lengths joining and leaving (slot compaction), under CUDA graphs."""
     import torch
 
-    from streamrl.rollout.engine.actor import load_model
-    from streamrl.rollout.engine.static_kv import StaticKV
+    from streamrl.engine.actor import load_model
+    from streamrl.engine.static_kv import StaticKV
 
     class Row:
         def __init__(self, prompt):
@@ -64,7 +64,7 @@ def test_cuda_ipc_sync_is_exact(tiny_ckpt, engine_dtype):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from streamrl.rollout.engine.actor import spawn_engine_process
+    from streamrl.engine.actor import spawn_engine_process
     from streamrl.sync.base import sync_weights
     from streamrl.sync.cuda_ipc import push_ipc
 
@@ -94,7 +94,7 @@ def test_mem_fraction_static_caps_the_engine_kv_cache(tiny_ckpt):
     requests, and the slot cache allocates exactly that many."""
     import torch
 
-    from streamrl.rollout.engine.actor import EmbeddedEngine, kv_bytes_per_slot, load_model, model_bytes
+    from streamrl.engine.actor import EmbeddedEngine, kv_bytes_per_slot, load_model, model_bytes
 
     total = torch.cuda.get_device_properties(0).total_memory
     probe = load_model(tiny_ckpt, dtype=torch.bfloat16)
@@ -116,8 +116,8 @@ def test_engine_step_stats_with_cuda_events(cuda_model):
     greedy tokens joining together = 1 prefill iteration + 9 decode iterations, 40 rows."""
     import threading
 
-    from streamrl.rollout.engine.protocol import SamplingParams
-    from streamrl.rollout.engine.scheduler import Request, Scheduler
+    from streamrl.engine.protocol import SamplingParams
+    from streamrl.engine.scheduler import Request, Scheduler
 
     sch = Scheduler(cuda_model, vocab_size=cuda_model.config.vocab_size, max_positions=256, eos_token_ids=[],
                     max_context_len=128)

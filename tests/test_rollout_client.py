@@ -62,7 +62,7 @@ def test_generate_is_not_retried_after_sending_but_idempotent_calls_are():
 
 
 def test_streaming_weight_versions_loads_and_workers(tiny_ckpt):
-    from streamrl.rollout.engine.actor import EmbeddedEngine
+    from streamrl.engine.actor import EmbeddedEngine
 
     with EmbeddedEngine(tiny_ckpt, weight_version="4") as eng:
         async def run():

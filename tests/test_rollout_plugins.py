@@ -43,7 +43,7 @@ class Local:
 
 @pytest.fixture(scope="module")
 def engine(tiny_ckpt):
-    from streamrl.rollout.engine.actor import EmbeddedEngine
+    from streamrl.engine.actor import EmbeddedEngine
 
     with EmbeddedEngine(tiny_ckpt, max_running_requests=32) as eng:
         yield eng.url

@@ -13,7 +13,7 @@ from starlette.routing import Route
 
 from examples.calculator_tool.generate import calculate, generate, reward
 from streamrl.config import default_args
-from streamrl.rollout.engine.server import HttpServer
+from streamrl.engine.server import HttpServer
 from streamrl.rollout.generate import set_endpoints
 from streamrl.types import Sample, Status
 

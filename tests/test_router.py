@@ -26,7 +26,7 @@ GREEDY = {"max_new_tokens": 3, "temperature": 0.0}
 
 @pytest.fixture(scope="module")
 def cluster(tiny_ckpt, tmp_path_factory):
-    from streamrl.rollout.engine.actor import EmbeddedEngine
+    from streamrl.engine.actor import EmbeddedEngine
 
     e1 = EmbeddedEngine(tiny_ckpt, weight_version="0").start()
     e2 = EmbeddedEngine(tiny_ckpt, weight_version="7").start()
@@ -208,7 +208,7 @@ def test_router_binds_loopback_only_and_dies_with_its_parent(tmp_path):
 def test_a_dead_worker_behind_the_router_is_deregistered_and_its_requests_served(cluster, tiny_ckpt):
     """A worker behind the router dies: the router's own retries serve every request from the live worker, and the
     client, finding it dead on its fan-out (abort goes to every worker), takes it out of the router too."""
-    from streamrl.rollout.engine.actor import EmbeddedEngine
+    from streamrl.engine.actor import EmbeddedEngine
 
     url, e1, _ = cluster
     e3 = EmbeddedEngine(tiny_ckpt, weight_version="9").start()

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from streamrl.engine.flat import ALIGN_BYTES, aligned, flatten_parameters
 from streamrl.models.tiny import tiny_config
-from streamrl.rollout.engine.flat import ALIGN_BYTES, aligned, flatten_parameters
 from streamrl.weights.layout import IpcBucket, bucket_layout, copy_plan
 
 

@@ -18,8 +18,8 @@ import time
 def main() -> None:
     import torch
 
+    from streamrl.engine.static_kv import StaticKV
     from streamrl.models.tiny import bench_model
-    from streamrl.rollout.engine.static_kv import StaticKV
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, nargs="*", default=[64, 256])

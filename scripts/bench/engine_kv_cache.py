@@ -18,10 +18,10 @@ import time
 
 import torch
 
+from streamrl.engine.actor import load_model
+from streamrl.engine.protocol import SamplingParams
+from streamrl.engine.scheduler import Request, Scheduler
 from streamrl.models.tiny import build_tiny_model
-from streamrl.rollout.engine.actor import load_model
-from streamrl.rollout.engine.protocol import SamplingParams
-from streamrl.rollout.engine.scheduler import Request, Scheduler
 
 
 def run_once(model, vocab: int, prompts: list[list[int]], new_tokens: int, kv_cache: bool) -> float:

@@ -26,10 +26,10 @@ class _Row:  # the two fields StaticKV reads from a scheduler Request
 def main() -> None:
     import torch
 
+    from streamrl.engine.protocol import SamplingParams
+    from streamrl.engine.scheduler import Request, Scheduler
+    from streamrl.engine.static_kv import StaticKV
     from streamrl.models.tiny import bench_model
-    from streamrl.rollout.engine.protocol import SamplingParams
-    from streamrl.rollout.engine.scheduler import Request, Scheduler
-    from streamrl.rollout.engine.static_kv import StaticKV
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32, 64, 256])

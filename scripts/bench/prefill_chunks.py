@@ -19,9 +19,9 @@ import time
 def main() -> None:
     import torch
 
+    from streamrl.engine.kv import prefill_chunks
+    from streamrl.engine.static_kv import StaticKV
     from streamrl.models.tiny import bench_model
-    from streamrl.rollout.engine.kv import prefill_chunks
-    from streamrl.rollout.engine.static_kv import StaticKV
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=64)

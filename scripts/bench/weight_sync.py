@@ -26,8 +26,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from streamrl.engine.actor import spawn_engine_process
     from streamrl.models.tiny import tiny_config
-    from streamrl.rollout.engine.actor import spawn_engine_process
     from streamrl.sync.base import sync_weights
     from streamrl.sync.cuda_ipc import stage_ipc
     from streamrl.sync.http_tensor import stage_named_tensors

@@ -51,7 +51,7 @@ def worker(kind: str, go: str, seconds: float, a) -> None:
             opt.zero_grad(set_to_none=True)
             return a.train_batch * a.train_len
     else:
-        from streamrl.rollout.engine.static_kv import StaticKV
+        from streamrl.engine.static_kv import StaticKV
 
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda().eval()
         kv = StaticKV(model, slots=a.decode_batch, max_len=512)

@@ -6,9 +6,9 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
+from streamrl.engine.sampling import sample_tokens
+from streamrl.engine.static_kv import StaticKV
 from streamrl.models.tiny import tiny_config
-from streamrl.rollout.engine.sampling import sample_tokens
-from streamrl.rollout.engine.static_kv import StaticKV
 
 
 class Row:

@@ -7,8 +7,8 @@ differ in the last bits (measured: |ℓtrainer − ℓengine| up to ~1e-6 on the
 1 ± 1e-6, not 1.
 
 What makes it exact: replay the engine's own decode path, per sample, with the engine's own code
-(`streamrl.rollout.engine.kv`: left_pad, KVBatch) and its log-prob convention
-(log_softmax(logits.float() / T)[token], see `rollout/engine/sampling.py`). That reproduces the engine only if
+(`streamrl.engine.kv`: left_pad, KVBatch) and its log-prob convention
+(log_softmax(logits.float() / T)[token], see `engine/sampling.py`). That reproduces the engine only if
 the engine also ran each request alone, so:
 
   * the engine must decode one request at a time (`--sglang-server-concurrency 1`, which the launcher passes as
@@ -39,7 +39,7 @@ def engine_replay_log_probs(model: Any, batch_tokens: list[list[int]], prompt_le
     """
     from transformers.cache_utils import DynamicCache
 
-    from streamrl.rollout.engine.kv import KVBatch, left_pad
+    from streamrl.engine.kv import KVBatch, left_pad
 
     device = next(model.parameters()).device
     vocab = model.config.get_text_config().vocab_size

@@ -1,7 +1,7 @@
 """Bucket layout of a weight sync, shared by the trainer (which packs) and the engine (which copies out).
 
 The trainer packs parameters in order into per-dtype flat buckets, each tensor at an offset rounded up to
-`ALIGN_BYTES`; the engine's flat weights (rollout/engine/flat.py) use the same rule, so a bucket maps onto one
+`ALIGN_BYTES`; the engine's flat weights (engine/flat.py) use the same rule, so a bucket maps onto one
 range of them and loads in one device copy (`copy_plan`). The bucket descriptions travel as msgpack.
 """
 

@@ -21,9 +21,9 @@ REQUIRED = {"loss", "pg_loss", "pg_clipfrac", "ppo_kl", "entropy", "tis", "tis_c
 
 def engine_samples(ckpt: str, n: int, temperature: float, max_running: int = 1) -> list:
     """Generate n samples with the embedded engine's scheduler (one request at a time by default)."""
-    from streamrl.rollout.engine.actor import load_model
-    from streamrl.rollout.engine.protocol import SamplingParams
-    from streamrl.rollout.engine.scheduler import Request, Scheduler
+    from streamrl.engine.actor import load_model
+    from streamrl.engine.protocol import SamplingParams
+    from streamrl.engine.scheduler import Request, Scheduler
 
     model = load_model(ckpt)
     sch = Scheduler(model, vocab_size=model.config.vocab_size, max_positions=256, eos_token_ids=[],

@@ -8,7 +8,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def embedded_url(tiny_ckpt):
-    from streamrl.rollout.engine.actor import EmbeddedEngine
+    from streamrl.engine.actor import EmbeddedEngine
 
     with EmbeddedEngine(tiny_ckpt, max_running_requests=16) as eng:
         yield eng.url

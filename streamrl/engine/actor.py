@@ -233,7 +233,7 @@ def spawn_engine_process(model_path: str, timeout: float = 300.0, **kwargs: Any)
     from streamrl.rollout.sglang.proc import free_port
 
     port = free_port()
-    code = ("import json, sys, time; from streamrl.rollout.engine.actor import EmbeddedEngine; "
+    code = ("import json, sys, time; from streamrl.engine.actor import EmbeddedEngine; "
             "EmbeddedEngine(sys.argv[1], **json.loads(sys.argv[2])).start(); time.sleep(1e9)")
     proc = subprocess.Popen([sys.executable, "-c", code, model_path, json.dumps({**kwargs, "port": port})],
                             env=dict(os.environ))
