@@ -173,14 +173,14 @@ def build(args: argparse.Namespace) -> Components:
     from buffers.queue import make_buffer_actor
     from streamrl.rollout.manager import RolloutManager
     from streamrl.rollout.pool import EnginePool
-    from streamrl.train.group import TrainerGroup
+    from streamrl.train.backend import make_trainer
 
     init_ray(args)
     engines, urls = start_engines(args)
     router, router_url = start_router(args, urls)
     buffer = make_buffer_actor(args)
     manager = ray.remote(num_cpus=0, max_concurrency=1000)(RolloutManager).remote(args, buffer, urls, router_url)
-    trainer = None if args.debug_rollout_only else TrainerGroup(args)  # slime's --debug-rollout-only: none
+    trainer = None if args.debug_rollout_only else make_trainer(args)  # slime's --debug-rollout-only: none
     ray.get(manager.get_stats.remote())  # surface constructor errors (bad data, bad plug-in path) now
     pool = EnginePool(args, engines, urls, manager, router_url, spawn=_replacements(args, len(engines)))
     return Components(engines, urls, buffer, manager, trainer, router, router_url, pool)

@@ -123,3 +123,16 @@ def test_weight_sync_and_engine_meet_only_in_the_weight_wire_format():
            if (m.startswith("streamrl.sync") and d.startswith("streamrl.engine"))
            or (m.startswith("streamrl.engine") and d.startswith("streamrl.sync"))]
     assert bad == []  # both sides import streamrl.weights instead
+
+
+def test_fsdp_trainer_group_implements_the_backend_interface():
+    import inspect
+
+    from streamrl.train.backend import TrainerBackend
+    from streamrl.train.group import TrainerGroup
+
+    methods = [n for n, v in vars(TrainerBackend).items() if inspect.isfunction(v) and not n.startswith("_")]
+    assert {"train_step", "stage_weights", "push_staged", "save_state", "load_state", "save_hf"} <= set(methods)
+    for name in methods:
+        want = list(inspect.signature(getattr(TrainerBackend, name)).parameters)
+        assert list(inspect.signature(getattr(TrainerGroup, name)).parameters) == want, name

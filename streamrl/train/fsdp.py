@@ -251,11 +251,6 @@ class FSDPTrainRank:
                 gathered.append((name, t.detach() if keep_on_device else t.detach().to("cpu", copy=True)))
         return gathered if self.rank == 0 else None
 
-    def publish_weights(self, engine_urls: list[str], version: int) -> dict[str, float]:
-        """Gather the full weights and push them to every engine by `--update-weight-transport` (rank 0 sends)."""
-        staged = self.stage_weights(version)
-        return {**staged, **self.push_staged(engine_urls)}
-
     def stage_weights(self, version: int) -> dict[str, float]:
         """Sync phase 1 (collective): gather the full weights and stage them for the transport (rank 0) while the
         engines still generate; `push_staged` sends them once the engines are paused."""

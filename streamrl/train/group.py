@@ -47,9 +47,6 @@ class TrainerGroup:
         ref = ray.put(batch)  # one copy in the object store, shared by every rank
         return self._all("train_step", ref)[0]
 
-    def publish_weights(self, engine_urls: list[str], version: int) -> dict[str, float]:
-        return self._all("publish_weights", engine_urls, version)[0]
-
     def stage_weights(self, version: int) -> dict[str, float]:
         """Sync phase 1, while the engines still generate (see FSDPTrainRank.stage_weights)."""
         return self._all("stage_weights", version)[0]
