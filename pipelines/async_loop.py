@@ -25,7 +25,7 @@ from typing import Any
 
 
 def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
-    """Run the job; returns a summary (final eval reward, ledger, timings). `sync_mode` is pipelines/sync.py."""
+    """Run the job; returns a summary (final eval reward, ledger, timings). `sync_mode` is pipelines/synchronous.py."""
     import ray
 
     from buffers.admission import groups_per_step

@@ -1,7 +1,7 @@
 """Async pipeline vs the synchronous baseline on the same job, side by side, on this machine.
 
-Same model (the demo's SFT checkpoint), data, steps and samples. The sync run (`pipelines/sync.py`: generate, then
-train, then sync) may use every core in each phase; the async run splits the cores between engine and trainer.
+Same model (the demo's SFT checkpoint), data, steps and samples. The sync run (`pipelines/synchronous.py`: generate,
+then train, then sync) may use every core in each phase; the async run splits the cores between engine and trainer.
 Prints one JSON line with both wall times, trainer idle fractions, final eval rewards and the speedup.
 
     python scripts/bench/async_vs_sync.py [--steps 30] [--cores 2]
@@ -32,7 +32,7 @@ def run(mode: str, out: Path, steps: int, cores: int, demo: Path, interval: int 
     else:  # every core in each phase: engine and trainer take turns
         extra = ["--engine-torch-threads", str(cores), "--train-torch-threads", str(cores),
                  "--async-buffer-size", "16"]
-        entry = "from pipelines.sync import run"
+        entry = "from pipelines.synchronous import run"
     code = (f"import sys; from streamrl.config import parse_args; {entry}; "
             f"run(parse_args(sys.argv[1:]))")
     subprocess.run([sys.executable, "-c", code, *common, *extra], cwd=ROOT, check=True,

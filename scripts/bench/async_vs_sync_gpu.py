@@ -61,7 +61,7 @@ def run(mode: str, interval: int, steps: int, data: Path, out: Path, extra_flags
         entry = "from pipelines.async_loop import run"
     else:
         extra = ["--async-buffer-size", "32"]
-        entry = "from pipelines.sync import run"
+        entry = "from pipelines.synchronous import run"
     code = f"import sys; from streamrl.config import parse_args; {entry}; run(parse_args(sys.argv[1:]))"
     subprocess.run([sys.executable, "-P", "-c", code, *common, *extra], cwd=ROOT, check=True)
     summary = json.loads((out / name / "summary.json").read_text())

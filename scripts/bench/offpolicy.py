@@ -2,7 +2,7 @@
 
 The demo job (the SFT checkpoint of scripts/prepare_demo.py, 16 prompts x 8 samples per step), several ways:
 
-  * sync              `pipelines.sync`: generate, then train, then publish (staleness 0), the default correction
+  * sync              `pipelines.synchronous`: generate, then train, then publish (staleness 0), the default correction
                       (a no-op up to numerics);
   * tis               async with `--update-weights-interval 4 --max-staleness 4 --async-buffer-size 64` (the
                       engines keep sampling with weights up to 4 versions = 16 steps old), `--use-tis` (the
@@ -34,7 +34,7 @@ JOB = ("--rollout-batch-size 16 --n-samples-per-prompt 8 --rollout-max-response-
        "--rollout-num-engines 1 --actor-num-gpus-per-node 1 --n-samples-per-eval-prompt 4").split()
 STALE = "--update-weights-interval 4 --max-staleness 4 --async-buffer-size 64 --partial-rollout".split()
 MODES = {
-    "sync": ("pipelines.sync", ["--async-buffer-size", "16"]),
+    "sync": ("pipelines.synchronous", ["--async-buffer-size", "16"]),
     "tis": ("pipelines.async_loop", [*STALE, "--use-tis"]),
     "no_tis": ("pipelines.async_loop", [*STALE, "--disable-tis", "--allow-uncorrected-offpolicy"]),
     "rollout_logprobs": ("pipelines.async_loop", [*STALE, "--use-rollout-logprobs"]),

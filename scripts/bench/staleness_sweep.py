@@ -3,7 +3,7 @@
 The job of scripts/bench/offpolicy.py (tiny Qwen3 after SFT warm-up, 16 prompts x 8 samples per step, the same
 learning rate everywhere), at `--update-weights-interval 1 --max-staleness K` with a buffer of (K + 1) steps of
 groups, so that the engine (faster than the trainer here) runs ahead to the bound; K = 0 is the async machinery at
-zero lag. Every correction of CORRECTIONS at every K, every seed; `pipelines.sync` with the same optimizer
+zero lag. Every correction of CORRECTIONS at every K, every seed; `pipelines.synchronous` with the same optimizer
 schedule (1 or --num-mini-batches optimizer steps per batch) is the reference. Tasks:
 
   * sort      the demo's task: sort four digits, exact-match reward (0/1), 300-step SFT warm-up;
@@ -72,13 +72,13 @@ def sync_flags(name: str) -> list[str]:
 
 
 def run_one(task: str, k: int | None, corr: str, seed: int, a: argparse.Namespace, out: Path) -> dict:
-    """One training run (k None: pipelines.sync with `corr` a sync schedule name); its summary and curves."""
+    """One training run (k None: pipelines.synchronous with `corr` a sync schedule name); its summary and curves."""
     t = TASKS[task]
     demo = ROOT / t["dir"]
     name = f"{task}_{corr}_k{'sync' if k is None else k}_s{seed}"
     run_dir = out / "runs" / name
     if k is None:
-        module, extra = "pipelines.sync", ["--async-buffer-size", "16", *sync_flags(corr)]
+        module, extra = "pipelines.synchronous", ["--async-buffer-size", "16", *sync_flags(corr)]
     else:
         module = "pipelines.async_loop"
         extra = ["--update-weights-interval", "1", "--max-staleness", str(k), "--async-buffer-size",

@@ -2,7 +2,7 @@
 
 Nothing here knows about Ray, processes or distributed training (a cross-rank sum, where one is needed, is passed
 in as a function). See `reduce.py` for why the gradient does not depend on micro-batching or data-parallel
-splitting, `offpolicy.py` for the behaviour-policy correction, and `streamrl/train/loss.py` for how the trainer
+splitting, `offpolicy.py` for the behaviour-policy correction, and `streamrl/train/objective.py` for how the trainer
 assembles the three-policy objective from these pieces.
 """
 

@@ -73,7 +73,7 @@ def decoupled_ppo_loss(
         w = f(e^{sg(ℓprox) − sg(ℓµ)})   (f: truncate to [clip_low, clip_high], or mask outside it)
         L = w·L_clip
 
-    The trainer's policy loss with --use-tis is exactly this (`streamrl/train/loss.py`); it becomes a trust region
+    The trainer's policy loss with --use-tis is exactly this (`streamrl/train/objective.py`); it becomes a trust region
     only when π_θ moves away from π_prox within the batch, i.e. with --num-mini-batches > 1. AReaL applies w
     untruncated with rejection (mask where w > 5); slime and verl truncate at 2. Masked tokens keep their place in
     the denominator (the caller's reducer).

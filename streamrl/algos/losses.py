@@ -6,7 +6,7 @@ A advantage. Everything here is elementwise over [B, T] and returns per-token te
 the scalar whose gradient is independent of micro-batching and data-parallel splitting.
 
 The decoupled three-policy objective (behaviour µ, proximal π_old, current π_θ) that the trainer assembles from
-these pieces is documented in `streamrl/train/loss.py`.
+these pieces is documented in `streamrl/train/objective.py`.
 """
 
 from __future__ import annotations

@@ -190,7 +190,8 @@ class AlgoConfig:
         None, "`fn(args, rollout_data)` filling rollout_data['advantages'] and ['returns'] (per-sample tensors).")
     loss_type: str = F("policy_loss", "Loss.", choices=["policy_loss", "sft_loss", "custom_loss"])
     custom_loss_function_path: str | None = F(
-        None, "`fn(args, batch, reduce) -> (loss, metrics)` for --loss-type custom_loss (see streamrl/train/loss.py).")
+        None, "`fn(args, batch, reduce) -> (loss, metrics)` for --loss-type custom_loss (see "
+              "streamrl/train/objective.py).")
     calculate_per_token_loss: bool = F(False, "Reduce the loss as a token mean over the whole step (all ranks).")
     loss_normalizer_constant: float | None = F(
         None, "Dr. GRPO: divide each sample's token-sum loss by this constant (e.g. the max response length).")

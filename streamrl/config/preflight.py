@@ -85,7 +85,7 @@ def _check_plugins(args: argparse.Namespace) -> None:
 
     from buffers.filters import load_buffer_filter
     from streamrl.plugins import load_function
-    from streamrl.rollout.filters import load_dynamic_filter, load_sample_filter
+    from streamrl.rollout.dynamic_filters import load_dynamic_filter, load_sample_filter
     from streamrl.rollout.rewards import load_group_reward_fn, load_reward_fn
 
     checks = [("--custom-rm-path", lambda: (load_group_reward_fn if args.group_rm else load_reward_fn)(args)),

@@ -46,7 +46,7 @@ class RolloutManager:
         from transformers import AutoTokenizer
 
         from streamrl.plugins import load_function
-        from streamrl.rollout.filters import load_dynamic_filter, load_sample_filter
+        from streamrl.rollout.dynamic_filters import load_dynamic_filter, load_sample_filter
         from streamrl.rollout.rewards import load_group_reward_fn, load_reward_fn
 
         self.args, self.buffer = args, buffer
@@ -280,7 +280,7 @@ class RolloutManager:
 
     async def finish_group(self, group: Group) -> bool:
         """Decode, score, filter and queue a generated group; True if it reached the buffer."""
-        from streamrl.rollout.filters import call_dynamic_filter
+        from streamrl.rollout.dynamic_filters import call_dynamic_filter
         from streamrl.rollout.rewards import score_group
 
         for s in group:

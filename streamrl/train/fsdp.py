@@ -4,7 +4,7 @@ Each rank owns an equal contiguous slice of the step's batch and runs it in micr
 is a sum divided by GLOBAL constants (`streamrl/algos/reduce.py`), and each rank backpropagates loss·W, so after
 FSDP averages gradients over the W ranks the step's gradient is that of the whole batch, whatever the
 micro-batch size or the number of ranks. The objective (behaviour µ / proximal π_old / current π_θ) is documented
-in `streamrl/train/loss.py`.
+in `streamrl/train/objective.py`.
 
 Models on a rank: the policy (FSDP), a frozen reference (--use-kl-loss or --kl-coef), a frozen distillation
 teacher (--use-opd, --opd-teacher-load) and, for --advantage-estimator ppo, the critic (FSDP, own optimizer,

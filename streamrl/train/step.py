@@ -34,7 +34,7 @@ from streamrl.algos import (
     response_log_probs,
 )
 from streamrl.train.batch import TrainBatch
-from streamrl.train.loss import MicroBatch, actor_loss, critic_loss
+from streamrl.train.objective import MicroBatch, actor_loss, critic_loss
 
 AllReduce = Callable[[Tensor], Tensor]
 
