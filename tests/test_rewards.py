@@ -55,3 +55,15 @@ def test_blocking_sync_reward_leaves_the_loop_free_and_times_out():
     anyio.run(main)
     assert len(ticks) == 5 and group[0].reward == 1.0
     assert group[1].status == Status.FAILED and group[1].metadata["reward_error"] == "reward timed out after 0.3s"
+
+
+def test_nonzero_std_filter_leaves_failed_samples_out():
+    from streamrl.rollout.dynamic_filters import check_reward_nonzero_std
+
+    args = default_args()
+    ok = [Sample(reward=1.0), Sample(reward=0.0), Sample(status=Status.FAILED)]
+    assert check_reward_nonzero_std(args, ok).keep  # std over 1.0 and 0.0; the failed one (reward None) is out
+    same = [Sample(reward=1.0), Sample(reward=1.0), Sample(status=Status.FAILED)]
+    assert check_reward_nonzero_std(args, same).reason == "zero_std_1.0"  # a failed one read as 0.0 would keep it
+    lone = [Sample(reward=1.0), Sample(status=Status.FAILED)]
+    assert check_reward_nonzero_std(args, lone).reason == "fewer_than_2_scored"

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from streamrl.types import Sample
+from streamrl.types import Sample, Status
 
 
 @dataclass
@@ -29,8 +29,12 @@ class DynamicFilterOutput:
 
 
 def check_reward_nonzero_std(args: argparse.Namespace, samples: list[Sample], **kwargs: Any) -> DynamicFilterOutput:
-    """DAPO: drop a group whose rewards are all equal (no learning signal for GRPO); reason `zero_std_<reward>`."""
-    rewards = [s.get_reward_value(args.reward_key) for s in samples]
+    """DAPO: drop a group whose rewards are all equal (no learning signal for GRPO); reason `zero_std_<reward>`.
+    Samples whose reward failed are left out (they leave the group's baseline too); fewer than two scored samples
+    give no signal either."""
+    rewards = [s.get_reward_value(args.reward_key) for s in samples if s.status != Status.FAILED]
+    if len(rewards) < 2:
+        return DynamicFilterOutput(keep=False, reason="fewer_than_2_scored")
     mean = sum(rewards) / len(rewards)
     std = (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5
     if std > 1e-6:
