@@ -63,6 +63,15 @@ class DiesMidStream:
             data = f"data: {json.dumps(ev)}\n\n".encode()
             conn.sendall(f"{len(data):x}\r\n".encode() + data + b"\r\n")
         self.sock.close()
+        # cut without the final chunk, but after the events arrived: FIN, not a reset (closing with unread request
+        # bytes would send RST, and the client could lose the last event)
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(2)
+        try:
+            while conn.recv(65536):
+                pass
+        except OSError:
+            pass
         conn.close()
 
 
