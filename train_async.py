@@ -30,12 +30,13 @@ def _user_error(e: BaseException) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, synchronous: bool = False) -> dict:
+    """Run the job the flags describe. `synchronous`: slime's `train.py` loop (train.py) instead of the async one."""
     t_command = time.time()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("STREAMRL_DEBUG", "") not in ("", "0")
     try:
-        return _finish(_run(argv), t_command)
+        return _finish(_run(argv, synchronous), t_command)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"streamrl: error: {first}")
 
 
-def _run(argv: list[str]) -> dict:
+def _run(argv: list[str], synchronous: bool = False) -> dict:
     from streamrl.config import ConfigError, parse_args
     from streamrl.config.preflight import preflight
 
@@ -66,6 +67,10 @@ def _run(argv: list[str]) -> dict:
         from pipelines.sft import run_sft
 
         return run_sft(args)
+    if synchronous:
+        from pipelines.synchronous import run as run_synchronous
+
+        return run_synchronous(args)
     from pipelines.async_loop import run
 
     return run(args)
