@@ -44,7 +44,7 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
     from pipelines.checkpoint import latest_meta, load_checkpoint, save_checkpoint, saved_weight_diff
     from pipelines.debug_train import save_debug_rollout
 
-    resume = latest_meta(args.load) if args.load else None
+    resume = latest_meta(args.load, args.ckpt_step) if args.load else None
     logger = MetricsLogger(args, run_dir, total, resume_offset=resume and resume["metrics_offset"])
     c = build(args)
     eos = eos_id(args.hf_checkpoint)

@@ -46,8 +46,16 @@ PACING_FLAGS = ("n_samples_per_prompt", "rollout_batch_size", "global_batch_size
                 "max_staleness")
 
 
-def latest_meta(root: str) -> dict[str, Any]:
-    """The meta.json of the latest checkpoint in `root` (FileNotFoundError when there is none)."""
+def latest_meta(root: str, step: int | None = None) -> dict[str, Any]:
+    """The meta.json of the latest checkpoint in `root`, or of `step_<step>` (`--ckpt-step`, Megatron's flag);
+    FileNotFoundError naming what is missing."""
+    if step is not None:
+        d = Path(root) / f"step_{step}"
+        if not (d / "meta.json").exists():
+            have = sorted(p.name for p in Path(root).glob("step_*") if (p / "meta.json").exists())
+            raise FileNotFoundError(f"--load {root} --ckpt-step {step}: no complete checkpoint {d.name} (there: "
+                                    f"{', '.join(have) or 'none'})")
+        return {**json.loads((d / "meta.json").read_text()), "dir": str(d)}
     d = latest_dir(root)
     if d is None:
         raise FileNotFoundError(f"--load {root}: no checkpoint there (no `latest` file)")
@@ -109,7 +117,7 @@ def load_checkpoint(c: Any, root: str, args: Any) -> dict[str, Any]:
 
     from streamrl.types import decode_groups
 
-    meta = latest_meta(root)
+    meta = latest_meta(root, args.ckpt_step)
     meta["changed_flags"] = check_flags(meta, args)
     d = Path(meta["dir"])
     c.trainer.load_state(str(d / "trainer.pt"))

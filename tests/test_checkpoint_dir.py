@@ -156,3 +156,20 @@ def test_keep_latest_k_flag():
     assert default_args(keep_latest_k=3).keep_latest_k == 3
     with pytest.raises(ConfigError, match="--keep-latest-k"):
         default_args(keep_latest_k=-1)
+
+
+def test_ckpt_step_picks_a_checkpoint_or_names_the_ones_there(tmp_path):
+    import json
+
+    from streamrl.config import ConfigError, default_args
+
+    for k in (2, 4):
+        (tmp_path / f"step_{k}").mkdir()
+        (tmp_path / f"step_{k}" / "meta.json").write_text(json.dumps({"step": k, "version": k}))
+    (tmp_path / "latest").write_text("step_4")
+    assert latest_meta(str(tmp_path))["step"] == 4 and latest_meta(str(tmp_path), 2)["step"] == 2
+    with pytest.raises(FileNotFoundError, match=r"--ckpt-step 3: no complete checkpoint step_3 \(there: step_2, "
+                                                 r"step_4\)"):
+        latest_meta(str(tmp_path), 3)
+    with pytest.raises(ConfigError, match="--ckpt-step .* needs --load"):
+        default_args(ckpt_step=2)

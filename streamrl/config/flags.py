@@ -285,6 +285,8 @@ class TrainConfig:
     save_interval: int | None = F(None, "Write a resumable checkpoint to --save every this many train steps (and "
                                         "at the end).")
     load: str | None = F(None, "Resume from the latest checkpoint in this directory (written by --save-interval).")
+    ckpt_step: int | None = F(None, "With --load: resume from step_<k> instead of the latest checkpoint (Megatron's "
+                                    "--ckpt-step).")
     keep_latest_k: int = F(0, "Keep only the newest this many checkpoints in --save (torchtitan's "
                               "checkpoint.keep_latest_k; slime and Megatron keep all): older step_<k>/ are deleted "
                               "once a new one is complete and `latest` names it. 0: keep every checkpoint.")

@@ -156,6 +156,8 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError("--rollout-temperature must be > 0 (the trainer divides logits by it).")
     if args.save_interval is not None and (args.save_interval < 1 or not args.save):
         raise ConfigError("--save-interval needs --save DIR (the checkpoint directory) and must be >= 1.")
+    if args.ckpt_step is not None and not args.load:
+        raise ConfigError("--ckpt-step picks a checkpoint to resume from: it needs --load DIR.")
     if args.keep_latest_k < 0:
         raise ConfigError("--keep-latest-k must be >= 0 (0 keeps every checkpoint).")
     if args.rollout_health_check_interval < 0 or args.rollout_health_check_timeout <= 0:
