@@ -22,20 +22,26 @@ KLKind = Literal["k1", "k2", "k3", "low_var_kl"]
 PGKind = Literal["ppo", "gspo", "cispo"]
 
 
-def kl_estimate(log_probs: Tensor, ref_log_probs: Tensor, kind: KLKind = "low_var_kl") -> Tensor:
+def kl_estimate(log_probs: Tensor, ref_log_probs: Tensor, kind: KLKind = "low_var_kl",
+                importance_ratio: Tensor | None = None) -> Tensor:
     """Per-token estimate of KL(π‖πref) from samples of π (Schulman), δ = ℓ − ℓref:
 
     k1 = δ;  k2 = δ²/2;  k3 = e^{−δ} − 1 + δ;  low_var_kl = clamp(k3, −10, 10).
+    `importance_ratio` ρ (--use-unbiased-kl) multiplies the estimate first, so low_var_kl clamps ρ·k3, as slime's
+    `compute_approx_kl` does.
     """
     delta = log_probs - ref_log_probs
     if kind == "k1":
-        return delta
-    if kind == "k2":
-        return delta.square() / 2
-    if kind in ("k3", "low_var_kl"):
-        k3 = torch.exp(-delta) - 1 + delta
-        return k3.clamp(-10.0, 10.0) if kind == "low_var_kl" else k3
-    raise ValueError(f"unknown KL estimator {kind!r}: expected k1, k2, k3 or low_var_kl")
+        kl = delta
+    elif kind == "k2":
+        kl = delta.square() / 2
+    elif kind in ("k3", "low_var_kl"):
+        kl = torch.exp(-delta) - 1 + delta
+    else:
+        raise ValueError(f"unknown KL estimator {kind!r}: expected k1, k2, k3 or low_var_kl")
+    if importance_ratio is not None:
+        kl = importance_ratio * kl
+    return kl.clamp(-10.0, 10.0) if kind == "low_var_kl" else kl
 
 
 def _per_token(advantages: Tensor, like: Tensor) -> Tensor:
@@ -179,9 +185,8 @@ def policy_loss(
     loss = pg
     metrics = {"pg_loss": pg.detach(), "pg_clipfrac": clipfrac, "ppo_kl": ppo_kl}
     if ref_log_probs is not None:
-        kl = kl_estimate(log_probs, ref_log_probs, kl_loss_type)
-        if unbiased_kl:
-            kl = torch.exp(log_probs - old_log_probs) * kl
+        ratio = torch.exp(log_probs - old_log_probs) if unbiased_kl else None
+        kl = kl_estimate(log_probs, ref_log_probs, kl_loss_type, importance_ratio=ratio)
         loss = loss + kl_loss_coef * kl
         metrics["kl_loss"] = kl.detach()
     if entropy is not None:

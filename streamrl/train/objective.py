@@ -148,9 +148,9 @@ def actor_loss(
     per_token["pg_loss"] = pg.detach()
     loss = reduce(pg, num_mask, mask)
     if mb.ref_log_probs is not None and args.use_kl_loss:
-        kl = kl_estimate(log_probs, mb.ref_log_probs, args.kl_loss_type)
-        if args.use_unbiased_kl:  # ρ·KL with ρ = πθ/πold, not detached (slime; DeepSeek-V3.2)
-            kl = torch.exp(log_probs - old) * kl
+        # --use-unbiased-kl: ρ·KL with ρ = πθ/πold, not detached (slime; DeepSeek-V3.2), clamped as a product
+        ratio = torch.exp(log_probs - old) if args.use_unbiased_kl else None
+        kl = kl_estimate(log_probs, mb.ref_log_probs, args.kl_loss_type, importance_ratio=ratio)
         loss = loss + args.kl_loss_coef * reduce(kl, num_mask, mask)
         per_token["kl_loss"] = kl.detach()
     if entropy is not None:

@@ -180,6 +180,18 @@ def test_unbiased_kl_by_hand():
         assert lp.grad.item() == pytest.approx(grad, rel=1e-6)
 
 
+def test_unbiased_low_var_kl_clamps_the_product_as_slime():
+    """slime's compute_approx_kl: ρ·k3, then low_var_kl clamps to [−10, 10]. δ = ℓθ − ℓref = −2.5: k3 = e^2.5 − 3.5
+    = 8.6825 (under the clamp); ρ = 2: ρ·k3 = 17.365 -> 10, and no gradient through the clamp."""
+    lp = T([[0.0]]).requires_grad_()
+    ratio = torch.exp(lp - T([[-math.log(2.0)]]))
+    kl = kl_estimate(lp, T([[2.5]]), "low_var_kl", importance_ratio=ratio)
+    kl.sum().backward()
+    assert kl.item() == pytest.approx(10.0) and lp.grad.item() == 0.0
+    k3 = kl_estimate(T([[0.0]]), T([[2.5]]), "k3", importance_ratio=T([[2.0]]))  # k3 is never clamped
+    assert k3.item() == pytest.approx(2 * (math.exp(2.5) - 3.5), rel=1e-6)
+
+
 def test_reductions_and_sft():
     v = T([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
     m = T([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
