@@ -45,7 +45,14 @@ from streamrl.algos.offpolicy import (
     importance_weights,
     vanilla_tis_function,
 )
-from streamrl.algos.reduce import LossReducer, masked_mean, masked_sample_mean_sum, masked_token_sum, reduce_metrics
+from streamrl.algos.reduce import (
+    LossReducer,
+    masked_mean,
+    masked_sample_mean_sum,
+    masked_token_sum,
+    reduce_metrics,
+    token_count,
+)
 
 __all__ = [
     "BUILTIN_TIS_FUNCTIONS",
@@ -79,6 +86,7 @@ __all__ = [
     "policy_loss",
     "ppo_clip_loss",
     "reduce_metrics",
+    "token_count",
     "reinforce_pp_baseline",
     "response_log_probs",
     "sft_loss",

@@ -5,12 +5,13 @@ a plain SUM over the micro-batch's samples/tokens divided by a GLOBAL constant, 
 and ranks gives exactly the full-batch value, and so does the gradient:
 
     sample_mean (slime default)   R = (1/N) Σ_i Σ_t v_it·m_it / D_i          D_i = max(Σ_t m⁰_it, 1)
-    token_mean  (--calculate-per-token-loss)   R = Σ_{i,t} v_it·m_it / max(N_tok, 1),  N_tok = Σ_{i,t} m⁰_it global
+    token_mean  (--calculate-per-token-loss)   R = Σ_{i,t} v_it·m_it / N_tok,  N_tok = Σ_i max(Σ_t m⁰_it, 1) global
     constant    (Dr. GRPO, --loss-normalizer-constant C)   R = Σ_{i,t} v_it·m_it / (C·N)
 
 m⁰ is the original loss mask and m the mask actually applied (IcePop / rejection sampling may zero tokens): a
 rejected token leaves the numerator but keeps the denominator, so rejecting tokens never re-weights the others.
-A sample whose mask is all zero (tool-only response, `remove_sample`) contributes 0 yet still counts in N.
+A sample whose mask is all zero (tool-only response, `remove_sample`) contributes 0 yet still counts in N, and as
+one token in N_tok (slime's count), so masking a sample never re-weights the others in either mode.
 
 The trainer backpropagates R·W on each rank for each micro-batch: gradients accumulate over micro-batches, and FSDP
 averages them over the W ranks (÷W), so the step's gradient is ∇R of the whole batch. N_tok must therefore be
@@ -25,6 +26,12 @@ from typing import Literal
 from torch import Tensor
 
 ReduceMode = Literal["sample_mean", "token_mean", "constant"]
+
+
+def token_count(mask: Tensor) -> Tensor:
+    """N_tok of the token_mean reduction over `mask` [B, T]: Σ_i max(Σ_t m_it, 1) (a fully masked sample counts as
+    one token, as in slime)."""
+    return mask.sum(-1).clamp(min=1).sum()
 
 
 def masked_sample_mean_sum(values: Tensor, mask: Tensor) -> Tensor:

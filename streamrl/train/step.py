@@ -32,6 +32,7 @@ from streamrl.algos import (
     opd_advantages,
     reinforce_pp_baseline,
     response_log_probs,
+    token_count,
 )
 from streamrl.train.batch import TrainBatch
 from streamrl.train.objective import MicroBatch, actor_loss, critic_loss
@@ -150,7 +151,7 @@ class StepRunner:
         """The reduction of this step; the token count is all-reduced over ranks before any loss is computed."""
         a = self.args
         if a.calculate_per_token_loss:
-            ntok = self.all_reduce(torch.stack([mb.mask.sum() for mb in mbs]).sum().double().reshape(1))
+            ntok = self.all_reduce(torch.stack([token_count(mb.mask) for mb in mbs]).sum().double().reshape(1))
             return LossReducer("token_mean", num_samples, float(ntok.item()))
         if a.loss_normalizer_constant is not None:
             return LossReducer("constant", num_samples, constant=a.loss_normalizer_constant)

@@ -192,6 +192,12 @@ def test_unbiased_low_var_kl_clamps_the_product_as_slime():
     assert k3.item() == pytest.approx(2 * (math.exp(2.5) - 3.5), rel=1e-6)
 
 
+def test_token_count_counts_a_fully_masked_sample_as_one_token():
+    from streamrl.algos import token_count
+
+    assert token_count(T([[1, 1, 0], [0, 0, 0], [1, 1, 1]])).item() == 2 + 1 + 3  # slime's per-token denominator
+
+
 def test_reductions_and_sft():
     v = T([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
     m = T([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
