@@ -72,17 +72,20 @@ def last_token_onehot(mask: Tensor) -> Tensor:
     return (t == last).to(torch.float32) * m
 
 
-def kl_shaped_rewards(rewards: Tensor, mask: Tensor, kl: Tensor | None = None, kl_coef: float = 0.0) -> Tensor:
-    """Token rewards ρ[b, t] = −β·KL[b, t]·m[b, t] + r_b·1[t = last unmasked token of b]  (β = --kl-coef).
+def kl_shaped_rewards(rewards: Tensor, mask: Tensor, kl: Tensor | None = None, kl_coef: float = 0.0,
+                      resp_mask: Tensor | None = None) -> Tensor:
+    """Token rewards ρ[b, t] = −β·KL[b, t]·r_mask[b, t] + r_b·1[t = last unmasked token of b]  (β = --kl-coef).
 
     The outcome reward sits on the sample's last trainable token (slime's REINFORCE++; slime's PPO puts it on the
-    last response token, which is the same token unless the response ends with tool output). `kl` is the per-token
-    estimate of KL(π_old ‖ π_ref) (`kl_estimate(ℓold, ℓref, --kl-loss-type)`); None or β = 0 gives no shaping.
+    last response token, which is the same token unless the response ends with tool output). The KL penalty falls
+    on every response token (`resp_mask`, tool output included, as slime's returns do; default: `mask`). `kl` is the
+    per-token estimate of KL(π_old ‖ π_ref) (`kl_estimate(ℓold, ℓref, --kl-loss-type)`); None or β = 0: no shaping.
     """
     m = mask.to(torch.float32)
     rho = rewards.to(torch.float32).unsqueeze(-1) * last_token_onehot(m)
     if kl is not None and kl_coef:
-        rho = rho - kl_coef * kl.to(torch.float32) * m
+        penalised = m if resp_mask is None else resp_mask.to(torch.float32)
+        rho = rho - kl_coef * kl.to(torch.float32) * penalised
     return rho
 
 

@@ -203,10 +203,10 @@ class StepRunner:
             elif est == "reinforce_plus_plus_baseline":
                 adv = reinforce_pp_baseline(mb.sample_advantages, mb.mask, kl, a.kl_coef)
             elif est == "reinforce_plus_plus":
-                rho = kl_shaped_rewards(mb.sample_advantages, mb.mask, kl, a.kl_coef)
+                rho = kl_shaped_rewards(mb.sample_advantages, mb.mask, kl, a.kl_coef, resp_mask=mb.resp_mask)
                 adv = discounted_returns(rho, mb.resp_mask, a.gamma) * mb.mask
             elif est == "ppo":
-                rho = kl_shaped_rewards(mb.sample_advantages, mb.mask, kl, a.kl_coef)
+                rho = kl_shaped_rewards(mb.sample_advantages, mb.mask, kl, a.kl_coef, resp_mask=mb.resp_mask)
                 adv, mb.returns = gae(rho, mb.values, mb.resp_mask, a.gamma, a.lambd)
             elif est == "on_policy_distillation":
                 adv = torch.zeros_like(mb.mask)

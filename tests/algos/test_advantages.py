@@ -180,3 +180,14 @@ def test_grpo_leaves_failed_samples_out_of_the_group_baseline():
     batch = build_train_batch(default_args(n_samples_per_prompt=4, rollout_batch_size=1), [[*good, bad]], version=0,
                               eos_id=2)
     assert batch.advantages == pytest.approx(adv[:4].tolist()) and batch.loss_masks[3] == [0]
+
+
+def test_kl_penalty_falls_on_every_response_token_as_in_slime():
+    # response of 3 tokens, the middle one tool output (mask 0), then padding; beta = 1, reward 1 on the last
+    # trainable token: rho = [-0.1, -0.2, 1 - 0.3, 0] (slime penalises the tool token too; padding never)
+    mask, resp = torch.tensor([[1.0, 0.0, 1.0, 0.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    kl = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    rho = kl_shaped_rewards(torch.tensor([1.0]), mask, kl, 1.0, resp_mask=resp)
+    assert rho[0].tolist() == pytest.approx([-0.1, -0.2, 0.7, 0.0])
+    old = kl_shaped_rewards(torch.tensor([1.0]), mask, kl, 1.0)  # without resp_mask: the loss mask, as before
+    assert old[0].tolist() == pytest.approx([-0.1, 0.0, 0.7, 0.0])
