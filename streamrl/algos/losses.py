@@ -136,7 +136,8 @@ def pg_loss(
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, value_clip: float | None = 0.2
                ) -> tuple[Tensor, Tensor]:
-    """Clipped value loss (critic, --value-clip ε_v): L = max((V − R)², (V_clip − R)²), clipfrac where V_clip wins.
+    """Clipped value loss (critic, --value-clip ε_v): L = max((V − R)², (V_clip − R)²), and the clip fraction
+    1[|V − V_old| > ε_v] (slime's definition: the value moved past the clip, whichever term won).
 
     V_clip = V_old + clamp(V − V_old, −ε_v, ε_v); V_old is the critic's value before this step's update (detached).
     `value_clip=None` gives the plain squared error.
@@ -146,7 +147,8 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, value_clip: 
         return surr, torch.zeros_like(surr)
     v_clip = old_values + (values - old_values).clamp(-value_clip, value_clip)
     surr_clip = (v_clip - returns).square()
-    return torch.maximum(surr, surr_clip), (surr_clip > surr).to(values.dtype)
+    clipped = ((values - old_values).abs() > value_clip).to(values.dtype).detach()
+    return torch.maximum(surr, surr_clip), clipped
 
 
 def policy_loss(

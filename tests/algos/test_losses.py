@@ -79,6 +79,10 @@ def test_value_loss_by_hand():
     loss.sum().backward()
     torch.testing.assert_close(v.grad, T([0.0, 1.2]))
     torch.testing.assert_close(value_loss(v, T([0.5, 0.5]), T([2.0, 0.0]), None)[0], T([1.0, 0.36]))
+    # slime's clip fraction counts |V - V_old| > eps even where the unclipped term wins: V 1.0, V_old 0.5, R 0:
+    # (1 - 0)^2 = 1 beats (0.7 - 0)^2 = 0.49, yet the value moved 0.5 > 0.2
+    loss, clip = value_loss(T([1.0]), T([0.5]), T([0.0]), value_clip=0.2)
+    assert loss.tolist() == [1.0] and clip.tolist() == [1.0]
 
 
 # ---------------------------------------------------------------- off-policy weights
