@@ -217,7 +217,9 @@ class AlgoConfig:
     tis_level: str = F("token", "Importance ratio per token, per sequence (product) or geometric mean.",
                        choices=["token", "sequence", "geometric"])
     tis_mode: str = F("truncate", "truncate: clamp the ratio; mask: drop tokens outside [--tis-clip-low, "
-                                  "--tis-clip] (IcePop at token level).", choices=["truncate", "mask"])
+                                  "--tis-clip] from the whole loss (policy, KL and entropy terms). IcePop proper "
+                                  "masks the policy term only: --custom-tis-function-path icepop.",
+                      choices=["truncate", "mask"])
     custom_tis_function_path: str | None = F(
         None, "slime TIS plug-in `fn(args, *, pg_loss, train_log_probs, rollout_log_probs, loss_masks, ...)`; "
               "built-ins: vanilla, icepop.")
