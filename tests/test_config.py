@@ -148,3 +148,13 @@ def test_model_scripts_flags_parse(script):
     flags = [x for x in out if x]
     assert flags, f"{script.name} defines no MODEL_ARGS"
     parse_args([*flags, "--hf-checkpoint", "m", "--prompt-data", "p.jsonl"])
+
+
+def test_slime_multi_turn_and_pd_flags():
+    from streamrl.config import ConfigError, default_args
+
+    assert default_args(max_turns=5).max_turns == 5 and default_args().max_turns is None
+    with pytest.raises(ConfigError, match="--max-turns must be >= 1"):
+        default_args(max_turns=0)
+    with pytest.raises(ConfigError, match="--prefill-num-servers .* not available"):
+        default_args(prefill_num_servers=1)

@@ -152,6 +152,12 @@ class RolloutConfig:
                                                      "training.")
     rollout_stream: bool = F(False, "Generate with stream=true (one request per sample): the sample follows every "
                                     "cumulative chunk, so an abort keeps a coherent prefix.")
+    max_turns: int | None = F(None, "Turns a multi-turn --custom-generate-function-path may take (slime; the plug-in "
+                                    "reads args.max_turns; the built-in generate is single-turn).")
+    prefill_num_servers: int | None = F(
+        None, "slime's prefill/decode disaggregation: engines for prefill only. Not available in this build: the "
+              "embedded engine prefills and decodes in one process, and streamrl does not start SGLang's PD "
+              "servers yet (refused with a message).")
 
 
 @dataclass

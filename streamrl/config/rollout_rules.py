@@ -54,6 +54,12 @@ def validate_rollout(args: argparse.Namespace, error: type[Exception]) -> None:
         raise error(f"{flag} configures the router streamrl starts, but {why}.")
     if args.rollout_engine_startup_timeout <= 0:
         raise error("--rollout-engine-startup-timeout must be > 0.")
+    if args.max_turns is not None and args.max_turns < 1:
+        raise error("--max-turns must be >= 1.")
+    if args.prefill_num_servers:
+        raise error("--prefill-num-servers (prefill/decode disaggregation) is not available in this build: the "
+                    "embedded engine prefills and decodes in one process and SGLang's PD servers are not started; "
+                    "drop the flag.")
 
     if args.over_sampling_batch_size is None:
         args.over_sampling_batch_size = args.rollout_batch_size
