@@ -66,8 +66,9 @@ class MetricsLogger:
             return ""
         dt = self._prev["time"] - prev["time"]
         its = m["engine_iterations"] - prev["engine_iterations"]
-        if dt <= 0 or its <= 0:
-            return ""
+        if dt <= 0 or its <= 0 or m.get("engine_count") != prev.get("engine_count") \
+                or m["engine_busy_time"] < prev["engine_busy_time"]:
+            return ""  # no interval, or the engine set changed (the sums cover other engines): no figure
         busy = (m["engine_busy_time"] - prev["engine_busy_time"]) / dt / m.get("engine_count", 1)
         return f" | engine {100 * busy:3.0f}% busy, {(m['engine_rows'] - prev['engine_rows']) / its:.0f} rows/it"
 

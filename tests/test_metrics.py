@@ -21,6 +21,9 @@ def test_status_line_engine_field_over_the_interval(tmp_path):
     # 10 s later: 2 engines busy 18 s in all = 90% each; 24000 rows in 100 iterations
     line = log.status_line(row(2, 20.0, 1.5, 23.0, 200, 25000))
     assert line.endswith("| engine  90% busy, 240 rows/it"), line
+    # an engine died: the sums now cover one engine (less busy time than before): no figure, never a negative %
+    dead = {**row(3, 30.0, 2.0, 20.0, 250, 26000), "engine_count": 1}
+    assert "engine" not in log.status_line(dead).split("|")[-1]
     log.close()
 
 
