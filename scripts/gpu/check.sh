@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the GPU-marked tests on a GPU machine (the lent machines: bring .carry/, see ../shared/gpu/README.md):
+# Run the GPU-marked tests on a GPU machine (bring the carry of wheels, see docs/gpu.md):
 #   source .carry/bootstrap.sh && bash scripts/gpu/check.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."

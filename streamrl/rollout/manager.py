@@ -85,7 +85,7 @@ class RolloutManager:
         self.failed: list[Group] = []  # the last groups that failed (samples carry their errors), for inspection
         self.stats: dict[str, Any] = {
             "groups_done": 0, "groups_failed": 0, "samples_done": 0, "tokens_generated": 0, "partial_resumes": 0,
-            "aborted_regenerated": 0, "wasted_tokens": 0, "regenerated_groups": 0, "reward_failures": 0,
+            "aborted_regenerated": 0, "regenerated_groups": 0, "reward_failures": 0,
             "groups_filtered": 0, "filter_reasons": {}, "rollouts": 0, "failed_samples_masked": 0}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -357,8 +357,7 @@ class RolloutManager:
                     s.loss_mask = [0] * s.response_length
             else:  # without --partial-rollout an interrupted generation starts over (counted as waste)
                 self.stats["aborted_regenerated"] += 1
-                self.stats["wasted_tokens"] += s.response_length
-                s.reset_response("abort_restart")
+                s.reset_response("abort_restart")  # the token ledger counts them (discarded: abort_restart)
                 remaining = a.rollout_max_response_len
         return remaining
 
