@@ -5,7 +5,7 @@ samples: a user filter, a regeneration)."""
 from __future__ import annotations
 
 from streamrl.types import Group
-from streamrl.wire import GroupMeta, decode_group, encode_group
+from streamrl.wire import GroupMeta, decode_group, encode_group, meta_of
 
 
 class Entry:
@@ -20,7 +20,6 @@ class Entry:
 
     @classmethod
     def of(cls, group: Group) -> Entry:
-        from streamrl.wire import meta_of
 
         return cls(meta_of(group), group=group)
 

@@ -26,6 +26,8 @@ import asyncio
 import time
 from typing import Any
 
+import ray
+
 from buffers.admission import Pacing, groups_per_step
 from buffers.entry import Entry
 from buffers.filters import load_buffer_filter
@@ -355,6 +357,5 @@ class RolloutBuffer(BufferStateMixin):
 
 def make_buffer_actor(args: Any, num_cpus: float = 0) -> Any:
     """Start the buffer as a Ray async actor (many concurrent calls, so blocked puts never block gets)."""
-    import ray
 
     return ray.remote(num_cpus=num_cpus, max_concurrency=1000)(RolloutBuffer).remote(args)

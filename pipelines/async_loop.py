@@ -23,26 +23,32 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
+
+from buffers.admission import groups_per_step
+from buffers.tokens import balance
+from pipelines.checkpoint import latest_meta, load_checkpoint, save_checkpoint, saved_weight_diff
+from pipelines.debug_train import save_debug_rollout
+from pipelines.launch import build, shutdown
+from streamrl.config.parser import steps_total
+from streamrl.data import load_prompts
+from streamrl.metrics import MetricsLogger, plot_run
+from streamrl.plugins import load_function
+from streamrl.sync.base import http_client
+from streamrl.sync.publisher import WeightPublisher
+from streamrl.train.batch import build_train_batch, eos_id
+from streamrl.wire import decode_batch
+
 
 def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
     """Run the job; returns a summary (final eval reward, ledger, timings). `sync_mode` is pipelines/synchronous.py."""
-    import ray
 
-    from buffers.admission import groups_per_step
-    from pipelines.launch import build, shutdown
-    from streamrl.config.parser import steps_total
-    from streamrl.data import load_prompts
-    from streamrl.metrics import MetricsLogger, plot_run
-    from streamrl.sync.publisher import WeightPublisher
-    from streamrl.train.batch import build_train_batch, eos_id
 
     records, _ = load_prompts(args.prompt_data, args.input_key, args.label_key, args.metadata_key)
     total = steps_total(args, len(records))
     if args.lr_decay_iters is None:  # the learning-rate schedule decays over the whole job (Megatron's default)
         args.lr_decay_iters = total
     run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-    from pipelines.checkpoint import latest_meta, load_checkpoint, save_checkpoint, saved_weight_diff
-    from pipelines.debug_train import save_debug_rollout
 
     resume = latest_meta(args.load, args.ckpt_step) if args.load else None
     logger = MetricsLogger(args, run_dir, total, resume_offset=resume and resume["metrics_offset"])
@@ -50,7 +56,6 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
     eos = eos_id(args.hf_checkpoint)
     post_process = None  # --custom-reward-post-process-path, loaded once (a bad spec fails before any work)
     if args.custom_reward_post_process_path:
-        from streamrl.plugins import load_function
 
         post_process = load_function(args.custom_reward_post_process_path,
                                      what="--custom-reward-post-process-path")
@@ -172,7 +177,6 @@ def run(args: argparse.Namespace, sync_mode: bool = False) -> dict[str, Any]:
 def _pipeline_health(bstats: dict[str, Any], prod_ref: Any) -> dict[str, Any]:
     """Per-step pacing and token figures: look-ahead (outstanding groups) against the pacing bound, admission
     room left, tokens wasted (settled as discarded) and, when the producers answered in time, generated."""
-    import ray
 
     slots = bstats["slots"]
     out = {"lookahead": slots["outstanding"], "pacing_used": slots["used"], "pacing_limit": slots["limit"],
@@ -186,9 +190,7 @@ def _pipeline_health(bstats: dict[str, Any], prod_ref: Any) -> dict[str, Any]:
 
 def token_balance(c: Any) -> dict[str, Any]:
     """The token ledger at the end of a run (producers stopped): generated = trained + discarded + carried."""
-    import ray
 
-    from buffers.tokens import balance
 
     settled = ray.get(c.buffer.token_ledger.remote())
     prod = ray.get(c.manager.token_state.remote())
@@ -200,9 +202,7 @@ def _get_batch(c: Any, b: int, step: int, watchdog_s: float | None, poll_s: floa
     """buffer.get, checking every `poll_s` that the producers are alive, can still deliver, and make progress:
     with no group settled and no token generated for `watchdog_s` while the trainer waits, the job stops and
     says what is stuck."""
-    import ray
 
-    from streamrl.wire import decode_batch
 
     while True:
         try:  # msgpack bytes from the buffer, decoded here (the trainer's side pays the decode, nobody else)
@@ -239,7 +239,6 @@ def _engine_counters(urls: list[str]) -> dict[str, float]:
     idle = 1 - d(busy) / d(wall) / engine_count) and `engine_<k>` for the iteration stats (rows, iterations, time
     per phase).
     Empty for engines that do not report them (SGLang)."""
-    from streamrl.sync.base import http_client
 
     total: dict[str, float] = {}
     for u in urls:
@@ -257,7 +256,6 @@ def _engine_counters(urls: list[str]) -> dict[str, float]:
 
 def _weight_diff(c: Any) -> float:
     """Largest |engine - trainer| over every parameter of every engine (0.0 means the sync is exact)."""
-    import ray
 
     trainer = dict(c.trainer.full_named_parameters())
     worst = 0.0

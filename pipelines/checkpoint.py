@@ -36,10 +36,13 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import ray
+import torch
 
 from buffers.ledger import IN_FLIGHT, PARTIAL
 from buffers.persist import atomic_write, read_state
 from pipelines.checkpoint_dir import commit_dir, latest_dir, staging_dir
+from streamrl.types import decode_groups, encode
 
 REGENERATED = "regenerated at resume"
 PACING_FLAGS = ("n_samples_per_prompt", "rollout_batch_size", "global_batch_size", "update_weights_interval",
@@ -64,9 +67,7 @@ def latest_meta(root: str, step: int | None = None) -> dict[str, Any]:
 
 def save_checkpoint(c: Any, root: str, step: int, version: int, metrics_offset: int, args: Any) -> Path:
     """Checkpoint the running job after train step `step` (see the module docstring); returns the directory."""
-    import ray
 
-    from streamrl.types import encode
 
     tmp = staging_dir(root, step)
     prod = ray.get(c.manager.checkpoint_state.remote())  # pauses admission until resume_admission
@@ -113,9 +114,7 @@ def resume_version(meta: dict[str, Any], update_interval: int) -> int:
 def load_checkpoint(c: Any, root: str, args: Any) -> dict[str, Any]:
     """Restore trainer, buffer and producers from the latest checkpoint in `root` (before producers start);
     returns its meta (step, version to publish the trainer's weights as, metrics_offset, changed flags)."""
-    import ray
 
-    from streamrl.types import decode_groups
 
     meta = latest_meta(root, args.ckpt_step)
     meta["changed_flags"] = check_flags(meta, args)
@@ -137,7 +136,6 @@ def load_checkpoint(c: Any, root: str, args: Any) -> dict[str, Any]:
 
 def saved_weight_diff(c: Any, d: str | os.PathLike) -> float:
     """Largest |trainer - checkpoint| over the policy's parameters (0.0: the load restored them exactly)."""
-    import torch
 
     saved = torch.load(Path(d) / "trainer.pt", map_location="cpu", weights_only=False)["policy"]
     trainer = dict(c.trainer.full_named_parameters())

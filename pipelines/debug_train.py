@@ -19,6 +19,11 @@ from typing import Any
 
 import msgspec
 
+from pipelines.launch import init_ray
+from streamrl.metrics import MetricsLogger, plot_run
+from streamrl.plugins import load_function
+from streamrl.train.batch import build_train_batch, eos_id
+from streamrl.train.group import TrainerGroup
 from streamrl.types import Sample
 
 
@@ -56,11 +61,6 @@ def load_debug_rollout(template: str, rollout_id: int) -> DebugRollout:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train `--num-rollout` steps on saved rollouts (rollout ids 0, 1, ...): trainer ranks only."""
-    from pipelines.launch import init_ray
-    from streamrl.metrics import MetricsLogger, plot_run
-    from streamrl.plugins import load_function
-    from streamrl.train.batch import build_train_batch, eos_id
-    from streamrl.train.group import TrainerGroup
 
     total = args.num_rollout
     if not total:

@@ -23,7 +23,19 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import ray
+
+from buffers.queue import make_buffer_actor
+from streamrl.engine.actor import make_engine_actor
+from streamrl.engine.kv import DEFAULT_MAX_PREFILL_TOKENS
+from streamrl.mps import MpsDaemon
 from streamrl.placement import gpu_shares
+from streamrl.rollout.manager import RolloutManager
+from streamrl.rollout.pool import EnginePool
+from streamrl.rollout.sglang import router as r
+from streamrl.rollout.sglang.launcher import spawn_sglang_engine, start_sglang_engines
+from streamrl.rollout.sglang.router import remove_worker
+from streamrl.train.backend import make_trainer
 
 # Quiet, offline, deterministic-ish defaults for every process we start.
 _ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
@@ -37,7 +49,6 @@ _MPS: Any = None  # the job's MPS daemon (--use-mps), stopped by shutdown()
 
 
 def init_ray(args: argparse.Namespace) -> None:
-    import ray
 
     global _MPS
     os.environ.update(_ENV)
@@ -45,7 +56,6 @@ def init_ray(args: argparse.Namespace) -> None:
         return
     env = dict(_ENV)
     if getattr(args, "use_mps", False) and _MPS is None:  # before any process of the job opens a CUDA context
-        from streamrl.mps import MpsDaemon
 
         _MPS = MpsDaemon()
         os.environ.update(_MPS.env)
@@ -110,11 +120,8 @@ class Components:
 def engine_spawner(args: argparse.Namespace) -> Any:
     """`spawn(index) -> (engine actor, ref of its URL once it serves)`: the engines at start, and replacements."""
     if args.rollout_engine == "sglang":
-        from streamrl.rollout.sglang.launcher import spawn_sglang_engine
 
         return lambda index: spawn_sglang_engine(args, index)
-    from streamrl.engine.actor import make_engine_actor
-    from streamrl.engine.kv import DEFAULT_MAX_PREFILL_TOKENS
 
     engine_gpus, _ = gpu_shares(args)
     cls = make_engine_actor(num_cpus=0, num_gpus=engine_gpus)
@@ -139,10 +146,8 @@ def engine_spawner(args: argparse.Namespace) -> Any:
 
 
 def start_engines(args: argparse.Namespace) -> tuple[list[Any], list[str]]:
-    import ray
 
     if args.rollout_engine == "sglang":
-        from streamrl.rollout.sglang.launcher import start_sglang_engines
 
         return start_sglang_engines(args)
     spawn = engine_spawner(args)
@@ -152,7 +157,6 @@ def start_engines(args: argparse.Namespace) -> tuple[list[Any], list[str]]:
 
 def start_router(args: argparse.Namespace, urls: list[str]) -> tuple[Any, str | None]:
     """(RouterProcess or None, router URL or None) per `args.router_mode`; sets args.sglang_router_ip/port."""
-    from streamrl.rollout.sglang import router as r
 
     mode = getattr(args, "router_mode", "none")
     if mode == "none":
@@ -168,12 +172,7 @@ def start_router(args: argparse.Namespace, urls: list[str]) -> tuple[Any, str | 
 
 
 def build(args: argparse.Namespace) -> Components:
-    import ray
 
-    from buffers.queue import make_buffer_actor
-    from streamrl.rollout.manager import RolloutManager
-    from streamrl.rollout.pool import EnginePool
-    from streamrl.train.backend import make_trainer
 
     init_ray(args)
     engines, urls = start_engines(args)
@@ -198,7 +197,6 @@ def shutdown(c: Components) -> list[str]:
     """Stop everything, best effort: each step runs whatever failed before it, and a failure (a dead actor, a
     router already gone) is logged on one line and returned, never raised. Called from a `finally`, raising here
     would put e.g. `ActorDiedError` last in the user's traceback, over the error that named the real culprit."""
-    import ray
 
     errors: list[str] = []
 
@@ -215,7 +213,6 @@ def shutdown(c: Components) -> list[str]:
     if c.router is not None:
         step("router stop", c.router.stop)
     elif c.router_url:  # an external router: leave it without our (soon dead) engines
-        from streamrl.rollout.sglang.router import remove_worker
 
         for u in c.engine_urls:
             step(f"router {c.router_url} remove worker {u}", lambda u=u: remove_worker(c.router_url, u, timeout=30))

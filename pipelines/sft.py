@@ -14,10 +14,15 @@ import random
 import sys
 import time
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from streamrl.config import parse_args
+from streamrl.data import load_prompts
+
 
 def sft_batches(records, tokenizer, batch_size: int, seed: int):
     """Yield (input_ids, labels) forever: prompt tokens are masked with -100, the answer ends with EOS."""
-    import torch
 
     rng = random.Random(seed)
     order = list(range(len(records)))
@@ -42,10 +47,7 @@ def sft_batches(records, tokenizer, batch_size: int, seed: int):
 
 
 def run_sft(args: argparse.Namespace) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from streamrl.data import load_prompts
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, args.train_torch_threads))
@@ -82,7 +84,6 @@ def run_sft(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from streamrl.config import parse_args
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(["--loss-type", "sft_loss", *argv])

@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from pipelines.async_loop import run as run_loop
+
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from pipelines.async_loop import run as run_loop
 
     # a copy with zero lag: the caller's validated config is never changed
     sync_args = argparse.Namespace(**{**vars(args), "max_staleness": 0, "update_weights_interval": 1,

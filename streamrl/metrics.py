@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from streamrl.wandb_run import init_wandb
+
 
 class MetricsLogger:
     def __init__(self, args: argparse.Namespace, run_dir: Path, total_steps: int, resume_offset: int | None = None):
@@ -32,7 +34,6 @@ class MetricsLogger:
         self._prev: dict[str, Any] | None = None  # the record of the previous status line (engine deltas)
         self.wandb = None
         if args.use_wandb:
-            from streamrl.wandb_run import init_wandb
 
             self.wandb = init_wandb(args, run_dir, resuming=resume_offset is not None)
 
@@ -86,7 +87,7 @@ def eval_steps(evals: list[dict[str, Any]], interval: int) -> list[float]:
 
 def plot_run(run_dir: Path) -> Path:
     """PNG of reward (train and eval) and staleness over steps, from metrics.jsonl."""
-    import matplotlib
+    import matplotlib  # only when plotting: picking the Agg backend is a process-wide side effect
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

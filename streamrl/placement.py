@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+import ray
+
 
 def gpu_shares(args: argparse.Namespace) -> tuple[float, float]:
     """(GPUs per engine, GPUs per trainer rank). With fewer GPUs than engines + ranks need (one GPU), every
     process gets an equal fraction, so trainer and engines share the card as separate processes."""
-    import ray
 
     total = ray.cluster_resources().get("GPU", 0)
     if total == 0:

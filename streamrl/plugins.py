@@ -17,6 +17,8 @@ import sys
 from collections.abc import Callable
 from types import ModuleType
 
+from ray import cloudpickle
+
 
 def _choices(builtins: dict[str, Callable] | None) -> str:
     names = ", ".join(sorted(builtins)) if builtins else "(none)"
@@ -43,7 +45,6 @@ def _import_file(path: str, what: str, spec: str) -> ModuleType:
         del sys.modules[name]
         raise
     try:  # The module is not importable by name elsewhere: make Ray ship its functions by value.
-        from ray import cloudpickle
 
         cloudpickle.register_pickle_by_value(module)
     except Exception:  # noqa: BLE001 - ray missing or too old: in-process use still works

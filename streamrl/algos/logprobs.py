@@ -14,6 +14,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from streamrl.algos.chunked_logprobs import chunked_log_probs
+
 
 def _scaled(logits: Tensor, temperature: float) -> Tensor:
     """z = logits / temperature, in float32 at least (bf16 log-softmax loses too much precision)."""
@@ -69,7 +71,6 @@ class ChunkedLogProbHead(torch.nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         if self._request is None:
             return torch.nn.functional.linear(hidden, self.weight)
-        from streamrl.algos.chunked_logprobs import chunked_log_probs
 
         positions, targets, temperature, entropy_grad = self._request
         h = gather_positions(hidden, positions)  # [B, R, C]: the response positions only

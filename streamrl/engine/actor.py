@@ -12,15 +12,25 @@ that compare engine weights with a trainer's.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import subprocess
+import sys
+import time
 from typing import Any
 
+import httpx
+import ray
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from streamrl.rollout.sglang.proc import free_port
 
 from .kv import DEFAULT_MAX_PREFILL_TOKENS
 from .scheduler import Scheduler
 from .server import HttpServer, build_app
+from .static_kv import LEN_BUCKETS, round_up_to_bucket
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +39,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 def load_model(model_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Load an HF causal LM in eval mode (float32 unless asked). Raises OSError/ValueError for a bad path."""
-    from transformers import AutoModelForCausalLM  # lazy: keep `import streamrl...` cheap
 
     if not os.path.isdir(model_path):
         raise OSError(f"not a model directory: {model_path!r}")
@@ -41,7 +50,6 @@ def load_tokenizer(model_path: str) -> Any:
     """AutoTokenizer if the directory ships one, else None (the engine then works on token ids only)."""
     if not any(os.path.exists(os.path.join(model_path, f)) for f in _TOKENIZER_FILES):
         return None
-    from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(model_path)
@@ -186,7 +194,6 @@ def model_bytes(model: torch.nn.Module) -> int:
 def kv_bytes_per_slot(cfg: Any, max_context_len: int, dtype: torch.dtype) -> int:
     """K and V of one request slot as the slot cache allocates it: `max_context_len`, capped by the model's
     positions, rounded up to the cache's length bucket."""
-    from .static_kv import LEN_BUCKETS, round_up_to_bucket
 
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     positions = getattr(cfg, "max_position_embeddings", None) or LEN_BUCKETS[-1]
@@ -215,7 +222,6 @@ def kv_slots_for_budget(total_bytes: int, mem_fraction_static: float, weight_byt
 
 def make_engine_actor(num_cpus: float = 1, **options: Any) -> Any:
     """`ray.remote(num_cpus=..., **options)(EngineActor)`; import ray lazily."""
-    import ray
 
     return ray.remote(num_cpus=num_cpus, **options)(EngineActor)
 
@@ -223,14 +229,8 @@ def make_engine_actor(num_cpus: float = 1, **options: Any) -> Any:
 def spawn_engine_process(model_path: str, timeout: float = 300.0, **kwargs: Any) -> tuple[Any, str]:
     """An EmbeddedEngine in a separate OS process (as a trainer on the same GPU sees it), started with `kwargs`
     (plain values); returns (Popen, url) once /health answers. The caller kills the process."""
-    import json
-    import subprocess
-    import sys
-    import time
 
-    import httpx
 
-    from streamrl.rollout.sglang.proc import free_port
 
     port = free_port()
     code = ("import json, sys, time; from streamrl.engine.actor import EmbeddedEngine; "

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
+
 from streamrl.weights.layout import IpcBucket, copy_plan, numel
 from streamrl.weights.pinned import PREFIX, UpdateWeightsFromPinnedRequest, bucket_views, map_file
 
@@ -20,7 +22,6 @@ def _key(b: IpcBucket) -> bytes:
 
 def open_buckets(buckets: list[IpcBucket]) -> list[tuple[str, Any]]:
     """Engine side: views into the trainer's buckets, [(name, tensor)] (handles opened once per bucket)."""
-    import torch
 
     out = []
     for b in buckets:

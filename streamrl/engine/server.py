@@ -18,12 +18,15 @@ from typing import Any
 
 import anyio
 import msgspec
+import torch
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from streamrl.weights.layout import UpdateWeightsFromIpcRequest
+from streamrl.weights.pinned import UpdateWeightsFromPinnedRequest
 from streamrl.weights.tensor import UpdateWeightsFromTensorRequest, deserialize_named_tensors
 
 from .protocol import (
@@ -37,6 +40,7 @@ from .protocol import (
     UpdateWeightsFromDiskRequest,
     check_context,
 )
+from .receive import engine_copy_plan, engine_copy_plan_pinned
 from .scheduler import Request, RequestOutput, Scheduler
 
 _BAD_INPUT = (msgspec.DecodeError, msgspec.ValidationError, ValueError)
@@ -240,16 +244,13 @@ def build_app(scheduler: Scheduler, *, loader: Callable[[str], Any] | None = Non
 
     async def update_from_ipc(request: HttpRequest) -> Response:
         """CUDA IPC buckets from a trainer on the same GPU (streamrl/sync/cuda_ipc.py); copied on the device."""
-        from streamrl.weights.layout import UpdateWeightsFromIpcRequest
 
-        from .receive import engine_copy_plan
 
         try:
             body = msgspec.msgpack.decode(await request.body(), type=UpdateWeightsFromIpcRequest)
             pairs = engine_copy_plan(body.buckets, sch.flat_index, sch.params())
 
             def copy() -> float:
-                import torch
 
                 t0 = time.perf_counter()
                 sch.copy_weights(pairs, body.weight_version)
@@ -264,16 +265,13 @@ def build_app(scheduler: Scheduler, *, loader: Callable[[str], Any] | None = Non
 
     async def update_from_pinned(request: HttpRequest) -> Response:
         """Host-pinned shared memory from a trainer on this host (streamrl/sync/pinned.py); one H2D copy per bucket."""
-        from streamrl.weights.pinned import UpdateWeightsFromPinnedRequest
 
-        from .receive import engine_copy_plan_pinned
 
         try:
             body = msgspec.msgpack.decode(await request.body(), type=UpdateWeightsFromPinnedRequest)
             pairs = engine_copy_plan_pinned(body, sch.flat_index, sch.params())
 
             def copy() -> float:
-                import torch
 
                 t0 = time.perf_counter()
                 sch.copy_weights(pairs, body.weight_version)

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .kv import no_phase, prefill_chunks
 
@@ -171,7 +172,6 @@ class StaticKV:
 
     def _attn_qkv(self, layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q [B,H,T,D], k/v [B,T,KV,D] for hidden h [B,T,C]; rotary cos/sin [B,T,D] computed once per forward."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         attn = layer.self_attn
         b, t, _ = h.shape

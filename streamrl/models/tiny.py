@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+
+from streamrl.models.tokenizer import build_tokenizer
+
 PRESETS = {
     # ~0.4M parameters: learns the demo tasks in minutes on 2 CPU cores.
     "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
@@ -19,7 +24,6 @@ PRESETS = {
 
 
 def tiny_config(arch: str = "qwen3", preset: str = "tiny", vocab_size: int | None = None, max_positions: int = 256):
-    from transformers import LlamaConfig, Qwen3Config
 
     kw = dict(PRESETS[preset])
     kw["vocab_size"] = kw.get("vocab_size", vocab_size)
@@ -36,8 +40,6 @@ def tiny_config(arch: str = "qwen3", preset: str = "tiny", vocab_size: int | Non
 def bench_model(preset: str = "qwen3-0.6b", max_positions: int = 4096, seed: int = 0):
     """A random-init Qwen3 of `preset` in memory, for benchmarks: (model in eval mode, device, dtype); bf16 on CUDA,
     fp32 on CPU. The "tiny" preset gets the in-repo tokenizer's vocabulary size (88)."""
-    import torch
-    from transformers import AutoModelForCausalLM
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -49,10 +51,7 @@ def bench_model(preset: str = "qwen3-0.6b", max_positions: int = 4096, seed: int
 def build_tiny_model(out_dir: str | Path, arch: str = "qwen3", preset: str = "tiny", seed: int = 0,
                      extra_chars: str = "", max_positions: int = 256) -> Path:
     """Create a random-init model with the in-repo tokenizer (plus `extra_chars`) and save both to `out_dir`."""
-    import torch
-    from transformers import AutoModelForCausalLM
 
-    from streamrl.models.tokenizer import build_tokenizer
 
     tok = build_tokenizer(extra_chars)
     cfg = tiny_config(arch, preset, vocab_size=len(tok) if preset == "tiny" else None, max_positions=max_positions)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import string
 
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>", "<|im_start|>", "<|im_end|>"]
 CHARS = sorted(set(string.digits + string.ascii_lowercase + string.ascii_uppercase + " =+-*:,.?!()[]<>|_/\n"))
 
@@ -21,8 +24,6 @@ CHAT_TEMPLATE = (
 def build_tokenizer(extra_chars: str = ""):
     """Return a `transformers.PreTrainedTokenizerFast` over single characters; `extra_chars` (e.g. every character
     of a user's data) get ids after the built-in ones, so the default vocabulary is unchanged."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     extra = sorted(set(extra_chars) - set(CHARS))
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARS + extra)}

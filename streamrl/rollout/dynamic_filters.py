@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from streamrl.plugins import load_function
 from streamrl.types import Sample, Status
 
 
@@ -48,7 +49,6 @@ BUILTIN_DYNAMIC_FILTERS: dict[str, Callable] = {"check_reward_nonzero_std": chec
 def load_dynamic_filter(spec: str | None) -> Callable | None:
     if not spec:
         return None
-    from streamrl.plugins import load_function
 
     # slime's own path for the built-in keeps working
     spec = spec.replace("slime.rollout.filter_hub.dynamic_sampling_filters.", "")
@@ -58,7 +58,6 @@ def load_dynamic_filter(spec: str | None) -> Callable | None:
 def load_sample_filter(spec: str | None) -> Callable | None:
     if not spec:
         return None
-    from streamrl.plugins import load_function
 
     return load_function(spec, what="--rollout-sample-filter-path")
 

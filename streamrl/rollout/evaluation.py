@@ -19,7 +19,10 @@ from typing import Any
 
 import anyio
 
-from streamrl.rollout.generate import generate
+from streamrl.data import load_prompts
+from streamrl.plugins import load_function
+from streamrl.rollout.batch_rollout import eval_results
+from streamrl.rollout.generate import generate, register_client
 from streamrl.rollout.rewards import score_group
 from streamrl.types import Sample, Status
 
@@ -64,7 +67,6 @@ class Evaluator:
 
 async def _dataset(mgr: Any, cache: dict, name: str, path: str,
                    params: dict[str, Any]) -> tuple[dict[str, float], list[int]]:
-    from streamrl.data import load_prompts
 
     a = mgr.args
     if path not in cache:  # slime's --eval-input-key / --eval-label-key, else the training keys
@@ -102,7 +104,6 @@ async def _dataset(mgr: Any, cache: dict, name: str, path: str,
 
 
 async def evaluate(mgr: Any, step: int, cache: dict | None = None) -> dict[str, float]:
-    from streamrl.rollout.generate import register_client
 
     register_client(mgr.client)  # plug-ins' post_generate uses the producers' client (eval may run before start)
     a = mgr.args
@@ -110,8 +111,6 @@ async def evaluate(mgr: Any, step: int, cache: dict | None = None) -> dict[str, 
     metrics: dict[str, float] = {}
     versions: list[int] = []
     if a.eval_function_path:
-        from streamrl.plugins import load_function
-        from streamrl.rollout.batch_rollout import eval_results
 
         fn = load_function(a.eval_function_path, what="--eval-function-path")
         view = getattr(mgr, "data_source_view", None)

@@ -25,15 +25,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import logging
 import time
+import traceback
 from typing import Any
 
 import anyio
+from transformers import AutoTokenizer
 
+from streamrl.plugins import load_function
+from streamrl.rollout.batch_rollout import produce_rollouts
 from streamrl.rollout.client import EngineClient, EngineError
+from streamrl.rollout.dynamic_filters import call_dynamic_filter, load_dynamic_filter, load_sample_filter
 from streamrl.rollout.evaluation import Evaluator
 from streamrl.rollout.generate import generate, generate_group, generate_streaming, register_client, set_endpoints
+from streamrl.rollout.rewards import load_group_reward_fn, load_reward_fn, score_group
+from streamrl.rollout.sources import make_source
 from streamrl.types import Group, Sample, Status, group_tokens
 from streamrl.types import generated_tokens as generated
 from streamrl.wire import encode_batch
@@ -43,11 +51,7 @@ logger = logging.getLogger("streamrl.rollout")
 
 class RolloutManager:
     def __init__(self, args: argparse.Namespace, buffer: Any, engine_urls: list[str], router_url: str | None = None):
-        from transformers import AutoTokenizer
 
-        from streamrl.plugins import load_function
-        from streamrl.rollout.dynamic_filters import load_dynamic_filter, load_sample_filter
-        from streamrl.rollout.rewards import load_group_reward_fn, load_reward_fn
 
         self.args, self.buffer = args, buffer
         n_targets = max(1, len(engine_urls))
@@ -57,7 +61,6 @@ class RolloutManager:
                                    health_check_timeout=args.rollout_health_check_timeout)
         set_endpoints(engine_urls, router_url)
         self.tokenizer = AutoTokenizer.from_pretrained(args.hf_checkpoint)
-        from streamrl.rollout.sources import make_source
 
         self.source, self.skipped = make_source(args, self.tokenizer)
         self.reward_fn = None if args.group_rm else load_reward_fn(args)
@@ -154,7 +157,6 @@ class RolloutManager:
     async def checkpoint_state(self) -> dict[str, Any]:
         """Pause admission and return the source cursor, copies of the in-flight groups with their responses
         reset (generation goes on) and the groups cut off by stop(). Call `resume_admission` afterwards."""
-        import copy
 
         async with self._admit_lock:
             self._paused = True
@@ -182,13 +184,11 @@ class RolloutManager:
     async def _produce(self) -> None:
         try:
             if self.rollout_fn is not None:
-                from streamrl.rollout.batch_rollout import produce_rollouts
 
                 await produce_rollouts(self)
             else:
                 await self._produce_loop()
         except BaseException as e:  # surfaced to the driver through get_stats()["fatal"]
-            import traceback
 
             if not (self.stopping and isinstance(e, asyncio.CancelledError)):  # a cancel by stop() is no crash
                 self.fatal = traceback.format_exc()
@@ -280,8 +280,6 @@ class RolloutManager:
 
     async def finish_group(self, group: Group) -> bool:
         """Decode, score, filter and queue a generated group; True if it reached the buffer."""
-        from streamrl.rollout.dynamic_filters import call_dynamic_filter
-        from streamrl.rollout.rewards import score_group
 
         for s in group:
             s.response = self.tokenizer.decode(s.tokens[s.prompt_length:], skip_special_tokens=True)
@@ -366,7 +364,6 @@ class RolloutManager:
         path = s.metadata.get("generate_function_path")
         if path:
             if path not in self._sample_fns:
-                from streamrl.plugins import load_function
 
                 self._sample_fns[path] = load_function(path, what=f"sample {s.index} generate_function_path")
             return self._sample_fns[path]

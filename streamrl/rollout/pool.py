@@ -21,6 +21,10 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import ray
+
+from streamrl.rollout.sglang import router
+from streamrl.sync.base import http_client
 
 logger = logging.getLogger("streamrl.engines")
 
@@ -37,7 +41,6 @@ class EnginePool:
         self._joining: list[str] = []  # replacements synced but not yet routed to
 
     def alive(self, url: str) -> bool:
-        from streamrl.sync.base import http_client
 
         try:
             return http_client().get(url + "/health", timeout=self.args.rollout_health_check_timeout).is_success
@@ -46,7 +49,6 @@ class EnginePool:
 
     def drop(self, url: str, cause: str, probe: bool = True) -> bool:
         """Remove `url` if it is dead (after a failed call: `probe` checks /health first); True if it was."""
-        import ray
 
         if url not in self.urls:
             return url in self.dead
@@ -73,7 +75,6 @@ class EnginePool:
     def before_sync(self) -> None:
         """Drop engines that fail /health; started replacements that serve now join this sync (waiting for them
         when no other engine is left)."""
-        import ray
 
         timeout = self.args.rollout_health_check_timeout
         for url in list(self.urls):
@@ -98,7 +99,6 @@ class EnginePool:
 
     def after_sync(self) -> None:
         """Route to the engines that joined at this sync (they hold the current weights now)."""
-        import ray
 
         for url in self._joining:
             if url not in self.urls:
@@ -113,7 +113,6 @@ class EnginePool:
     def wait_replacements(self) -> None:
         """Block until every replacement started so far serves (or failed), so that it joins at the next sync
         (tests, and jobs that would rather wait than run short of engines)."""
-        import ray
 
         ray.wait([ref for _, ref in self._starting], num_returns=len(self._starting))
 
@@ -121,7 +120,6 @@ class EnginePool:
         return {"engine_failures": len(self.dead), "engines_live": len(self.urls), "engine_restarts": self.restarts}
 
     def _router_call(self, name: str, url: str) -> None:
-        from streamrl.rollout.sglang import router
 
         try:
             getattr(router, name)(self.router_url, url, timeout=self.args.rollout_engine_startup_timeout)

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 
+from streamrl.plugins import load_function
 from streamrl.tasks import TASKS, exact_match_reward
 from streamrl.types import Sample, Status
 
@@ -37,7 +38,6 @@ BUILTIN_REWARDS: dict[str, RewardFn] = {"rule": rule_reward, "exact_match": rule
 
 def load_reward_fn(args: argparse.Namespace) -> Callable[[argparse.Namespace, Sample], Awaitable[float]]:
     """The reward function named by --custom-rm-path (built-in name, module:function or file.py:function)."""
-    from streamrl.plugins import load_function
 
     fn = load_function(args.custom_rm_path or "rule", BUILTIN_REWARDS, what="--custom-rm-path")
     return functools.partial(_call, fn)
@@ -73,7 +73,6 @@ def check_reward(value, reward_key: str | None = None) -> str | None:
 
 def load_group_reward_fn(args: argparse.Namespace) -> Callable[[argparse.Namespace, list[Sample]], Awaitable[list]]:
     """--group-rm: --custom-rm-path is `async def rm(args, samples) -> list[float]` (one call per group)."""
-    from streamrl.plugins import load_function
 
     fn = load_function(args.custom_rm_path, what="--custom-rm-path (--group-rm)")
 

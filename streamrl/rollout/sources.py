@@ -15,16 +15,16 @@ import argparse
 import threading
 from typing import Any
 
+from streamrl.data import PromptSource, load_prompts
+from streamrl.plugins import load_function
 from streamrl.types import Group, Sample
 
 
 def make_source(a: argparse.Namespace, tokenizer: Any) -> tuple[Any, list]:
     """(source with `next_group()`, skipped prompts): a `--data-source-path` plug-in, else `--prompt-data`."""
     if a.data_source_path:
-        from streamrl.plugins import load_function
 
         return PluginSource(load_function(a.data_source_path, what="--data-source-path")(a), tokenizer, a), []
-    from streamrl.data import PromptSource, load_prompts
 
     records, skipped = load_prompts(a.prompt_data, a.input_key, a.label_key, a.metadata_key, tokenizer=tokenizer,
                                     apply_chat_template=a.apply_chat_template, max_prompt_len=a.rollout_max_prompt_len)

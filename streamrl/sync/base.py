@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import httpx
+import msgspec
 
 _CLIENT: httpx.Client | None = None
 
@@ -86,7 +87,6 @@ def control_post(url: str, path: str, body: bytes, content_type: str = "applicat
 def post_update(engine_urls: list[str], path: str, body: bytes, version: int, what: str) -> float:
     """POST a msgpack weight-update body to every engine; each must answer success. Returns the slowest engine's
     reported `copy_time` (seconds)."""
-    import msgspec
 
     copy_s = 0.0
     for url in engine_urls:

@@ -19,7 +19,9 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+import torch
 
+from streamrl.sync.base import post_update
 from streamrl.weights.layout import IpcBucket, UpdateWeightsFromIpcRequest, bucket_layout
 
 
@@ -36,7 +38,6 @@ class IpcSender:
 
     def fill(self, named: list, bucket_bytes: int, dtype: Any = None) -> list[IpcBucket]:
         """Copy `named` [(name, tensor)] into the buckets (floating tensors cast to `dtype` if given)."""
-        import torch
 
         # Same names at the same addresses as last time: the cached flat views (which keep those storages alive,
         # so an equal address is the same storage) read the current values; skips ~1 ms of per-tensor host work.
@@ -52,7 +53,6 @@ class IpcSender:
 
 
 def _allocate(named: list, bucket_bytes: int, dtype: Any) -> tuple[list[Any], list[IpcBucket], list[Any]]:
-    import torch
 
     def target(t):
         return dtype if dtype is not None and t.is_floating_point() else t.dtype
@@ -80,9 +80,7 @@ def stage_ipc(named: list, version: int, bucket_bytes: int, dtype: Any = None) -
     buckets = _SENDER.fill(named, bucket_bytes, dtype)  # asynchronous on the device: overlaps the pause request
 
     def push(engine_urls: list[str]) -> dict[str, float]:
-        import torch
 
-        from streamrl.sync.base import post_update
 
         t1 = time.time()
         torch.cuda.synchronize()  # the engine reads the buckets from another process: they must be written

@@ -9,6 +9,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from streamrl.sync.base import http_client
+from streamrl.weights.tensor import encode_update_request
+
 
 def buckets(named: list, limit_bytes: int) -> list[list]:
     out, cur, size = [], [], 0
@@ -26,7 +29,6 @@ def buckets(named: list, limit_bytes: int) -> list[list]:
 
 def stage_named_tensors(named: list, version: int, bucket_bytes: int) -> Callable[[list[str]], dict]:
     """Serialize the buckets now (engines may still generate); returns `push(engine_urls)` that posts them."""
-    from streamrl.weights.tensor import encode_update_request
 
     t0 = time.time()
     parts = buckets(named, bucket_bytes)
@@ -40,7 +42,6 @@ def push_named_tensors(engine_urls: list[str], named: list, version: int, bucket
 
 
 def _post(engine_urls: list[str], bodies: list[bytes], version: int, t0: float) -> dict[str, float]:
-    from streamrl.sync.base import http_client
 
     t1 = time.time()
     sent = 0

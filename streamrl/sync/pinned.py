@@ -18,7 +18,9 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+import torch
 
+from streamrl.sync.base import post_update
 from streamrl.weights.layout import IpcBucket, aligned, bucket_layout
 from streamrl.weights.pinned import PREFIX, UpdateWeightsFromPinnedRequest, bucket_views, map_file
 
@@ -33,7 +35,6 @@ class PinnedSender:
         self.views: list[Any] = []
 
     def fill(self, named: list, bucket_bytes: int, dtype: Any = None) -> UpdateWeightsFromPinnedRequest:
-        import torch
 
         layout = [(n, t.dtype, tuple(t.shape)) for n, t in named]
         if layout != self.layout:
@@ -77,9 +78,7 @@ def stage_pinned(named: list, version: int, bucket_bytes: int, dtype: Any = None
     req = _SENDER.fill(named, bucket_bytes, dtype)
 
     def push(engine_urls: list[str]) -> dict[str, float]:
-        import torch
 
-        from streamrl.sync.base import post_update
 
         t1 = time.time()
         if torch.cuda.is_available():

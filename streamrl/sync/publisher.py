@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import ray
+
 from streamrl.sync.base import sync_weights
 
 
@@ -46,7 +48,6 @@ class WeightPublisher:
         producers' copy only moves admission forward, and their event loop can be busy for seconds with hundreds
         of requests in flight: waiting for it kept the engines paused that long (docs/benchmarks.md). Its answer
         is collected at a later sync or by `wait`, so an error still surfaces."""
-        import ray
 
         pending = self._version_calls
         done, pending[:] = ray.wait(pending, num_returns=len(pending), timeout=0) if pending else ([], [])
@@ -58,7 +59,6 @@ class WeightPublisher:
 
     def wait(self) -> None:
         """Collect the producers' answers to the version calls (raises their error, if any)."""
-        import ray
 
         ray.get(self._version_calls)
         self._version_calls.clear()

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
+
+import torch
+from safetensors.torch import save_file
+
+from streamrl.sync.base import post_json
+from streamrl.sync.cuda_ipc import stage_ipc
+from streamrl.sync.http_tensor import stage_named_tensors
+from streamrl.sync.pinned import stage_pinned
 
 
 def resolve(args: argparse.Namespace, on_cuda: bool, shares_gpu: bool = True) -> str:
@@ -23,21 +33,16 @@ def stage(args: argparse.Namespace, transport: str, named: list, version: int) -
     """Phase 1 of a sync, run while the engines still generate; returns phase 2, `push(engine_urls)` (run while
     they are paused). ipc: queue the packing copies; http: serialize the buckets; disk: write the safetensors."""
     if transport == "ipc":
-        import torch
 
-        from streamrl.sync.cuda_ipc import stage_ipc
 
         dtype = getattr(torch, args.engine_dtype or "bfloat16")  # the embedded engine's weights on GPU
         return stage_ipc(named, version, args.update_weight_buffer_size, dtype)
     if transport == "pinned":
-        import torch
 
-        from streamrl.sync.pinned import stage_pinned
 
         dtype = getattr(torch, args.engine_dtype or ("bfloat16" if torch.cuda.is_available() else "float32"))
         return stage_pinned(named, version, args.update_weight_buffer_size, dtype)
     if transport == "http":
-        from streamrl.sync.http_tensor import stage_named_tensors
 
         return stage_named_tensors(named, version, args.update_weight_buffer_size)
     if transport == "disk":
@@ -52,12 +57,8 @@ def push(args: argparse.Namespace, transport: str, engine_urls: list[str], named
 
 def stage_disk(named: list, version: int, hf_checkpoint: str) -> Callable[[list[str]], dict]:
     """Fallback: an HF directory (the checkpoint's config + new safetensors), then `/update_weights_from_disk`."""
-    import os
-    import shutil
 
-    from safetensors.torch import save_file
 
-    from streamrl.sync.base import post_json
 
     t0 = time.time()
     d = tempfile.mkdtemp(prefix="streamrl-weights-")

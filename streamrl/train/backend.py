@@ -10,6 +10,7 @@ import argparse
 from typing import Any, Protocol, runtime_checkable
 
 from streamrl.train.batch import TrainBatch
+from streamrl.train.group import TrainerGroup
 
 
 @runtime_checkable
@@ -40,7 +41,6 @@ class TrainerBackend(Protocol):
 def make_trainer(args: argparse.Namespace) -> TrainerBackend:
     """The backend `--train-backend` names (validation refuses the ones this build lacks)."""
     if args.train_backend == "fsdp":
-        from streamrl.train.group import TrainerGroup
 
         return TrainerGroup(args)
     raise ValueError(f"--train-backend {args.train_backend}: no such backend in this build")

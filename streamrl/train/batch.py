@@ -16,7 +16,10 @@ import argparse
 from typing import Any
 
 import msgspec
+import torch
+from transformers import AutoConfig
 
+from streamrl.algos import grpo_advantages
 from streamrl.types import Group, Status
 
 
@@ -74,9 +77,7 @@ def balanced_partition(lengths: list[int], world: int) -> list[list[int]]:
 def sample_advantages(args: argparse.Namespace, rewards: list[float], valid: list[bool] | None = None) -> list[float]:
     """Per-sample advantages of the estimator (module docstring); needs whole, contiguous groups. `valid`: False
     for a sample whose reward failed: left out of its group's baseline (and trained with a zero loss mask)."""
-    import torch
 
-    from streamrl.algos import grpo_advantages
 
     est = args.advantage_estimator
     if est == "on_policy_distillation":
@@ -139,7 +140,6 @@ def build_train_batch(args: argparse.Namespace, groups: list[Group], version: in
 
 def eos_id(path: str) -> int:
     """The checkpoint's EOS token id (the first, if it lists several; 0 if none)."""
-    from transformers import AutoConfig
 
     eos = AutoConfig.from_pretrained(path).eos_token_id
     return eos[0] if isinstance(eos, list) else int(eos or 0)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import AutoModelForCausalLM
 
 from streamrl.algos.logprobs import gather_positions, pack_responses
 
@@ -32,7 +33,6 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32) -> ValueModel:
-        from transformers import AutoModelForCausalLM
 
         return cls(AutoModelForCausalLM.from_pretrained(path, dtype=dtype))
 

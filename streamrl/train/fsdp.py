@@ -17,10 +17,26 @@ import argparse
 import logging
 import math
 import os
+import socket
 import time
 from typing import Any
 
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from streamrl.algos import BUILTIN_TIS_FUNCTIONS, bucket_means
+from streamrl.algos.logprobs import use_chunked_log_probs
+from streamrl.plugins import load_function
+from streamrl.sync.select import resolve, stage
 from streamrl.train.batch import TrainBatch
+from streamrl.train.critic import ValueModel
+from streamrl.train.onpolicy import engine_replay_log_probs
+from streamrl.train.schedule import lr_at
+from streamrl.train.step import StepRunner, micro_batches, staleness_histogram, token_budget_groups
 
 logger = logging.getLogger("streamrl.train")
 
@@ -37,7 +53,6 @@ class FSDPTrainRank:
         self.shares_gpu = True
 
     def master_address(self) -> tuple[str, int]:
-        import socket
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -47,13 +62,7 @@ class FSDPTrainRank:
              shares_gpu: bool = True) -> dict[str, Any]:
         """Build the models and the process group. `memory_fraction`: this rank's share of a GPU it shares with
         engines (torch's per-process limit, so that the trainer fails with OOM instead of starving them)."""
-        import torch
-        import torch.distributed as dist
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        from transformers import AutoModelForCausalLM
 
-        from streamrl.algos.logprobs import use_chunked_log_probs
 
         args = self.args
         self.shares_gpu = shares_gpu  # with the engines (picks the weight transport)
@@ -104,7 +113,6 @@ class FSDPTrainRank:
         if args.use_opd or args.advantage_estimator == "on_policy_distillation":
             self.teacher = frozen(args.opd_teacher_load)
         if args.advantage_estimator == "ppo":
-            from streamrl.train.critic import ValueModel
 
             critic = ValueModel.from_pretrained(args.hf_checkpoint).to(self.device)
             self.critic = shard(critic, critic.backbone.layers)
@@ -116,12 +124,7 @@ class FSDPTrainRank:
         return {"rank": self.rank, "device": str(self.device), "params": sum(p.numel() for p in model.parameters())}
 
     def _runner(self):
-        import torch.distributed as dist
 
-        from streamrl.algos import BUILTIN_TIS_FUNCTIONS
-        from streamrl.plugins import load_function
-        from streamrl.train.onpolicy import engine_replay_log_probs
-        from streamrl.train.step import StepRunner
 
         a = self.args
 
@@ -152,12 +155,7 @@ class FSDPTrainRank:
         staleness bucket k: mismatch/s{k}/{ratio, abs_diff, kl, clipfrac, rejected, tis_clipfrac} (π_prox/µ,
         |ℓprox − ℓµ|, KL(µ‖π_prox), PPO clip, rejected and TIS-truncated token fractions).
         """
-        import torch
-        import torch.distributed as dist
 
-        from streamrl.algos import bucket_means
-        from streamrl.train.schedule import lr_at
-        from streamrl.train.step import staleness_histogram
 
         args, t0, runner = self.args, time.time(), self.runner
         # --num-mini-batches: equal parts of the global batch, each sharded over the ranks, one optimizer step each;
@@ -221,10 +219,7 @@ class FSDPTrainRank:
         return result
 
     def _micro_batches(self, local: TrainBatch) -> list:
-        import torch
-        import torch.distributed as dist
 
-        from streamrl.train.step import micro_batches, token_budget_groups
 
         args = self.args
         budget = args.max_tokens_per_gpu if args.use_dynamic_batch_size else None
@@ -254,7 +249,6 @@ class FSDPTrainRank:
     def stage_weights(self, version: int) -> dict[str, float]:
         """Sync phase 1 (collective): gather the full weights and stage them for the transport (rank 0) while the
         engines still generate; `push_staged` sends them once the engines are paused."""
-        from streamrl.sync.select import resolve, stage
 
         t0 = time.time()
         transport = resolve(self.args, self.device.type == "cuda", self.shares_gpu)
@@ -276,7 +270,6 @@ class FSDPTrainRank:
     def save_hf(self, path: str) -> None:
         named = self.full_named_parameters()
         if self.rank == 0:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
 
             model = AutoModelForCausalLM.from_pretrained(self.args.hf_checkpoint)
             model.load_state_dict(dict(named), strict=False)
@@ -286,8 +279,6 @@ class FSDPTrainRank:
     def save_state(self, path: str) -> None:
         """Write model + optimizer (and critic) as full state dicts to `path` (collective; rank 0 writes, via a
         temp file and a rename). Loadable on any number of ranks by `load_state`."""
-        import torch
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state: dict[str, Any] = {"steps_done": self.steps_done}
@@ -301,8 +292,6 @@ class FSDPTrainRank:
 
     def load_state(self, path: str) -> None:
         """Restore what `save_state` wrote (every rank reads the file and keeps its own shards)."""
-        import torch
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         state = torch.load(path, map_location="cpu", weights_only=False)
         opts = StateDictOptions(full_state_dict=True)
@@ -313,7 +302,6 @@ class FSDPTrainRank:
         self.steps_done = int(state["steps_done"])
 
     def shutdown(self) -> None:
-        import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()

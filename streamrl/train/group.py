@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import ray
+
 from streamrl.placement import gpu_shares
 from streamrl.train.batch import TrainBatch
+from streamrl.train.fsdp import FSDPTrainRank
 
 
 class TrainerGroup:
     def __init__(self, args: argparse.Namespace):
-        import ray
 
-        from streamrl.train.fsdp import FSDPTrainRank
 
         self.args = args
         self.world = args.actor_num_nodes * args.actor_num_gpus_per_node
@@ -37,12 +38,10 @@ class TrainerGroup:
         self.info = ray.get([r.init.remote(addr, port, budget, shares_gpu) for r in self.ranks])
 
     def _all(self, method: str, *a: Any) -> list[Any]:
-        import ray
 
         return ray.get([getattr(r, method).remote(*a) for r in self.ranks])
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        import ray
 
         ref = ray.put(batch)  # one copy in the object store, shared by every rank
         return self._all("train_step", ref)[0]
@@ -69,7 +68,6 @@ class TrainerGroup:
         self._all("load_state", path)
 
     def shutdown(self) -> None:
-        import ray
 
         try:
             self._all("shutdown")

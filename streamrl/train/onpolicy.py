@@ -28,6 +28,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from transformers.cache_utils import DynamicCache
+
+from streamrl.engine.kv import KVBatch, left_pad
 
 
 def engine_replay_log_probs(model: Any, batch_tokens: list[list[int]], prompt_lengths: list[int],
@@ -37,9 +40,7 @@ def engine_replay_log_probs(model: Any, batch_tokens: list[list[int]], prompt_le
     For each sample alone: prefill the prompt (left_pad of one row), then feed each response token with its true
     position against the cache, exactly as `Scheduler._forward` + `KVBatch.step` do for a single running request.
     """
-    from transformers.cache_utils import DynamicCache
 
-    from streamrl.engine.kv import KVBatch, left_pad
 
     device = next(model.parameters()).device
     vocab = model.config.get_text_config().vocab_size

@@ -34,7 +34,9 @@ from streamrl.algos import (
     response_log_probs,
     token_count,
 )
+from streamrl.algos.offpolicy import to_list, to_padded
 from streamrl.train.batch import TrainBatch
+from streamrl.train.critic import response_values
 from streamrl.train.objective import MicroBatch, actor_loss, critic_loss
 
 AllReduce = Callable[[Tensor], Tensor]
@@ -178,7 +180,6 @@ class StepRunner:
                 if self.teacher is not None:
                     mb.teacher_log_probs = self.log_probs(self.teacher, mb).log_probs
                 if self.critic is not None:
-                    from streamrl.train.critic import response_values
 
                     mb.values = response_values(self.critic, mb.tokens, mb.prompt_lengths, mb.response_lengths,
                                                 self.pad_id)[0]
@@ -231,7 +232,6 @@ class StepRunner:
 
     def _custom_advantages(self, mbs: list[MicroBatch]) -> None:
         """slime's `fn(args, rollout_data)`: per-sample [r_i] tensors in, rollout_data['advantages'/'returns'] out."""
-        from streamrl.algos.offpolicy import to_list, to_padded
 
         def lists(key: str) -> list[Tensor] | None:
             xs = [getattr(mb, key) for mb in mbs]
@@ -284,7 +284,6 @@ class StepRunner:
         return sums
 
     def critic_backward(self, mbs: list[MicroBatch], reduce: LossReducer) -> dict[str, Tensor]:
-        from streamrl.train.critic import response_values
 
         sums: dict[str, Tensor] = {}
         for mb in mbs:

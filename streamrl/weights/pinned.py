@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+import torch
 
 from streamrl.weights.layout import IpcBucket
 
@@ -21,7 +22,6 @@ class UpdateWeightsFromPinnedRequest(msgspec.Struct, kw_only=True):
 
 def map_file(path: str, nbytes: int, create: bool) -> Any:
     """The file as a pinned uint8 tensor (MAP_SHARED)."""
-    import torch
 
     if create:
         with open(path, "wb") as f:
@@ -35,7 +35,6 @@ def map_file(path: str, nbytes: int, create: bool) -> Any:
 
 
 def bucket_views(host: Any, buckets: list[IpcBucket], byte_offsets: list[int]) -> list[Any]:
-    import torch
 
     out = []
     for b, start in zip(buckets, byte_offsets, strict=True):

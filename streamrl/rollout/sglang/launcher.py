@@ -18,6 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import ray
+
+from streamrl.config.passthrough import to_cli
 from streamrl.rollout.sglang.proc import LaunchError, ManagedProcess, free_port
 
 DEFAULT_LAUNCH = [sys.executable, "-m", "sglang.launch_server"]
@@ -26,7 +29,6 @@ DEFAULT_LAUNCH = [sys.executable, "-m", "sglang.launch_server"]
 def server_command(args: argparse.Namespace, *, host: str, port: int, nccl_port: int,
                    launch: list[str] | None = None) -> list[str]:
     """argv of one SGLang server: streamrl-owned flags, then the changed `--sglang-*` passthrough flags."""
-    from streamrl.config.passthrough import to_cli
 
     argv = [*(launch or DEFAULT_LAUNCH), "--model-path", args.hf_checkpoint, "--host", host, "--port", str(port),
             "--tp-size", str(args.rollout_num_gpus_per_engine), "--nccl-port", str(nccl_port), "--base-gpu-id", "0",
@@ -63,7 +65,6 @@ class SGLangEngineActor:
 
     def __init__(self, args: argparse.Namespace, index: int = 0, launch: list[str] | None = None,
                  log_dir: str | None = None):
-        import ray
 
         host = ray.util.get_node_ip_address()  # reachable from the router and trainers on other nodes
         self.server = SGLangServer(args, host=host, index=index, launch=launch, log_dir=log_dir)
@@ -84,7 +85,6 @@ class SGLangEngineActor:
 
 def spawn_sglang_engine(args: argparse.Namespace, index: int, launch: list[str] | None = None) -> tuple[Any, Any]:
     """One more SGLang engine actor (a replacement for a dead one): (actor, ref of its URL once healthy)."""
-    import ray
 
     log_dir = args.run_dir
     cls = ray.remote(num_gpus=args.rollout_num_gpus_per_engine, num_cpus=0)(SGLangEngineActor)
@@ -94,7 +94,6 @@ def spawn_sglang_engine(args: argparse.Namespace, index: int, launch: list[str] 
 
 def start_sglang_engines(args: argparse.Namespace, launch: list[str] | None = None) -> tuple[list[Any], list[str]]:
     """Start `args.rollout_num_engines` SGLang servers as Ray actors; returns (actors, URLs) once all are healthy."""
-    import ray
 
     per, n = args.rollout_num_gpus_per_engine, args.rollout_num_engines
     gpus = ray.cluster_resources().get("GPU", 0)

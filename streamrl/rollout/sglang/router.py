@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 
+from streamrl.config.passthrough import to_cli
 from streamrl.rollout.sglang.proc import LaunchError, ManagedProcess, free_port
 
 # slime's choices (slime/ray/rollout.py `_start_router`), applied unless the matching --router-* flag is given.
@@ -47,7 +48,6 @@ class RouterProcess(ManagedProcess):
 
 def router_command(args: argparse.Namespace, worker_urls: list[str], host: str, port: int,
                    prometheus_port: int) -> list[str]:
-    from streamrl.config.passthrough import to_cli
 
     # metrics on the router's own host (sglang-router's default is 0.0.0.0: every interface)
     defaults = {**ROUTER_DEFAULTS, "request_timeout_secs": args.sglang_router_request_timeout_secs,
