@@ -51,13 +51,16 @@ from streamrl.algos.reduce import (
     masked_sample_mean_sum,
     masked_token_sum,
     reduce_metrics,
+    rollout_mask_sums,
     token_count,
 )
+from streamrl.algos.rejection import batch_normalized, mis_weights, opsm_keep, rejection_keep, veto_keep
 
 __all__ = [
     "BUILTIN_TIS_FUNCTIONS",
     "LossReducer",
     "ResponseLogProbs",
+    "batch_normalized",
     "behaviour_anchored_loss",
     "bucket_means",
     "call_tis_function",
@@ -80,12 +83,16 @@ __all__ = [
     "masked_sample_mean_sum",
     "masked_token_sum",
     "masked_whiten",
+    "mis_weights",
     "mismatch_by_staleness",
     "opd_advantages",
+    "opsm_keep",
     "pg_loss",
     "policy_loss",
     "ppo_clip_loss",
     "reduce_metrics",
+    "rejection_keep",
+    "rollout_mask_sums",
     "token_count",
     "reinforce_pp_baseline",
     "response_log_probs",
@@ -94,5 +101,6 @@ __all__ = [
     "tis_weights",
     "token_log_probs",
     "value_loss",
+    "veto_keep",
     "vanilla_tis_function",
 ]

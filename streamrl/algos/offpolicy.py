@@ -32,7 +32,20 @@ from torch import Tensor
 
 TISLevel = Literal["token", "sequence", "geometric"]
 TISMode = Literal["truncate", "mask"]
-_MAX_LOG_W = 20.0
+MAX_LOG_W = 20.0  # |log w| bound before exp: a sequence-level product of ratios cannot overflow
+
+
+def level_log_ratio(delta: Tensor, m: Tensor, level: TISLevel) -> Tensor:
+    """log w per token at `level` from δ·m [B, T] (module docstring); every token of a sample shares the sequence
+    and geometric values."""
+    if level == "token":
+        return delta
+    if level not in ("sequence", "geometric"):
+        raise ValueError(f"unknown TIS level {level!r}: expected token, sequence or geometric")
+    s = delta.sum(-1, keepdim=True)
+    if level == "geometric":
+        s = s / m.sum(-1, keepdim=True).clamp(min=1.0)
+    return s.expand_as(delta)
 
 
 def importance_weights(
@@ -48,17 +61,8 @@ def importance_weights(
     """(weights w [B, T], new loss mask [B, T], per-token metrics), all detached. See the module docstring."""
     with torch.no_grad():
         m = mask.to(old_log_probs.dtype)
-        delta = (old_log_probs.detach() - rollout_log_probs.detach()) * m
-        if level == "token":
-            log_w = delta
-        elif level in ("sequence", "geometric"):
-            s = delta.sum(-1, keepdim=True)
-            if level == "geometric":
-                s = s / m.sum(-1, keepdim=True).clamp(min=1.0)
-            log_w = s.expand_as(delta)
-        else:
-            raise ValueError(f"unknown TIS level {level!r}: expected token, sequence or geometric")
-        ratio = torch.exp(log_w.clamp(-_MAX_LOG_W, _MAX_LOG_W))
+        log_w = level_log_ratio((old_log_probs.detach() - rollout_log_probs.detach()) * m, m, level)
+        ratio = torch.exp(log_w.clamp(-MAX_LOG_W, MAX_LOG_W))
         if mode == "truncate":
             w, new_mask = ratio.clamp(min=clip_low, max=clip_high), mask
         elif mode == "mask":

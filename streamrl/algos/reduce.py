@@ -4,9 +4,14 @@ The global batch has N samples, split over W ranks and, on each rank, over micro
 a plain SUM over the micro-batch's samples/tokens divided by a GLOBAL constant, so summing it over micro-batches
 and ranks gives exactly the full-batch value, and so does the gradient:
 
-    sample_mean (slime default)   R = (1/N) Σ_i Σ_t v_it·m_it / D_i          D_i = max(Σ_t m⁰_it, 1)
+    sample_mean (slime default)   R = (1/N) Σ_i Σ_t v_it·m_it / D_i          D_i = max(Σ_{j ∈ r(i)} Σ_t m⁰_jt, 1)
     token_mean  (--calculate-per-token-loss)   R = Σ_{i,t} v_it·m_it / N_tok,  N_tok = Σ_i max(Σ_t m⁰_it, 1) global
     constant    (Dr. GRPO, --loss-normalizer-constant C)   R = Σ_{i,t} v_it·m_it / (C·N)
+
+r(i) is sample i's rollout (slime's per-rollout denominators, `rollout_mask_sums`): the samples that share a
+`Sample.rollout_id` (one rollout a plug-in split into several training samples) are one term of the mean, their
+tokens weighted alike, and N counts rollouts. A sample without a rollout_id is a rollout of its own, so by default
+D_i is the sample's own mask sum and N the number of samples.
 
 m⁰ is the original loss mask and m the mask actually applied (IcePop / rejection sampling may zero tokens): a
 rejected token leaves the numerator but keeps the denominator, so rejecting tokens never re-weights the others.
@@ -32,6 +37,15 @@ def token_count(mask: Tensor) -> Tensor:
     """N_tok of the token_mean reduction over `mask` [B, T]: Σ_i max(Σ_t m_it, 1) (a fully masked sample counts as
     one token, as in slime)."""
     return mask.sum(-1).clamp(min=1).sum()
+
+
+def rollout_mask_sums(rollout_ids: list[int], mask_sums: list[float]) -> list[float]:
+    """Per sample, the loss-mask total of its whole rollout: Σ of `mask_sums` over the samples sharing its id
+    (slime's `rollout_mask_sums`, computed where every sample of the step is visible)."""
+    total: dict[int, float] = {}
+    for rid, s in zip(rollout_ids, mask_sums, strict=True):
+        total[rid] = total.get(rid, 0.0) + s
+    return [total[rid] for rid in rollout_ids]
 
 
 def masked_sample_mean_sum(values: Tensor, mask: Tensor) -> Tensor:
@@ -67,10 +81,11 @@ def reduce_metrics(metrics: dict[str, Tensor], mask: Tensor) -> dict[str, Tensor
 
 @dataclass(frozen=True)
 class LossReducer:
-    """R(values, mask, denom_mask) for one micro-batch, normalised by global constants (see the module docstring).
+    """R(values, mask, denom) for one micro-batch, normalised by global constants (see the module docstring).
 
-    `num_samples` N is the global batch size, `num_tokens` N_tok the global count of unmasked tokens (all-reduced
-    over ranks; only used by token_mean), `constant` C (only used by constant).
+    `num_samples` N is the global number of rollouts of the step (samples, unless plug-ins grouped them),
+    `num_tokens` N_tok the global count of unmasked tokens (all-reduced over ranks; only used by token_mean),
+    `constant` C (only used by constant).
     """
 
     mode: ReduceMode = "sample_mean"
@@ -86,17 +101,19 @@ class LossReducer:
         if self.mode == "constant" and not (self.constant and self.constant > 0):
             raise ValueError("the constant reduction needs constant > 0")
 
-    def __call__(self, values: Tensor, mask: Tensor, denom_mask: Tensor | None = None) -> Tensor:
-        """Σ over this micro-batch of v·m, divided by the mode's denominators (from `denom_mask`, default `mask`)."""
+    def __call__(self, values: Tensor, mask: Tensor, denom: Tensor | None = None) -> Tensor:
+        """Σ over this micro-batch of v·m, divided by the mode's denominators. `denom`: the mask whose per-sample
+        sums are D_i ([B, T], default `mask`), or the D_i themselves ([B], per-rollout denominators)."""
         m = mask.to(values.dtype)
         num = values * m
         if self.mode == "sample_mean":
-            d = (mask if denom_mask is None else denom_mask).to(values.dtype).sum(-1).clamp(min=1.0)
-            return (num.sum(-1) / d).sum() / self.num_samples
+            d = (mask if denom is None else denom).to(values.dtype)
+            d = d.sum(-1) if d.dim() == values.dim() else d
+            return (num.sum(-1) / d.clamp(min=1.0)).sum() / self.num_samples
         if self.mode == "token_mean":
             return num.sum() / max(float(self.num_tokens), 1.0)
         return num.sum() / (float(self.constant) * self.num_samples)
 
-    def metrics(self, metrics: dict[str, Tensor], mask: Tensor) -> dict[str, Tensor]:
-        """{name: R(value, mask)} for per-token metric tensors, detached; sum over micro-batches and ranks."""
-        return {k: self(v.detach(), mask) for k, v in metrics.items()}
+    def metrics(self, metrics: dict[str, Tensor], mask: Tensor, denom: Tensor | None = None) -> dict[str, Tensor]:
+        """{name: R(value, mask, denom)} for per-token metric tensors, detached; sum over micro-batches and ranks."""
+        return {k: self(v.detach(), mask, denom) for k, v in metrics.items()}
