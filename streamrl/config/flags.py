@@ -8,12 +8,10 @@ Flag names follow slime (and Megatron for model-parallel flags): field `rollout_
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-
-def F(default, help: str, **kw):  # noqa: A002 - mirrors argparse
-    """A flag: a dataclass field carrying its help text and extra argparse options."""
-    return field(default=default, metadata={"help": help, **kw})
+from streamrl.config.field import F
+from streamrl.config.megatron_flags import MegatronConfig
 
 
 @dataclass
@@ -339,6 +337,7 @@ GROUPS: dict[str, type] = {
     "buffer": BufferConfig,
     "algorithm": AlgoConfig,
     "train": TrainConfig,
+    "megatron": MegatronConfig,
     "logging": LogConfig,
 }
 

@@ -147,8 +147,9 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError("--train-mps-thread-percentage needs --use-mps and a value in 1..100.")
     if args.train_mps_low_priority and not args.use_mps:
         raise ConfigError("--train-mps-low-priority needs --use-mps.")
-    if args.train_backend == "megatron":
-        raise ConfigError("--train-backend megatron is not available yet in this build; use --train-backend fsdp.")
+    from streamrl.config.megatron_flags import validate_megatron
+
+    validate_megatron(args, ConfigError)  # parallel sizes, architecture flags, hooks
     from streamrl.config.rollout_rules import validate_rollout
 
     validate_rollout(args, ConfigError)  # engines, router, passthrough, plug-ins, eval datasets

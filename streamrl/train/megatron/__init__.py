@@ -1,0 +1,6 @@
+"""`--train-backend megatron`: Megatron-core GPTModel ranks behind the same `TrainerBackend` interface as FSDP.
+
+convert.py   HF <-> Megatron state dicts (Qwen3, Llama): QKV and gate/up fusion, vocabulary padding, TP shards
+model.py     GPTModel from Megatron's flags and the HF config; the HF-like wrapper the RL step runs
+parallel.py  torch.distributed and Megatron's process groups
+"""

@@ -1,0 +1,134 @@
+"""Build a Megatron-core `GPTModel` (local layer spec) from Megatron's flags and the HF config, and wrap it so that
+the one RL step (`streamrl/train/step.py`) runs it as it runs an HF model: `forward(input_ids=, attention_mask=)`
+returns the logits [B, L, V] (vocabulary padding cut off).
+
+Two departures from Megatron's stock local spec, both so that the same code runs on CPU (CI, gloo) and GPU:
+- core attention is `SDPAttention` (torch's scaled_dot_product_attention, causal, GQA without repeating K/V);
+  Megatron's local `DotProductAttention` allocates its score buffer with `torch.cuda.current_device()` and forks
+  the CUDA RNG tracker. TransformerEngine's attention is not used (not a dependency).
+- on CPU the rotary embedding stays on the host (`_HostRotaryEmbedding`): Megatron moves `inv_freq` to the
+  current CUDA device at the first forward.
+Right padding needs no attention mask: under the causal mask real tokens never see the padding after them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+from torch import Tensor
+
+from streamrl.train.megatron.convert import Arch, arch_from_hf, hf_to_megatron, tp_shard
+
+
+class SDPAttention(MegatronModule):
+    """Core attention with DotProductAttention's signature: q [sq, b, np, d], k/v [sk, b, ng, d] -> [sq, b, np*d]."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: Any, attention_type: str,
+                 attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection: Any = None):
+        super().__init__(config=config)
+        self.softmax_scale = softmax_scale
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                attn_mask_type: Any = None, attention_bias: Any = None, packed_seq_params: Any = None) -> Tensor:
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, d]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=True, scale=self.softmax_scale,
+            dropout_p=self.dropout if self.training else 0.0)
+        b, h, s, d = out.shape
+        return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
+
+
+class _HostRotaryEmbedding(RotaryEmbedding):
+    def get_emb(self, max_seq_len: int, offset: int = 0) -> Tensor:
+        freqs = self.get_freqs_non_repeated(max_seq_len, offset)
+        return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
+
+
+# flag -> (HF config value, the Arch/TransformerConfig fact it sets); None flags take the HF value
+def _hf_values(cfg: Any) -> dict[str, Any]:
+    rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta") or getattr(cfg, "rope_theta", 10000.0)
+    return {"num_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
+            "ffn_hidden_size": cfg.intermediate_size, "num_attention_heads": cfg.num_attention_heads,
+            "num_query_groups": cfg.num_key_value_heads or cfg.num_attention_heads,
+            "kv_channels": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+            "norm_epsilon": cfg.rms_norm_eps, "rotary_base": rope, "vocab_size": cfg.vocab_size}
+
+
+def resolve_arch(args: argparse.Namespace, cfg: Any) -> tuple[Arch, dict[str, Any]]:
+    """The model's shape from the HF config, each Megatron flag that is set checked against it (ValueError naming
+    the flag). Returns the conversion's Arch and the resolved values by flag name."""
+    values = _hf_values(cfg)
+    for name, hf_value in values.items():
+        given = getattr(args, name)
+        if given is not None and given != hf_value:
+            raise ValueError(f"--{name.replace('_', '-')} {given} disagrees with --hf-checkpoint "
+                             f"{args.hf_checkpoint} ({hf_value})")
+    arch = arch_from_hf(cfg, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
+    for flag, given, hf in (("--qk-layernorm", args.qk_layernorm, arch.qk_layernorm),
+                            ("--untie-embeddings-and-output-weights", args.untie_embeddings_and_output_weights,
+                             not arch.tied)):
+        if args.num_layers is not None and given != hf:  # a model flag file was given: it must say the same
+            raise ValueError(f"{flag} is {'set' if given else 'missing'} but --hf-checkpoint {args.hf_checkpoint} "
+                             f"{'has' if hf else 'lacks'} it")
+    return arch, values
+
+
+def build_gpt(args: argparse.Namespace, cfg: Any, device: torch.device) -> tuple[GPTModel, Arch]:
+    """An fp32 GPTModel of the HF config's shape on `device` (weights uninitialised: load them next)."""
+    arch, v = resolve_arch(args, cfg)
+    tc = TransformerConfig(
+        num_layers=v["num_layers"], hidden_size=v["hidden_size"], ffn_hidden_size=v["ffn_hidden_size"],
+        num_attention_heads=v["num_attention_heads"], num_query_groups=v["num_query_groups"],
+        kv_channels=v["kv_channels"], normalization="RMSNorm", layernorm_epsilon=v["norm_epsilon"],
+        gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
+        qk_layernorm=arch.qk_layernorm, hidden_dropout=0.0, attention_dropout=0.0,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        sequence_parallel=args.sequence_parallel and args.tensor_model_parallel_size > 1,
+        params_dtype=torch.float32, use_cpu_initialization=device.type == "cpu", perform_initialization=False,
+        **({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+           if args.recompute_granularity == "full" else {}),
+    )
+    spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    model = GPTModel(tc, spec, vocab_size=arch.padded_vocab_size, max_sequence_length=cfg.max_position_embeddings,
+                     position_embedding_type="rope", rotary_base=int(v["rotary_base"]),
+                     share_embeddings_and_output_weights=arch.tied, parallel_output=False)
+    if device.type == "cpu":
+        model.rotary_pos_emb.__class__ = _HostRotaryEmbedding
+    return model.to(device), arch
+
+
+class HFLikeModel(torch.nn.Module):
+    """The GPTModel behind an HF causal LM's call: forward(input_ids=, attention_mask=) -> logits [B, L, V]."""
+
+    def __init__(self, gpt: GPTModel, arch: Arch, bf16: bool = False):
+        super().__init__()
+        self.gpt, self.arch, self.bf16 = gpt, arch, bf16
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
+        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.gpt(input_ids, pos, attention_mask=None)
+        return logits[..., : self.arch.vocab_size]
+
+
+def load_hf_state(model: GPTModel, hf: dict[str, Tensor], arch: Arch, tp_rank: int, tp_size: int) -> None:
+    """Load a full HF state dict into this TP rank's GPTModel (converted, vocabulary padded, sharded)."""
+    full = hf_to_megatron(hf, arch)
+    own = model.state_dict()
+    missing = [k for k in own if k not in full and not k.endswith("_extra_state")]
+    if missing:
+        raise KeyError(f"no HF tensor for Megatron parameters {missing[:3]}")
+    with torch.no_grad():
+        for name, t in full.items():
+            dst = own[name]
+            dst.copy_(tp_shard(name, t, tp_rank, tp_size).to(dst.dtype))
