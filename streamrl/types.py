@@ -37,6 +37,10 @@ class Sample(msgspec.Struct, kw_only=True):
     group_index: int | None = None  # index of the prompt group in the data source
     index: int | None = None  # global, monotonic sample index
     group_id: str = ""  # stable id of the group: survives requeues, resumes and checkpoints
+    # slime: the rollout this training sample came from. A plug-in that splits one rollout into several training
+    # samples gives them one rollout_id, so the loss averages within the rollout and counts it once (reduce.py);
+    # None: the sample is a rollout of its own
+    rollout_id: int | None = None
     prompt: str | list[dict[str, Any]] = ""
     tokens: list[int] = msgspec.field(default_factory=list)  # prompt + response token ids
     response: str = ""

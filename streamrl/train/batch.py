@@ -19,7 +19,7 @@ import msgspec
 import torch
 from transformers import AutoConfig
 
-from streamrl.algos import grpo_advantages
+from streamrl.algos import grpo_advantages, rollout_mask_sums
 from streamrl.types import Group, Status
 
 
@@ -35,6 +35,8 @@ class TrainBatch(msgspec.Struct, kw_only=True):
     rewards: list[float]  # raw rewards
     staleness: list[int]  # trainer version - oldest token version, per sample
     token_advantages: list[list[float]] | None = None  # per token, when the driver computed them (overrides)
+    rollout_ids: list[int] | None = None  # slime's Sample.rollout_id, unique where unset; None: one per sample
+    rollout_mask_sums: list[float] | None = None  # loss-mask total of each sample's rollout in its optimizer step
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -43,11 +45,20 @@ class TrainBatch(msgspec.Struct, kw_only=True):
         return TrainBatch(**{f: ([v[i] for i in idx] if v is not None else None)
                              for f in self.__struct_fields__ for v in [getattr(self, f)]})
 
+    def num_rollouts(self) -> int:
+        """N of the sample-mean reduction: the rollouts of this batch (`reduce.py`)."""
+        return len(set(self.rollout_ids)) if self.rollout_ids is not None else len(self)
+
     def mini_batches(self, k: int) -> list[TrainBatch]:
         """`k` equal contiguous parts (--num-mini-batches): one optimizer step each, the same parts on any number
-        of ranks (each part is then sharded over the ranks)."""
+        of ranks (each part is then sharded over the ranks). Each part carries its rollouts' loss-mask totals (the
+        per-rollout denominators), computed here where every sample of the step is visible."""
         n = len(self) // k
-        return [self.select(list(range(j * n, (j + 1) * n))) for j in range(k)]
+        parts = [self.select(list(range(j * n, (j + 1) * n))) for j in range(k)]
+        for p in parts:
+            if p.rollout_ids is not None:
+                p.rollout_mask_sums = rollout_mask_sums(p.rollout_ids, [float(sum(m)) for m in p.loss_masks])
+        return parts
 
     def shard(self, rank: int, world: int, balance: bool = False) -> TrainBatch:
         """Data-parallel rank `rank`'s samples (sizes are checked equal by the config): a contiguous slice, or with
@@ -135,6 +146,23 @@ def build_train_batch(args: argparse.Namespace, groups: list[Group], version: in
         out.loss_masks.append(mask)
         out.rollout_log_probs.append(lps)
         out.staleness.append(version - min(s.token_versions) if s.token_versions else 0)
+    out.rollout_ids = rollout_ids([s.rollout_id for s in samples])
+    return out
+
+
+def rollout_ids(ids: list[int | None]) -> list[int] | None:
+    """Each sample's rollout id: its own where a plug-in set one, else the smallest integer not yet used (slime's
+    fallback: a rollout of its own); None when no sample has one (every sample is its own rollout)."""
+    if all(i is None for i in ids):
+        return None
+    used, out, nxt = {i for i in ids if i is not None}, [], 0
+    for i in ids:
+        if i is None:
+            while nxt in used:
+                nxt += 1
+            i = nxt
+            used.add(i)
+        out.append(i)
     return out
 
 

@@ -82,6 +82,7 @@ class MicroBatch:
     staleness: Tensor | None = None  # [B] trainer version − oldest token version
     offpolicy_keep: Tensor | None = None  # [B, T] 0 on tokens the M2 trust region drops (--m2-threshold)
     token_advantages: Tensor | None = None  # [B, T] from the driver, when it computed them
+    rollout_mask_sums: Tensor | None = None  # [B] D_i: the loss-mask total of sample i's rollout (None: its own)
     old_log_probs: Tensor | None = None  # ℓold when known before the loop
     trainer_log_probs: Tensor | None = None  # the trainer's own ℓ at the start of the step (for the mismatch metric)
     ref_log_probs: Tensor | None = None
@@ -95,6 +96,12 @@ class MicroBatch:
         return len(self.tokens)
 
 
+def denominators(mb: MicroBatch) -> Tensor:
+    """What every term's sample-mean reduction divides by: the per-rollout mask totals when samples were grouped
+    into rollouts, else each sample's original loss mask (masking tokens later never re-weights the rest)."""
+    return mb.rollout_mask_sums if mb.rollout_mask_sums is not None else mb.mask
+
+
 def actor_loss(
     args: argparse.Namespace,
     mb: MicroBatch,
@@ -106,13 +113,14 @@ def actor_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """(loss in R's units, {metric: value in R's units}) for one micro-batch; `log_probs` is ℓθ with grad."""
     mask, roll = mb.mask, mb.rollout_log_probs
+    den = denominators(mb)
     old = mb.old_log_probs if mb.old_log_probs is not None else log_probs.detach()
     trainer_lp = mb.trainer_log_probs if mb.trainer_log_probs is not None else log_probs.detach()
     per_token: dict[str, Tensor] = {"train_rollout_logprob_abs_diff": (trainer_lp - roll).abs()}
     if args.loss_type == "sft_loss":
         per_token["logp"] = log_probs.detach()
-        loss = reduce(-log_probs, mask)
-        return loss, {**reduce.metrics(per_token, mask), "loss": loss.detach()}
+        loss = reduce(-log_probs, mask, den)
+        return loss, {**reduce.metrics(per_token, mask, den), "loss": loss.detach()}
     if args.loss_type == "custom_loss":
         batch = {
             "log_probs": log_probs, "old_log_probs": old, "rollout_log_probs": roll, "ref_log_probs": mb.ref_log_probs,
@@ -120,17 +128,18 @@ def actor_loss(
             "loss_masks": mask, "entropy": entropy, "tokens": mb.tokens, "prompt_lengths": mb.prompt_lengths,
             "response_lengths": mb.response_lengths,
         }
-        loss, custom = custom_loss_fn(args, batch, reduce)
-        out = reduce.metrics(per_token, mask)
+        loss, custom = custom_loss_fn(args, batch, lambda v, m: reduce(v, m, den))
+        out = reduce.metrics(per_token, mask, den)
         for k, v in custom.items():
             v = torch.as_tensor(v)
-            out[k] = v.detach() if v.dim() == 0 else reduce(v.detach(), mask)
+            out[k] = v.detach() if v.dim() == 0 else reduce(v.detach(), mask, den)
         return loss, {**out, "loss": loss.detach()}
 
     pg, clipfrac, ppo_kl = pg_loss(PG_KIND.get(args.advantage_estimator, "ppo"), log_probs, old, mb.advantages, mask,
                                    eps_clip=args.eps_clip, eps_clip_high=args.eps_clip_high,
                                    eps_clip_c=args.eps_clip_c)
-    per_token.update(pg_clipfrac=clipfrac, ppo_kl=ppo_kl)
+    # ois = π_θ/π_old (slime's metric; for gspo the sequence-level ratio): how far this forward has moved
+    per_token.update(pg_clipfrac=clipfrac, ppo_kl=ppo_kl, ois=torch.exp(-ppo_kl))
     num_mask = mask
     # from the trainer's own ℓ (= ℓold unless --use-rollout-logprobs): the metrics measure π_prox/µ either way
     w, tis_mask, tis_metrics = importance_weights(trainer_lp, roll, mask, level=args.tis_level, mode=args.tis_mode,
@@ -146,20 +155,20 @@ def actor_loss(
         pg = pg * staleness_weights(mb.staleness, args.staleness_decay).to(pg.dtype).unsqueeze(-1)
     per_token.update(tis_metrics)  # logged even with TIS off: they measure the behaviour/proximal mismatch
     per_token["pg_loss"] = pg.detach()
-    loss = reduce(pg, num_mask, mask)
+    loss = reduce(pg, num_mask, den)
     if mb.ref_log_probs is not None and args.use_kl_loss:
         # --use-unbiased-kl: ρ·KL with ρ = πθ/πold, not detached (slime; DeepSeek-V3.2), clamped as a product
         ratio = torch.exp(log_probs - old) if args.use_unbiased_kl else None
         kl = kl_estimate(log_probs, mb.ref_log_probs, args.kl_loss_type, importance_ratio=ratio)
-        loss = loss + args.kl_loss_coef * reduce(kl, num_mask, mask)
+        loss = loss + args.kl_loss_coef * reduce(kl, num_mask, den)
         per_token["kl_loss"] = kl.detach()
     if entropy is not None:
         if args.entropy_coef:
-            loss = loss - args.entropy_coef * reduce(entropy, num_mask, mask)
+            loss = loss - args.entropy_coef * reduce(entropy, num_mask, den)
         per_token["entropy"] = entropy.detach()
-    out = reduce.metrics(per_token, mask)
+    out = reduce.metrics(per_token, mask, den)
     rejected = (mask - num_mask).to(pg.dtype)
-    out["tis_rejected_frac"] = reduce(rejected, mask)
+    out["tis_rejected_frac"] = reduce(rejected, mask, den)
     out["loss"] = loss.detach()
     if mb.staleness is not None:  # how far π_prox is from µ, per staleness bucket (sums; fsdp.py divides)
         prox = mb.trainer_log_probs if mb.trainer_log_probs is not None else log_probs.detach()
@@ -175,7 +184,8 @@ def critic_loss(args: argparse.Namespace, mb: MicroBatch, values: Tensor, reduce
                 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped value loss R(max((V − R)², (V_clip − R)²)) against the GAE returns; `values` with grad."""
     loss_t, clipfrac = value_loss(values, mb.values, mb.returns, args.value_clip)
-    loss = reduce(loss_t, mb.mask)
+    den = denominators(mb)
+    loss = reduce(loss_t, mb.mask, den)
     metrics = reduce.metrics({"value_clipfrac": clipfrac, "values": values.detach(), "returns": mb.returns},
-                             mb.mask)
+                             mb.mask, den)
     return loss, {**metrics, "value_loss": loss.detach()}
