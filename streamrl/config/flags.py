@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from streamrl.config.field import F
 from streamrl.config.megatron_flags import MegatronConfig
+from streamrl.config.speed_flags import TrainSpeedConfig
 
 
 @dataclass
@@ -344,3 +345,4 @@ GROUPS: dict[str, type] = {
 
 def all_fields() -> list[dataclasses.Field]:
     return [f for cls in GROUPS.values() for f in dataclasses.fields(cls)]
+    "train speed": TrainSpeedConfig,

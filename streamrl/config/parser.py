@@ -153,6 +153,9 @@ def validate(args: argparse.Namespace) -> None:
     from streamrl.config.rollout_rules import validate_rollout
 
     validate_rollout(args, ConfigError)  # engines, router, passthrough, plug-ins, eval datasets
+    from streamrl.config.speed_flags import validate_speed
+
+    validate_speed(args, ConfigError)  # --qkv-format, --attn-implementation
     if args.rollout_temperature <= 0:
         raise ConfigError("--rollout-temperature must be > 0 (the trainer divides logits by it).")
     if args.save_interval is not None and (args.save_interval < 1 or not args.save):

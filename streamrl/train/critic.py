@@ -32,13 +32,15 @@ class ValueModel(nn.Module):
         self.config = causal_lm.config
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32) -> ValueModel:
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, **kwargs: Any) -> ValueModel:
+        """`kwargs`: from_pretrained's (attn_implementation)."""
+        return cls(AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs))
 
-        return cls(AutoModelForCausalLM.from_pretrained(path, dtype=dtype))
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """[B, L] -> values [B, L] (float32)."""
-        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """[B, L] -> values [B, L] (float32). `kwargs` go to the decoder (position_ids and the boundaries of a
+        packed stream); no KV cache, so that transformers reads packing from the position ids."""
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                          **kwargs).last_hidden_state
         return self.value_head(h).squeeze(-1).float().clone()  # not a view: FSDP hooks the output
 
 

@@ -34,11 +34,13 @@ from streamrl.plugins import load_function
 from streamrl.sync.select import resolve, stage
 from streamrl.train.batch import TrainBatch
 from streamrl.train.critic import ValueModel
+from streamrl.train.kernels import attention_options, speed_up
 from streamrl.train.onpolicy import engine_replay_log_probs
 from streamrl.train.schedule import lr_at
 from streamrl.train.step import StepRunner, micro_batches, staleness_histogram, token_budget_groups
 
 logger = logging.getLogger("streamrl.train")
+PACKED_CHUNK = 2048  # response tokens per LM-head chunk with --qkv-format thd and no --log-probs-chunk-size
 
 
 class FSDPTrainRank:
@@ -89,16 +91,22 @@ class FSDPTrainRank:
             fully_shard(m, **opts)
             return m
 
-        def chunked(m):  # --log-probs-chunk-size: the LM head scores responses in chunks (algos/logprobs.py)
-            if args.log_probs_chunk_size > 0:
-                use_chunked_log_probs(m, args.log_probs_chunk_size)
-            return m
+        # --log-probs-chunk-size (and --qkv-format thd): the LM head scores responses in chunks (algos/logprobs.py)
+        chunk = args.log_probs_chunk_size if args.log_probs_chunk_size > 0 else 0
+        chunk = chunk or (PACKED_CHUNK if args.qkv_format == "thd" else 0)
+        attn = attention_options(args)  # --attn-implementation
+
+        def build(m):  # the head, then --use-liger-kernel / --use-torch-compile (kernels.py)
+            if chunk:
+                use_chunked_log_probs(m, chunk)
+            return speed_up(args, m, m.model.layers)
 
         def frozen(path):
-            m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if args.bf16 else torch.float32)
-            return chunked(m.to(self.device).eval().requires_grad_(False))
+            m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if args.bf16 else torch.float32, **attn)
+            return build(m.to(self.device).eval().requires_grad_(False))
 
-        model = chunked(AutoModelForCausalLM.from_pretrained(args.hf_checkpoint, dtype=torch.float32).to(self.device))
+        model = build(AutoModelForCausalLM.from_pretrained(args.hf_checkpoint, dtype=torch.float32, **attn
+                                                           ).to(self.device))
         if args.recompute_granularity == "full":  # Megatron's full recompute = checkpointing every decoder layer
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = shard(model, model.model.layers)
@@ -113,8 +121,8 @@ class FSDPTrainRank:
         if args.use_opd or args.advantage_estimator == "on_policy_distillation":
             self.teacher = frozen(args.opd_teacher_load)
         if args.advantage_estimator == "ppo":
-
-            critic = ValueModel.from_pretrained(args.hf_checkpoint).to(self.device)
+            critic = ValueModel.from_pretrained(args.hf_checkpoint, **attn).to(self.device)
+            speed_up(args, critic.backbone, critic.backbone.layers)
             self.critic = shard(critic, critic.backbone.layers)
             self.critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr or args.lr,
                                                 weight_decay=args.weight_decay,
@@ -223,14 +231,16 @@ class FSDPTrainRank:
 
         args = self.args
         budget = args.max_tokens_per_gpu if args.use_dynamic_batch_size else None
+        packed = args.qkv_format == "thd"  # the budget counts real tokens, not padded ones
         n_mb = 0
         if budget and self.world > 1:  # every rank runs as many forwards as the rank that needs the most
             mine = len(token_budget_groups([p + r for p, r in zip(local.prompt_lengths, local.response_lengths,
-                                                                   strict=True)], budget))
+                                                                   strict=True)], budget, packed=packed))
             n = torch.tensor([mine], device=self.device)
             dist.all_reduce(n, op=dist.ReduceOp.MAX)
             n_mb = int(n.item())
-        return micro_batches(local, args.micro_batch_size, self.device, max_tokens=budget, min_micro_batches=n_mb)
+        return micro_batches(local, args.micro_batch_size, self.device, max_tokens=budget, min_micro_batches=n_mb,
+                             packed=packed)
 
     def full_named_parameters(self, keep_on_device: bool = False) -> list[tuple[str, Any]] | None:
         """Gather every parameter in full (collective on all ranks); rank 0 gets CPU tensors, others None."""

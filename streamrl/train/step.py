@@ -38,6 +38,7 @@ from streamrl.algos.offpolicy import to_list, to_padded
 from streamrl.train.batch import TrainBatch
 from streamrl.train.critic import response_values
 from streamrl.train.objective import MicroBatch, actor_loss, critic_loss
+from streamrl.train.packed import packed_response_log_probs, packed_response_values
 
 AllReduce = Callable[[Tensor], Tensor]
 
@@ -53,18 +54,28 @@ def _pad(rows: list[list[float]] | list[list[int]], b: int, t: int) -> Tensor:
     return out
 
 
-def token_budget_groups(lengths: list[int], max_tokens: int, min_groups: int = 0) -> list[list[int]]:
-    """`--use-dynamic-batch-size`: sample indices in micro-batches whose padded size (samples x longest sequence)
-    stays within `max_tokens` (`--max-tokens-per-gpu`); longest first, so that similar lengths share a micro-batch
-    and little is padding. A sample longer than the budget gets a micro-batch of its own. `min_groups`: split the
-    largest micro-batches until there are that many (every FSDP rank must run the same number of forwards)."""
+def token_budget_groups(lengths: list[int], max_tokens: int, min_groups: int = 0, packed: bool = False
+                        ) -> list[list[int]]:
+    """`--use-dynamic-batch-size`: sample indices in micro-batches whose size stays within `max_tokens`
+    (`--max-tokens-per-gpu`): padded, samples x longest sequence, filled longest first so that similar lengths share
+    a micro-batch and little is padding; `packed` (--qkv-format thd), the sum of the lengths, each sample into the
+    first micro-batch with room (first-fit decreasing). A sample longer than the budget gets a micro-batch of its
+    own. `min_groups`: split the largest micro-batches until there are that many (every FSDP rank must run the same
+    number of forwards)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     groups: list[list[int]] = []
+    loads: list[int] = []
     for i in order:
-        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= max_tokens:
-            groups[-1].append(i)  # the group's first sample is its longest
-        else:
+        if packed:
+            k = next((k for k, load in enumerate(loads) if load + lengths[i] <= max_tokens), None)
+        else:  # the group's first sample is its longest
+            k = len(groups) - 1 if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= max_tokens else None
+        if k is None:
             groups.append([i])
+            loads.append(lengths[i])
+        else:
+            groups[k].append(i)
+            loads[k] += lengths[i]
     if min_groups > len(lengths):
         raise ValueError(f"{min_groups} micro-batches asked of {len(lengths)} samples")
     while len(groups) < min_groups:
@@ -75,13 +86,15 @@ def token_budget_groups(lengths: list[int], max_tokens: int, min_groups: int = 0
 
 
 def micro_batches(local: TrainBatch, size: int, device: torch.device | str | None = None,
-                  max_tokens: int | None = None, min_micro_batches: int = 0) -> list[MicroBatch]:
+                  max_tokens: int | None = None, min_micro_batches: int = 0, packed: bool = False
+                  ) -> list[MicroBatch]:
     """Micro-batches as padded tensors (T = the micro-batch's longest response): contiguous runs of `size` samples,
-    or with `max_tokens` packed by token budget (`token_budget_groups`). Every loss is a sum over global constants,
-    so how samples are grouped does not change the step's gradient (tests/algos/test_invariance.py)."""
+    or with `max_tokens` grouped by token budget (`token_budget_groups`; `packed`: the budget counts real tokens).
+    Every loss is a sum over global constants, so how samples are grouped does not change the step's gradient
+    (tests/algos/test_invariance.py)."""
     if max_tokens:
         groups = token_budget_groups([p + r for p, r in zip(local.prompt_lengths, local.response_lengths,
-                                                             strict=True)], max_tokens, min_micro_batches)
+                                                             strict=True)], max_tokens, min_micro_batches, packed)
     else:
         groups = [list(range(s, min(s + size, len(local)))) for s in range(0, len(local), size)]
     out: list[MicroBatch] = []
@@ -121,15 +134,26 @@ class StepRunner:
         self.pad_id, self.world, self.all_reduce = pad_id, world, all_reduce
         self.tis_fn, self.custom_loss_fn, self.custom_adv_fn, self.replay_fn = (tis_fn, custom_loss_fn,
                                                                                 custom_adv_fn, replay_fn)
+        self.packed = args.qkv_format == "thd"
 
     # ------------------------------------------------------------------ helpers
     def log_probs(self, model: Any, mb: MicroBatch, with_entropy: bool = False, entropy_grad: bool = True):
         return response_log_probs(model, mb.tokens, mb.prompt_lengths, mb.response_lengths,
                                   temperature=self.args.rollout_temperature, pad_id=self.pad_id,
+        if self.packed:  # --qkv-format thd: one stream, no padding (packed.py)
+            return packed_response_log_probs(model, mb.tokens, mb.prompt_lengths, mb.response_lengths,
+                                             temperature=self.args.rollout_temperature, with_entropy=with_entropy,
+                                             entropy_grad=entropy_grad)
                                   with_entropy=with_entropy, entropy_grad=entropy_grad)
 
     def needs_old_up_front(self) -> bool:
         a = self.args
+    def values(self, mb: MicroBatch) -> Tensor:
+        """The critic's V [B, T] of the micro-batch's response tokens."""
+        if self.packed:
+            return packed_response_values(self.critic, mb.tokens, mb.prompt_lengths, mb.response_lengths)[0]
+        return response_values(self.critic, mb.tokens, mb.prompt_lengths, mb.response_lengths, self.pad_id)[0]
+
         return bool(a.true_on_policy_mode or a.kl_coef > 0 or a.use_opd or self.custom_adv_fn is not None
                     or a.advantage_estimator == "on_policy_distillation" or a.num_mini_batches > 1
                     or a.m2_threshold is not None)
@@ -181,8 +205,7 @@ class StepRunner:
                     mb.teacher_log_probs = self.log_probs(self.teacher, mb).log_probs
                 if self.critic is not None:
 
-                    mb.values = response_values(self.critic, mb.tokens, mb.prompt_lengths, mb.response_lengths,
-                                                self.pad_id)[0]
+                    mb.values = self.values(mb)
 
     def compute_advantages(self, mbs: list[MicroBatch]) -> None:
         """Per-token advantages (and returns) for every micro-batch of this rank, per --advantage-estimator."""
@@ -287,7 +310,7 @@ class StepRunner:
 
         sums: dict[str, Tensor] = {}
         for mb in mbs:
-            values, _ = response_values(self.critic, mb.tokens, mb.prompt_lengths, mb.response_lengths, self.pad_id)
+            values = self.values(mb)
             loss, metrics = critic_loss(self.args, mb, values, reduce)
             (loss * self.world).backward()
             _accumulate(sums, metrics)
