@@ -338,6 +338,7 @@ GROUPS: dict[str, type] = {
     "buffer": BufferConfig,
     "algorithm": AlgoConfig,
     "train": TrainConfig,
+    "train speed": TrainSpeedConfig,
     "megatron": MegatronConfig,
     "logging": LogConfig,
 }
@@ -345,4 +346,3 @@ GROUPS: dict[str, type] = {
 
 def all_fields() -> list[dataclasses.Field]:
     return [f for cls in GROUPS.values() for f in dataclasses.fields(cls)]
-    "train speed": TrainSpeedConfig,
