@@ -181,7 +181,7 @@ class FSDPTrainRank:
         if self.critic is not None:
             self.critic.train()
             self.critic_opt.zero_grad(set_to_none=True)
-            critic_sums = runner.critic_backward(mbs, runner.reducer(mbs, len(batch)))
+            critic_sums = runner.critic_backward(mbs, runner.reducer(mbs, batch.num_rollouts()))
             result["critic_grad_norm"] = _norm(torch.nn.utils.clip_grad_norm_(self.critic.parameters(),
                                                                              args.clip_grad))
             self.critic_opt.step()
@@ -205,7 +205,7 @@ class FSDPTrainRank:
             self.opt.zero_grad(set_to_none=True)
 
         self.opt.zero_grad(set_to_none=True)
-        sums.update(runner.actor_steps(per_part, [len(p) for p in parts], opt_step))
+        sums.update(runner.actor_steps(per_part, [p.num_rollouts() for p in parts], opt_step))
         result["grad_norm"] = sum(norms) / len(norms)
         result["skipped_optimizer_steps"] = self.skipped_steps
         t_opt = t_end_bwd = time.time()

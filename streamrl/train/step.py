@@ -114,6 +114,8 @@ def micro_batches(local: TrainBatch, size: int, device: torch.device | str | Non
             rewards=torch.tensor(pick(local.rewards), dtype=torch.float32),
             staleness=torch.tensor(pick(local.staleness), dtype=torch.long),
             token_advantages=_pad(tok_adv, b, t) * resp if tok_adv is not None else None,
+            rollout_mask_sums=(torch.tensor(pick(local.rollout_mask_sums), dtype=torch.float32)
+                               if local.rollout_mask_sums is not None else None),
         ))
     if device is not None:
         for mb in out:
@@ -132,28 +134,28 @@ class StepRunner:
                  replay_fn: Callable[..., Tensor] | None = None):
         self.args, self.model, self.ref_model, self.teacher, self.critic = args, model, ref_model, teacher, critic
         self.pad_id, self.world, self.all_reduce = pad_id, world, all_reduce
+        self.packed = args.qkv_format == "thd"
         self.tis_fn, self.custom_loss_fn, self.custom_adv_fn, self.replay_fn = (tis_fn, custom_loss_fn,
                                                                                 custom_adv_fn, replay_fn)
-        self.packed = args.qkv_format == "thd"
 
     # ------------------------------------------------------------------ helpers
     def log_probs(self, model: Any, mb: MicroBatch, with_entropy: bool = False, entropy_grad: bool = True):
-        return response_log_probs(model, mb.tokens, mb.prompt_lengths, mb.response_lengths,
-                                  temperature=self.args.rollout_temperature, pad_id=self.pad_id,
         if self.packed:  # --qkv-format thd: one stream, no padding (packed.py)
             return packed_response_log_probs(model, mb.tokens, mb.prompt_lengths, mb.response_lengths,
                                              temperature=self.args.rollout_temperature, with_entropy=with_entropy,
                                              entropy_grad=entropy_grad)
+        return response_log_probs(model, mb.tokens, mb.prompt_lengths, mb.response_lengths,
+                                  temperature=self.args.rollout_temperature, pad_id=self.pad_id,
                                   with_entropy=with_entropy, entropy_grad=entropy_grad)
 
-    def needs_old_up_front(self) -> bool:
-        a = self.args
     def values(self, mb: MicroBatch) -> Tensor:
         """The critic's V [B, T] of the micro-batch's response tokens."""
         if self.packed:
             return packed_response_values(self.critic, mb.tokens, mb.prompt_lengths, mb.response_lengths)[0]
         return response_values(self.critic, mb.tokens, mb.prompt_lengths, mb.response_lengths, self.pad_id)[0]
 
+    def needs_old_up_front(self) -> bool:
+        a = self.args
         return bool(a.true_on_policy_mode or a.kl_coef > 0 or a.use_opd or self.custom_adv_fn is not None
                     or a.advantage_estimator == "on_policy_distillation" or a.num_mini_batches > 1
                     or a.m2_threshold is not None)
