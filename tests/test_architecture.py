@@ -147,6 +147,7 @@ LAZY_IMPORTS_ALLOWED = {
     ("streamrl/metrics.py", "matplotlib"),
     ("streamrl/metrics.py", "matplotlib.pyplot"),
     ("streamrl/rollout/sglang/router.py", "sglang_router"),  # optional: only with real SGLang
+    ("streamrl/train/kernels.py", "liger_kernel.transformers"),  # optional: only with --use-liger-kernel
     ("streamrl/wandb_run.py", "wandb"),  # slow to import; only with --use-wandb
 }
 
