@@ -144,6 +144,7 @@ LAZY_IMPORTS_ALLOWED = {
     ("pipelines/launch.py", "ray._private"),  # the log forwarder has no public hook
     ("pipelines/launch.py", "ray._private.worker"),  # _global_node is read when called, not at import
     ("streamrl/engine/__init__.py", "streamrl.engine"),  # PEP 562 lazy re-exports keep the package cheap
+    ("streamrl/train/backend.py", "streamrl.train.megatron.group"),  # megatron-core: only --train-backend megatron
     ("streamrl/metrics.py", "matplotlib"),
     ("streamrl/metrics.py", "matplotlib.pyplot"),
     ("streamrl/rollout/sglang/router.py", "sglang_router"),  # optional: only with real SGLang

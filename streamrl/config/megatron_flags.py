@@ -10,6 +10,7 @@ backends (the checkpoint directory, its step, the reference model; docs/megatron
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 
 from streamrl.config.field import F
@@ -60,8 +61,9 @@ def validate_megatron(args: argparse.Namespace, error: type[Exception]) -> None:
     if args.use_rotary_position_embeddings:
         args.position_embedding_type = "rope"
     if args.train_backend != "megatron":
+        defaults = {f.name: f.default for f in dataclasses.fields(MegatronConfig)}
         for name in _MEGATRON_ONLY:
-            if getattr(args, name) not in (None, False, 1):
+            if getattr(args, name) != defaults[name]:
                 raise error(f"--{name.replace('_', '-')} is read by the Megatron trainer only: add "
                             "--train-backend megatron or drop it.")
         return
@@ -75,9 +77,10 @@ def validate_megatron(args: argparse.Namespace, error: type[Exception]) -> None:
         raise error(f"--tensor-model-parallel-size x --pipeline-model-parallel-size x --context-parallel-size "
                     f"({tp * pp * cp}) must divide the trainer ranks (--actor-num-gpus-per-node x "
                     f"--actor-num-nodes = {world}).")
-    if pp > 1 or cp > 1:
-        raise error("--pipeline-model-parallel-size and --context-parallel-size > 1 are not in this build's "
-                    "Megatron backend yet (tensor and data parallel are): set them to 1.")
+    for flag, size in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
+                       ("--context-parallel-size", cp)):
+        if size > 1:  # the conversion shards for TP; the step's grad-norm and metric reductions do not yet
+            raise error(f"{flag} {size}: this build's Megatron backend is data parallel only: set it to 1.")
     if args.group_query_attention != (args.num_query_groups is not None):
         raise error("--group-query-attention and --num-query-groups go together (Megatron ignores the groups "
                     "without it): give both or neither.")
@@ -99,6 +102,8 @@ def validate_megatron(args: argparse.Namespace, error: type[Exception]) -> None:
         raise error("--make-vocab-size-divisible-by must be >= 1.")
     for flag, off in (("--advantage-estimator ppo", args.advantage_estimator == "ppo"),
                       ("--log-probs-chunk-size", args.log_probs_chunk_size > 0),
-                      ("--true-on-policy-mode", args.true_on_policy_mode)):
+                      ("--true-on-policy-mode", args.true_on_policy_mode),
+                      ("--qkv-format thd", args.qkv_format == "thd"), ("--use-liger-kernel", args.use_liger_kernel),
+                      ("--use-torch-compile", args.use_torch_compile)):
         if off:
             raise error(f"{flag} needs --train-backend fsdp in this build (the Megatron backend lacks it).")

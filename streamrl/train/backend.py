@@ -1,7 +1,7 @@
 """The trainer-backend interface: what the training loop, the weight publisher and checkpoints need from a trainer.
 
-`TrainerGroup` (FSDP2 ranks as Ray actors, train/group.py) implements it today; a Megatron backend implements the
-same methods (`--train-backend megatron`). Every call addresses the whole group of ranks at once.
+`TrainerGroup` (FSDP2 ranks as Ray actors, train/group.py) implements it, and `MegatronTrainerGroup` (Megatron-core
+ranks, train/megatron/) for `--train-backend megatron`. Every call addresses the whole group of ranks at once.
 """
 
 from __future__ import annotations
@@ -43,4 +43,8 @@ def make_trainer(args: argparse.Namespace) -> TrainerBackend:
     if args.train_backend == "fsdp":
 
         return TrainerGroup(args)
+    if args.train_backend == "megatron":
+        from streamrl.train.megatron.group import MegatronTrainerGroup  # megatron-core is optional
+
+        return MegatronTrainerGroup(args)
     raise ValueError(f"--train-backend {args.train_backend}: no such backend in this build")

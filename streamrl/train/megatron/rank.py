@@ -1,0 +1,137 @@
+"""One Megatron-core training rank (a Ray actor): the FSDP rank's step, sync and HF export over a GPTModel.
+
+What is shared with `FSDPTrainRank` (inherited, not copied): the train step (micro-batches, the one RL step of
+`streamrl/train/step.py`, the optimizer steps with clipping and skip-on-non-finite, the metrics), weight staging
+and pushing through `streamrl/sync`, `save_hf`. What differs:
+- the model: `GPTModel` (local spec) built from Megatron's flags, loaded from `--hf-checkpoint` through
+  `convert.py`, seen by the step through `HFLikeModel`; data parallel over ranks with torch DDP (gradients
+  averaged, the step scales each rank's loss by the DP size as with FSDP);
+- the optimizer: torch AdamW/SGD on fp32 parameters (`--bf16`: bf16 autocast in the forward), not Megatron's
+  distributed optimizer, which needs CUDA and Megatron's DDP buffers (future work: it changes only this file);
+- `full_named_parameters`: Megatron tensors gathered over TP and converted to HF names (what the engines load);
+- `save_state`/`load_state`: Megatron's checkpoint layout (`checkpoint.py`);
+- slime's three hooks (`--custom-megatron-*-path`).
+Frozen models (--ref-load, the OPD teacher) are HF models: they only score log-probs, as in the FSDP rank.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from streamrl.plugins import load_function
+from streamrl.train.batch import TrainBatch
+from streamrl.train.fsdp import FSDPTrainRank
+from streamrl.train.megatron.checkpoint import load_megatron, save_megatron
+from streamrl.train.megatron.convert import megatron_to_hf_tensor, tp_gather
+from streamrl.train.megatron.model import HFLikeModel, build_gpt, load_hf_state
+from streamrl.train.megatron.parallel import init_model_parallel
+
+
+class MegatronTrainRank(FSDPTrainRank):
+    """Wrap with `ray.remote`; every public method is called on all ranks at once (they hold collectives)."""
+
+    def init(self, master_addr: str, master_port: int, memory_fraction: float | None = None,
+             shares_gpu: bool = True) -> dict[str, Any]:
+        args = self.args
+        self.shares_gpu = shares_gpu
+        torch.manual_seed(args.seed)
+        torch.set_num_threads(max(1, args.train_torch_threads))
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        if cuda and memory_fraction:
+            torch.cuda.set_per_process_memory_fraction(memory_fraction, self.device)
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        dist.init_process_group("nccl" if cuda else "gloo", rank=self.rank, world_size=self.world)
+        init_model_parallel(args, args.seed)
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
+
+        cfg = AutoConfig.from_pretrained(args.hf_checkpoint)
+        self.gpt, self.arch = build_gpt(args, cfg, self.device)
+        hf = AutoModelForCausalLM.from_pretrained(args.hf_checkpoint, dtype=torch.float32)
+        load_hf_state(self.gpt, hf.state_dict(), self.arch, self.tp_rank, self.tp_size)
+        del hf
+        model = HFLikeModel(self.gpt, self.arch, bf16=args.bf16)
+        if self.world > 1:  # data parallel: gradients averaged over the ranks (the step scales losses by W)
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        self.model = model
+        params = list(self.gpt.parameters())
+        if args.optimizer == "sgd":
+            self.opt = torch.optim.SGD(params, lr=args.lr, momentum=args.sgd_momentum, weight_decay=args.weight_decay)
+        else:
+            self.opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay,
+                                         betas=(args.adam_beta1, args.adam_beta2))
+        if args.use_kl_loss or args.kl_coef > 0:
+            self.ref_model = self._frozen(args.ref_load or args.hf_checkpoint)
+        if args.use_opd or args.advantage_estimator == "on_policy_distillation":
+            self.teacher = self._frozen(args.opd_teacher_load)
+        self.pad_id = cfg.pad_token_id or 0
+        self.runner = self._runner()
+        if args.custom_megatron_init_path:  # slime: fn(args), once the model is set up
+            load_function(args.custom_megatron_init_path, None, "--custom-megatron-init-path")(args)
+        return {"rank": self.rank, "device": str(self.device), "tp_rank": self.tp_rank,
+                "params": sum(p.numel() for p in params)}
+
+    def _frozen(self, path: str) -> Any:
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if self.args.bf16 else torch.float32)
+        return m.to(self.device).eval().requires_grad_(False)
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """slime's hooks, then the FSDP rank's step on the GPTModel. slime calls its before-log-prob hook before
+        the no-grad forwards and the before-train-step hook before each optimizer step; here both run once per
+        train step, in that order (step_id 0; no LR scheduler object: None)."""
+        a = self.args
+        if a.custom_megatron_before_log_prob_hook_path:
+            load_function(a.custom_megatron_before_log_prob_hook_path, None,
+                          "--custom-megatron-before-log-prob-hook-path")(a, [self.gpt], "")
+        if a.custom_megatron_before_train_step_hook_path:
+            load_function(a.custom_megatron_before_train_step_hook_path, None,
+                          "--custom-megatron-before-train-step-hook-path")(a, self.steps_done, 0, [self.gpt],
+                                                                           self.opt, None)
+        return super().train_step(batch)
+
+    def full_named_parameters(self, keep_on_device: bool = False) -> list[tuple[str, Any]] | None:
+        """Every tensor gathered over TP and converted to its HF name(s), vocabulary padding removed (collective
+        on all ranks); global rank 0 gets them (CPU unless `keep_on_device`), the others None."""
+        group = parallel_state.get_tensor_model_parallel_group()
+        out: list[tuple[str, Any]] = []
+        for name, t in self.gpt.state_dict().items():
+            if name.endswith("_extra_state"):
+                continue
+            t = t.detach()
+            if self.tp_size > 1:
+                shards = [torch.empty_like(t) for _ in range(self.tp_size)]
+                dist.all_gather(shards, t.contiguous(), group=group)
+                t = tp_gather(name, shards)
+            if self.rank == 0:
+                for hf_name, x in megatron_to_hf_tensor(name, t, self.arch):
+                    out.append((hf_name, x if keep_on_device else x.to("cpu", copy=True)))
+        return out if self.rank == 0 else None
+
+    def save_state(self, path: str) -> None:
+        """Megatron's layout in the directory `path` (see checkpoint.py); data-parallel rank 0 of each TP rank
+        writes its shard."""
+        if parallel_state.get_data_parallel_rank() == 0:
+            save_megatron(path, self.steps_done, self.tp_rank, self.gpt.state_dict(),
+                          None if self.args.no_save_optim else self.opt.state_dict(),
+                          {"steps_done": self.steps_done, "skipped_steps": self.skipped_steps})
+        dist.barrier()
+
+    def load_state(self, path: str) -> None:
+        state = load_megatron(path, self.tp_rank)
+        self.gpt.load_state_dict(state["model"])
+        if state.get("optimizer") is not None:
+            self.opt.load_state_dict(state["optimizer"])
+        self.steps_done = int(state["streamrl"]["steps_done"])
+        self.skipped_steps = int(state["streamrl"]["skipped_steps"])
+
+    def shutdown(self) -> None:
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        super().shutdown()

@@ -1,0 +1,60 @@
+"""Megatron's flags: their names exist, the model flag files parse and validate, bad combinations name the flag."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from streamrl.config import ConfigError, build_parser, default_args, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+MEGATRON_FLAGS = [
+    "--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--context-parallel-size", "--sequence-parallel",
+    "--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads", "--group-query-attention",
+    "--num-query-groups", "--kv-channels", "--normalization", "--norm-epsilon", "--swiglu",
+    "--untie-embeddings-and-output-weights", "--rotary-base", "--qk-layernorm", "--vocab-size",
+    "--make-vocab-size-divisible-by", "--disable-bias-linear", "--position-embedding-type",
+    "--use-rotary-position-embeddings", "--load", "--save", "--ref-load", "--ckpt-step", "--no-save-optim",
+    "--custom-megatron-init-path", "--custom-megatron-before-train-step-hook-path",
+    "--custom-megatron-before-log-prob-hook-path",
+]
+
+
+def test_megatron_flag_names_exist():
+    options = {s for a in build_parser()._actions for s in a.option_strings}
+    assert [f for f in MEGATRON_FLAGS if f not in options] == []
+
+
+@pytest.mark.parametrize("script", ["tiny.sh", "qwen3-0.6B.sh"])
+def test_model_flag_files_validate(script):
+    out = subprocess.run(["bash", "-c", f"source {ROOT / 'scripts/models' / script}; printf '%s\\n' "
+                          '"${MODEL_ARGS[@]}"'], capture_output=True, text=True, check=True).stdout
+    args = parse_args(["--train-backend", "megatron", *out.split("\n")[:-1]])
+    assert args.position_embedding_type == "rope" and args.swiglu and args.qk_layernorm
+    assert args.num_query_groups in (2, 8)
+
+
+@pytest.mark.parametrize("overrides, flag", [
+    ({"num_layers": 2}, "--swiglu"),
+    ({"group_query_attention": True}, "--num-query-groups"),
+    ({"num_attention_heads": 6, "num_query_groups": 4, "group_query_attention": True}, "--num-query-groups"),
+    ({"tensor_model_parallel_size": 2}, "--tensor-model-parallel-size"),
+    ({"pipeline_model_parallel_size": 2}, "--pipeline-model-parallel-size"),
+    ({"context_parallel_size": 2}, "--context-parallel-size"),
+    ({"advantage_estimator": "ppo"}, "--advantage-estimator ppo"),
+    ({"log_probs_chunk_size": 64}, "--log-probs-chunk-size"),
+    ({"qkv_format": "thd"}, "--qkv-format thd"),
+])
+def test_bad_megatron_combinations_name_the_flag(overrides, flag):
+    with pytest.raises(ConfigError, match=flag):
+        default_args(train_backend="megatron", **overrides)
+
+
+def test_megatron_only_flags_need_the_megatron_backend():
+    with pytest.raises(ConfigError, match="--custom-megatron-init-path"):
+        default_args(custom_megatron_init_path="x.py:f")
+    with pytest.raises(ConfigError, match="--no-save-optim"):
+        default_args(no_save_optim=True)
+    default_args(num_layers=3)  # architecture flags of a sourced model file are harmless under fsdp
