@@ -31,7 +31,8 @@ SLIME_FLAGS = [
     "--lambd", "--kl-coef", "--value-clip", "--num-critic-only-steps", "--use-opd", "--opd-kl-coef",
     "--opd-teacher-load", "--custom-advantage-function-path", "--custom-loss-function-path",
     "--calculate-per-token-loss", "--eps-clip-c", "--kl-loss-type", "--entropy-coef", "--custom-tis-function-path",
-    "--use-rollout-logprobs", "--true-on-policy-mode",
+    "--use-rollout-logprobs", "--true-on-policy-mode", "--use-opsm", "--opsm-delta",
+    "--tis-threshold",  # named by summaries of slime's docs, absent from slime's source: accepted, then refused
 ]
 
 
@@ -133,6 +134,12 @@ def test_offpolicy_correction_defaults():
         default_args(use_tis=True, use_rollout_logprobs=True)
     b = default_args(disable_tis=True, use_rollout_logprobs=True)
     assert b.use_rollout_logprobs and not b.use_tis
+    # --use-tis / --no-use-tis is a real boolean flag: --no-use-tis keeps the default correction, refuses TIS flags
+    assert parse_args(["--use-tis"]).use_tis is True
+    b = parse_args(["--no-use-tis"])
+    assert b.use_tis is False and b.use_rollout_logprobs
+    with pytest.raises(ConfigError, match="--tis-clip"):
+        default_args(use_tis=False, tis_clip=1.5)
     for over, flag in (({"num_mini_batches": 3}, "--num-mini-batches"), ({"m2_threshold": 0.0}, "--m2-threshold"),
                        ({"staleness_decay": 1.5}, "--staleness-decay")):
         with pytest.raises(ConfigError, match=flag):
@@ -158,3 +165,17 @@ def test_slime_multi_turn_and_pd_flags():
         default_args(max_turns=0)
     with pytest.raises(ConfigError, match="--prefill-num-servers .* not available"):
         default_args(prefill_num_servers=1)
+
+
+def test_job_length_is_derived_during_validation():
+    """--num-rollout from --num-epoch and the default --lr-decay-iters are set by validation (preflight counts the
+    prompts), never by the loops afterwards."""
+    from streamrl.config.parser import set_job_length, steps_total
+
+    a = default_args(num_rollout=6, num_steps_per_rollout=2, rollout_batch_size=4, n_samples_per_prompt=2)
+    assert a.lr_decay_iters == 12 == steps_total(a)
+    b = default_args(num_rollout=None, num_epoch=3, rollout_batch_size=4)
+    assert b.num_rollout is None and b.lr_decay_iters is None  # the prompts are not counted yet
+    set_job_length(b, num_prompts=10)
+    assert (b.num_rollout, b.lr_decay_iters) == (7, 7)  # 3 epochs x 10 prompts // 4 per rollout
+    assert default_args(lr_decay_iters=3).lr_decay_iters == 3  # a given value stays

@@ -212,9 +212,9 @@ class AlgoConfig:
                                      "pi_theta/pi_old = exp(logp - logp_old) (DeepSeek-V3.2), which makes the "
                                      "KL loss's gradient that of KL(pi_theta || pi_ref) also off-policy.")
     entropy_coef: float = F(0.0, "Entropy bonus coefficient.")
-    use_tis: bool = F(False, "Importance-weight tokens by pi_old / pi_rollout (TIS, slime's opt-in); also chosen by "
-                             "any --tis-* flag away from its default. Without it (and without --disable-tis) "
-                             "streamrl corrects with --use-rollout-logprobs (docs/offpolicy.md).")
+    use_tis: bool | None = F(None, "Importance-weight tokens by pi_old / pi_rollout (TIS, slime's opt-in); unset, "
+                                   "any --tis-* flag away from its default turns it on. Without TIS (and without "
+                                   "--disable-tis) streamrl corrects with --use-rollout-logprobs (docs/offpolicy.md).")
     disable_tis: bool = F(False, "No off-policy correction at all: neither TIS nor the default "
                                  "--use-rollout-logprobs (async training then needs --allow-uncorrected-offpolicy).")
     tis_clip: float = F(2.0, "TIS upper clip.")
@@ -228,6 +228,27 @@ class AlgoConfig:
     custom_tis_function_path: str | None = F(
         None, "slime TIS plug-in `fn(args, *, pg_loss, train_log_probs, rollout_log_probs, loss_masks, ...)`; "
               "built-ins: vanilla, icepop.")
+    use_rs: bool = F(False, "Rejection sampling (slime's MIS example, mis.py): tokens whose pi_old/pi_rollout at "
+                            "--rs-level lies outside [--rs-lower-bound, --rs-upper-bound] leave the loss numerators "
+                            "(their denominators stay); turns TIS on.")
+    rs_level: str = F("token", "Ratio --use-rs tests: per token, per sequence (product) or geometric mean.",
+                      choices=["token", "sequence", "geometric"])
+    rs_lower_bound: float | None = F(None, "--use-rs lower bound; default --tis-clip-low, or 1/--tis-clip when that "
+                                           "is 0 (slime's defaults).")
+    rs_upper_bound: float | None = F(None, "--use-rs upper bound; default --tis-clip.")
+    rs_veto_threshold: float | None = F(None, "Veto (slime's MIS example): a sample with a loss token whose "
+                                              "pi_old/pi_rollout is below this leaves the loss numerators whole "
+                                              "(slime's mis.yaml: 1e-4); turns TIS on.")
+    tis_batch_normalize: bool = F(False, "Rescale the TIS weights to mean 1 over each micro-batch (slime's MIS "
+                                         "example: what one call sees, so the factor depends on --micro-batch-size); "
+                                         "--tis-level token or sequence; turns TIS on.")
+    tis_threshold: float | None = F(None, "Not a slime flag: slime's source (THUDM/slime, its whole history) has no "
+                                          "--tis-threshold, only third-party summaries of its docs name it; the TIS "
+                                          "bounds are --tis-clip and --tis-clip-low (refused with that message).")
+    use_opsm: bool = F(False, "Off-Policy Sequence Masking (slime, DeepSeek-V3.2): the negative-advantage tokens of a "
+                              "sample whose mean (log pi_old - log pi_theta) over its loss tokens exceeds "
+                              "--opsm-delta leave the policy loss.")
+    opsm_delta: float = F(1e-4, "--use-opsm threshold on each sample's KL estimate.")
     use_rollout_logprobs: bool = F(False, "Use the engine's log-probs as pi_old: the PPO ratio and clip are anchored "
                                           "at the behaviour policy. streamrl's default correction when no TIS flag "
                                           "is given (measured by scripts/bench/staleness_sweep.py, "

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
             if f.type == "bool":
                 group.add_argument(flag, action="store_true", default=f.default, help=help_text)
                 continue
+            if f.type == "bool | None":  # --flag / --no-flag; None: not said, validation decides
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+                continue
             typ, is_list = _scalar(f.type)
             if is_list:
                 meta.setdefault("nargs", "*")
@@ -150,12 +153,12 @@ def validate(args: argparse.Namespace) -> None:
     from streamrl.config.megatron_flags import validate_megatron
 
     validate_megatron(args, ConfigError)  # parallel sizes, architecture flags, hooks
-    from streamrl.config.rollout_rules import validate_rollout
-
-    validate_rollout(args, ConfigError)  # engines, router, passthrough, plug-ins, eval datasets
     from streamrl.config.speed_flags import validate_speed
 
     validate_speed(args, ConfigError)  # --qkv-format, --attn-implementation
+    from streamrl.config.rollout_rules import validate_rollout
+
+    validate_rollout(args, ConfigError)  # engines, router, passthrough, plug-ins, eval datasets
     if args.rollout_temperature <= 0:
         raise ConfigError("--rollout-temperature must be > 0 (the trainer divides logits by it).")
     if args.save_interval is not None and (args.save_interval < 1 or not args.save):
@@ -228,6 +231,7 @@ def validate(args: argparse.Namespace) -> None:
     if args.update_weights_interval < 1:
         raise ConfigError("--update-weights-interval must be >= 1.")
     if args.loss_type == "sft_loss":  # the SFT loop reads data directly: no buffer, no rollout
+        set_job_length(args)
         return
     if args.async_buffer_size < args.global_batch_size // n:
         raise ConfigError(
@@ -243,6 +247,43 @@ def validate(args: argparse.Namespace) -> None:
     validate_algo(args)
     if args.num_rollout is None and args.num_epoch is None:
         args.num_rollout = 10
+    set_job_length(args)
+
+
+_MIS_FLAGS = ("use_rs", "rs_level", "rs_lower_bound", "rs_upper_bound", "rs_veto_threshold", "tis_batch_normalize")
+
+
+def validate_mis(args: argparse.Namespace, mis_flags: list[str]) -> None:
+    """Rejection sampling, veto and batch normalisation (slime's MIS example) act on the built-in TIS weights; the
+    --use-rs bounds are resolved here as slime resolves them."""
+    if args.tis_threshold is not None:
+        raise ConfigError("--tis-threshold is not a slime flag (slime's source has none; third-party summaries of its "
+                          "docs name it): bound the TIS weights with --tis-clip and --tis-clip-low.")
+    if not mis_flags:
+        return
+    flag = "--" + mis_flags[0].replace("_", "-")
+    if not args.use_tis:
+        raise ConfigError(f"{flag} acts on the TIS weights: drop --disable-tis / --use-rollout-logprobs / "
+                          "--no-use-tis.")
+    if args.custom_tis_function_path:
+        raise ConfigError(f"{flag} is part of the built-in TIS; --custom-tis-function-path replaces it (its function "
+                          "does its own rejection): drop one of them.")
+    if args.tis_batch_normalize and args.tis_level == "geometric":
+        raise ConfigError("--tis-batch-normalize needs --tis-level token or sequence (slime defines no geometric "
+                          "normalisation).")
+    if args.rs_veto_threshold is not None and args.rs_veto_threshold <= 0:
+        raise ConfigError("--rs-veto-threshold must be > 0.")
+    rs_only = [f for f in mis_flags if f in ("rs_level", "rs_lower_bound", "rs_upper_bound")]
+    if rs_only and not args.use_rs:
+        raise ConfigError(f"--{rs_only[0].replace('_', '-')} configures rejection sampling: add --use-rs.")
+    if args.use_rs:
+        if args.rs_upper_bound is None:
+            args.rs_upper_bound = args.tis_clip
+        if args.rs_lower_bound is None:
+            args.rs_lower_bound = args.tis_clip_low if args.tis_clip_low > 0 else 1.0 / args.tis_clip
+        if not 0 <= args.rs_lower_bound <= args.rs_upper_bound:
+            raise ConfigError(f"--rs-lower-bound ({args.rs_lower_bound}) must be in [0, --rs-upper-bound "
+                              f"({args.rs_upper_bound})].")
 
 
 def validate_algo(args: argparse.Namespace) -> None:
@@ -251,15 +292,19 @@ def validate_algo(args: argparse.Namespace) -> None:
     Off-policy correction is ON by default. With no correction flag, streamrl uses --use-rollout-logprobs (the PPO
     ratio and clip anchored at the behaviour policy µ), the correction that kept ≥ 90% of sync's gain up to
     --max-staleness 8 on both tasks of scripts/bench/staleness_sweep.py (docs/offpolicy.md); token TIS did not at 4.
-    TIS (slime's opt-in --use-tis) is chosen by --use-tis or by any TIS flag set away from its default
-    (--tis-mode, --tis-level, --tis-clip, --tis-clip-low, --custom-tis-function-path); it and
+    TIS (slime's opt-in --use-tis) is chosen by --use-tis or, unless --no-use-tis, by any TIS flag set away from its
+    default (--tis-mode, --tis-level, --tis-clip, --tis-clip-low, --custom-tis-function-path); it and
     --use-rollout-logprobs exclude each other (TIS's ratio would be 1). --disable-tis turns the default off: with
     --max-staleness > 0 the data comes from older policies, and training on it with no correction is refused
     unless --allow-uncorrected-offpolicy.
     """
-    tis_asked = args.use_tis or any(getattr(args, f.name) != f.default for f in all_fields()
-                                    if f.name in ("tis_mode", "tis_level", "tis_clip", "tis_clip_low",
-                                                  "custom_tis_function_path"))
+    tis_flags = [f.name for f in all_fields() if f.name in ("tis_mode", "tis_level", "tis_clip", "tis_clip_low",
+                                                             "custom_tis_function_path", *_MIS_FLAGS)
+                 and getattr(args, f.name) != f.default]
+    if args.use_tis is False and tis_flags:
+        raise ConfigError(f"--no-use-tis turns TIS off, but --{tis_flags[0].replace('_', '-')} configures it: drop "
+                          "one of them.")
+    tis_asked = args.use_tis or (args.use_tis is None and bool(tis_flags))
     if args.use_rollout_logprobs and args.use_tis:
         raise ConfigError("--use-tis and --use-rollout-logprobs exclude each other (with pi_old = pi_rollout the TIS "
                           "ratio is 1): keep one.")
@@ -268,6 +313,7 @@ def validate_algo(args: argparse.Namespace) -> None:
     elif not args.use_rollout_logprobs:
         args.use_tis = bool(tis_asked)
         args.use_rollout_logprobs = not tis_asked  # the default correction
+    args.use_tis = bool(args.use_tis)  # decided: a plain boolean from here on
     est = args.advantage_estimator
     if args.kl_coef < 0 or args.kl_loss_coef < 0:
         raise ConfigError("--kl-coef and --kl-loss-coef must be >= 0.")
@@ -298,6 +344,7 @@ def validate_algo(args: argparse.Namespace) -> None:
         raise ConfigError("--eps-clip-c (dual clip) must be > 1.")
     if args.custom_tis_function_path and not args.use_tis:
         raise ConfigError("--custom-tis-function-path needs TIS on (drop --disable-tis / --use-rollout-logprobs).")
+    validate_mis(args, [f for f in tis_flags if f in _MIS_FLAGS])
     if args.true_on_policy_mode and args.sglang_server_concurrency != 1:
         raise ConfigError("--true-on-policy-mode needs --sglang-server-concurrency 1: the trainer can replay an "
                           "engine's numerics only for requests decoded alone (see streamrl/train/onpolicy.py).")
@@ -313,10 +360,19 @@ def validate_algo(args: argparse.Namespace) -> None:
         )
 
 
-def steps_total(args: argparse.Namespace, num_prompts: int | None = None) -> int:
-    """Train steps of the whole job."""
+def set_job_length(args: argparse.Namespace, num_prompts: int | None = None) -> None:
+    """Derived during validation, never after: --num-rollout from --num-epoch (needs the prompt count, so preflight
+    calls this again once it has read --prompt-data) and the default --lr-decay-iters (the whole job, as Megatron)."""
     if args.num_rollout is None and args.num_epoch is not None:
         if num_prompts is None:
-            raise ConfigError("--num-epoch needs --prompt-data to count prompts")
+            return  # preflight counts the prompts
         args.num_rollout = max(1, args.num_epoch * num_prompts // args.rollout_batch_size)
+    if args.num_rollout is not None and args.lr_decay_iters is None:
+        args.lr_decay_iters = steps_total(args)
+
+
+def steps_total(args: argparse.Namespace) -> int:
+    """Train steps of the whole job."""
+    if args.num_rollout is None:
+        raise ConfigError("--num-epoch needs --prompt-data to count prompts (or give --num-rollout)")
     return args.num_rollout * args.num_steps_per_rollout

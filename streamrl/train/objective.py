@@ -32,8 +32,12 @@ it is the default correction (no TIS flag given). `--num-mini-batches` > 1 makes
 (decoupled PPO); `--m2-threshold` drops the tokens with the largest (ℓprox − ℓµ)² (`algos/corrections.py`). What
 each of them keeps of sync's gain per staleness bound: docs/offpolicy.md.
 
-Tokens that the off-policy function rejects (mask mode / IcePop, custom functions) leave the numerators of every
-term but keep their place in the denominators. Metrics are reduced over the original masks.
+Tokens that the off-policy function rejects (mask mode, --use-rs rejection sampling, the --rs-veto-threshold veto,
+custom functions) leave the numerators of every term but keep their place in the denominators; --tis-batch-normalize
+rescales w to mean 1 over the micro-batch (`algos/rejection.py`, slime's MIS example). --use-opsm drops the
+negative-advantage tokens of samples that π_θ has moved away from (mean_t(ℓold − ℓθ) > --opsm-delta) from the
+policy term only (slime's `compute_opsm_mask`). Samples a plug-in marked as one rollout (`Sample.rollout_id`) share
+one denominator and count once (`reduce.py`). Metrics are reduced over the original masks; `ois` = π_θ/π_old.
 
 Custom loss (`--loss-type custom_loss --custom-loss-function-path`): `fn(args, batch, reduce) -> (loss, metrics)`
 where `batch` has [B, T] tensors `log_probs` (ℓθ, with grad), `old_log_probs`, `rollout_log_probs`,
@@ -55,10 +59,11 @@ from torch import Tensor
 from streamrl.algos import (
     LossReducer,
     call_tis_function,
-    importance_weights,
     kl_behaviour_prox,
     kl_estimate,
+    mis_weights,
     mismatch_by_staleness,
+    opsm_keep,
     pg_loss,
     staleness_weights,
     value_loss,
@@ -140,10 +145,16 @@ def actor_loss(
                                    eps_clip_c=args.eps_clip_c)
     # ois = π_θ/π_old (slime's metric; for gspo the sequence-level ratio): how far this forward has moved
     per_token.update(pg_clipfrac=clipfrac, ppo_kl=ppo_kl, ois=torch.exp(-ppo_kl))
+    if args.use_opsm:  # slime applies it to the policy term only, before the off-policy weights
+        opsm, per_token["opsm_clipfrac"] = opsm_keep(log_probs, old, mb.advantages, mask, args.opsm_delta)
+        pg = pg * opsm
     num_mask = mask
     # from the trainer's own ℓ (= ℓold unless --use-rollout-logprobs): the metrics measure π_prox/µ either way
-    w, tis_mask, tis_metrics = importance_weights(trainer_lp, roll, mask, level=args.tis_level, mode=args.tis_mode,
-                                                  clip_low=args.tis_clip_low, clip_high=args.tis_clip)
+    w, tis_mask, tis_metrics = mis_weights(trainer_lp, roll, mask, level=args.tis_level, mode=args.tis_mode,
+                                           clip_low=args.tis_clip_low, clip_high=args.tis_clip,
+                                           rs_level=args.rs_level if args.use_rs else None,
+                                           rs_low=args.rs_lower_bound, rs_high=args.rs_upper_bound,
+                                           veto_threshold=args.rs_veto_threshold, normalize=args.tis_batch_normalize)
     if args.use_tis and tis_fn is not None:
         pg, num_mask, tis_metrics = call_tis_function(tis_fn, args, pg, old, roll, mask, mb.prompt_lengths,
                                                       mb.response_lengths)

@@ -94,6 +94,8 @@ CONFIGS = {
                                 kl_loss_coef=0.1, kl_loss_type="k3", eps_clip_c=3.0, entropy_coef=0.01),
     "balance_data_token_mean": dict(balance_data=True, calculate_per_token_loss=True, entropy_coef=0.01),
     "unbiased_kl_k3": dict(use_kl_loss=True, kl_loss_coef=0.2, kl_loss_type="k3", use_unbiased_kl=True),
+    "grpo_rs_veto_opsm": dict(use_rs=True, rs_lower_bound=0.8, rs_upper_bound=1.25, rs_veto_threshold=0.7,
+                              use_opsm=True, opsm_delta=-0.01, entropy_coef=0.01),
     "rollout_logprobs_rfppb": dict(advantage_estimator="reinforce_plus_plus_baseline", normalize_advantages=True,
                                    use_rollout_logprobs=True, calculate_per_token_loss=True),
 }
@@ -119,7 +121,7 @@ def run_rank(args, models, batch: TrainBatch, rank: int, world: int, mbs: int, a
     runner.prepare(shard)
     runner.compute_advantages(shard)
     runner.apply_m2(shard)
-    reduce = runner.reducer(shard, len(batch))
+    reduce = runner.reducer(shard, batch.num_rollouts())
     sums = runner.actor_backward(shard, reduce)
     if runner.critic is not None:
         sums.update(runner.critic_backward(shard, reduce))
@@ -172,6 +174,30 @@ def test_gradients_invariant_to_micro_batches_and_ranks(name):
                 torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
         for k, v in full_m.items():  # metrics summed over micro-batches and ranks are the full-batch values
             torch.testing.assert_close(sum(r[2][k] for r in res), v, atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_per_rollout_denominators_invariant_and_not_per_sample():
+    """Samples grouped into rollouts (Sample.rollout_id): the same gradient over micro-batches and ranks (the
+    rollout totals are computed for the whole step before sharding), different from the per-sample mean; one id
+    per sample gives the per-sample mean exactly."""
+    args = default_args(rollout_batch_size=2, n_samples_per_prompt=4, entropy_coef=0.01, use_tis=True)
+    models, batch = _models(), make_batch()
+    batch.rollout_ids = [0, 0, 1, 1, 1, 2, 3, 3]
+    (step,) = batch.mini_batches(1)
+    (full, _, full_m), = run_world(args, models, step, 1, 8)
+    for world, mbs in ((1, 1), (2, 1), (4, 2), (2, 3)):
+        res = run_world(args, models, step, world, mbs)
+        for a, b in zip(_mean([r[0] for r in res]), full, strict=True):
+            torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5, msg=f"world {world}, mbs {mbs}")
+        for k, v in full_m.items():
+            torch.testing.assert_close(sum(r[2][k] for r in res), v, atol=1e-6, rtol=1e-5, msg=k)
+    (plain, _, _), = run_world(args, models, make_batch(), 1, 8)
+    assert any(not torch.allclose(a, b, atol=1e-5) for a, b in zip(full, plain, strict=True))
+    own = make_batch()
+    own.rollout_ids = list(range(8))
+    (own_g, _, _), = run_world(args, models, own.mini_batches(1)[0], 1, 8)
+    for a, b in zip(own_g, plain, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
 
 
 def test_naive_per_micro_batch_token_mean_would_differ():

@@ -17,10 +17,11 @@ T = torch.tensor
 L = math.log
 
 
-def micro_batch(mask: torch.Tensor, adv: torch.Tensor, old: torch.Tensor, **kw) -> MicroBatch:
+def micro_batch(mask: torch.Tensor, adv: torch.Tensor, old: torch.Tensor, roll: torch.Tensor | None = None,
+                **kw) -> MicroBatch:
     b, t = mask.shape
     return MicroBatch(tokens=[[1] * (t + 1)] * b, prompt_lengths=[1] * b, response_lengths=[t] * b,
-                      resp_mask=torch.ones(b, t), mask=mask, rollout_log_probs=old.clone(),
+                      resp_mask=torch.ones(b, t), mask=mask, rollout_log_probs=old.clone() if roll is None else roll,
                       sample_advantages=adv[:, 0], rewards=torch.zeros(b), advantages=adv, old_log_probs=old,
                       trainer_log_probs=old, **kw)
 
@@ -87,3 +88,41 @@ def test_one_sample_per_rollout_changes_nothing(per_token):
     own, _ = actor_loss(args, micro_batch(mask, adv, old, rollout_mask_sums=mask.sum(-1)), old.clone(), None,
                         reduce)
     torch.testing.assert_close(own, plain)
+
+
+def test_opsm_in_the_objective_values_and_gradient():
+    """δ = 0.05; both samples moved by ℓold − ℓθ = (0.2, 0): KL estimate 0.1 > δ. Sample 0 (A = −1) is dropped,
+    sample 1 (A = +1) stays: L = (1/2)·(−(e^-0.2 + 1)/2), ∂L/∂ℓθ_1t = −ρ_t/4 (e^-0.2 = 0.82 is inside the clip)."""
+    old = torch.zeros(2, 2)
+    theta = (old - T([[0.2, 0.0], [0.2, 0.0]])).requires_grad_()
+    mb = micro_batch(torch.ones(2, 2), T([[-1.0, -1], [1, 1]]), old)
+    loss, metrics = actor_loss(default_args(use_opsm=True, opsm_delta=0.05), mb, theta, None,
+                               LossReducer("sample_mean", 2))
+    rho = math.exp(-0.2)
+    torch.testing.assert_close(loss, T(-(rho + 1) / 4))
+    loss.backward()
+    torch.testing.assert_close(theta.grad, T([[0.0, 0.0], [-rho / 4, -1 / 4]]))
+    torch.testing.assert_close(metrics["opsm_clipfrac"], T(0.5))
+    # below the threshold nothing is dropped
+    loss, metrics = actor_loss(default_args(use_opsm=True, opsm_delta=0.2), mb, theta.detach(), None,
+                               LossReducer("sample_mean", 2))
+    assert metrics["opsm_clipfrac"].item() == 0.0
+    torch.testing.assert_close(loss, T(0.0))  # (ρ + 1)/2 · (+1) + (−(ρ + 1)/2) over 2 samples
+
+
+def test_mis_in_the_objective_values_and_gradient():
+    """slime's mis.yaml recipe as flags (token TIS at 2, --use-rs in [0.5, 2], veto 1e-4, batch normalisation), on
+    the numbers of tests/algos/test_rejection.py: sample 0 keeps its 0.5 and 1.5, sample 1 is vetoed."""
+    args = default_args(use_rs=True, rs_lower_bound=0.5, rs_veto_threshold=1e-4, tis_batch_normalize=True)
+    assert args.use_tis and args.rs_upper_bound == 2.0
+    old = torch.log(T([[3.0, 0.5, 1.5], [1.0, 1e-5, 1.2]]))
+    theta = old.clone().requires_grad_()
+    mb = micro_batch(torch.ones(2, 3), T([[1.0] * 3, [-1.0] * 3]), old, roll=torch.zeros(2, 3))
+    loss, metrics = actor_loss(args, mb, theta, None, LossReducer("sample_mean", 2))
+    mean = (2 + 0.5 + 1.5 + 1 + 1e-5 + 1.2) / 6
+    torch.testing.assert_close(loss, T(-(0.5 + 1.5) / mean / 6))
+    loss.backward()
+    torch.testing.assert_close(theta.grad, T([[0.0, -0.5, -1.5], [0.0, 0.0, 0.0]]) / mean / 6)
+    torch.testing.assert_close(metrics["tis_rejected_frac"], T((1 / 3 + 1) / 2))
+    torch.testing.assert_close(metrics["mis_batch_norm_factor"], T(mean))
+    torch.testing.assert_close(metrics["mis_rs_catastrophic_seq_fraction"], T(0.5))

@@ -15,7 +15,7 @@ from streamrl.train.fsdp import FSDPTrainRank
 from streamrl.train.step import micro_batches
 
 PLUGINS = str(Path(__file__).parent / "plugins.py")
-REQUIRED = {"loss", "pg_loss", "pg_clipfrac", "ppo_kl", "entropy", "tis", "tis_clipfrac", "tis_abs",
+REQUIRED = {"loss", "pg_loss", "pg_clipfrac", "ppo_kl", "entropy", "tis", "tis_clipfrac", "tis_abs", "ois",
             "train_rollout_logprob_abs_diff", "grad_norm", "train_time", "staleness_hist/0", "staleness_hist/1"}
 
 
