@@ -157,8 +157,10 @@ class FSDPTrainRank:
         """One train step (--num-mini-batches optimizer steps) on this rank's slice of `batch`; returns metrics of
         the global batch (averaged over the mini-batches).
 
-        Keys: loss, pg_loss, pg_clipfrac, ppo_kl, entropy, tis (mean π_old/µ), tis_clipfrac, tis_abs,
-        tis_rejected_frac, train_rollout_logprob_abs_diff (mean |ℓtrainer − ℓroll|), kl_loss (with --use-kl-loss),
+        Keys: loss, pg_loss, pg_clipfrac, ppo_kl, ois (mean π_θ/π_old), entropy, tis (mean π_old/µ), tis_clipfrac,
+        tis_abs, tis_rejected_frac, train_rollout_logprob_abs_diff (mean |ℓtrainer − ℓroll|), kl_loss (with
+        --use-kl-loss), opsm_clipfrac (--use-opsm), mis_rs_* / mis_batch_norm_factor (--use-rs, --rs-veto-threshold,
+        --tis-batch-normalize),
         value_loss / value_clipfrac / values / returns (ppo), staleness_hist/k, grad_norm, train_time, and per
         staleness bucket k: mismatch/s{k}/{ratio, abs_diff, kl, clipfrac, rejected, tis_clipfrac} (π_prox/µ,
         |ℓprox − ℓµ|, KL(µ‖π_prox), PPO clip, rejected and TIS-truncated token fractions).
