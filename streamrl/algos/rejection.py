@@ -22,7 +22,9 @@ import math
 import torch
 from torch import Tensor
 
+from streamrl.algos.losses import gspo_log_ratio
 from streamrl.algos.offpolicy import MAX_LOG_W, TISLevel, TISMode, importance_weights, level_log_ratio
+from streamrl.algos.reduce import masked_mean, masked_sample_mean_sum
 
 
 def rejection_keep(old_log_probs: Tensor, rollout_log_probs: Tensor, mask: Tensor, *, level: TISLevel,
@@ -61,11 +63,10 @@ def batch_normalized(weights: Tensor, mask: Tensor, level: TISLevel) -> tuple[Te
     mean of w (one weight per sample; a sample with no loss token counts as 0). A mean ≤ 1e-8 leaves the weights
     as they are (and reports 1). slime defines no mean for the geometric level (its MIS function raises)."""
     with torch.no_grad():
-        m = mask.to(weights.dtype)
         if level == "token":
-            mean = (weights * m).sum() / m.sum().clamp(min=1.0)
+            mean = masked_mean(weights, mask)
         elif level == "sequence":
-            mean = ((weights * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+            mean = masked_sample_mean_sum(weights, mask) / weights.shape[0]
         else:
             raise ValueError(f"--tis-batch-normalize needs --tis-level token or sequence, not {level!r}")
         if mean <= 1e-8:
@@ -117,9 +118,7 @@ def opsm_keep(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, mask
     KL estimate mean_t (ℓold − ℓθ) over its loss tokens exceeds `delta` (--opsm-delta): a negative update on a
     sequence the current policy has already moved away from. `advantages` per token [B, T] or per sample [B]."""
     with torch.no_grad():
-        m = mask.to(log_probs.dtype)
-        seq_kl = ((old_log_probs.detach() - log_probs.detach()) * m).sum(-1, keepdim=True) / m.sum(
-            -1, keepdim=True).clamp(min=1.0)
+        seq_kl = -gspo_log_ratio(log_probs.detach(), old_log_probs.detach(), mask)
         adv = advantages.unsqueeze(-1) if advantages.dim() == log_probs.dim() - 1 else advantages
-        drop = ((adv < 0) & (seq_kl > delta)).expand_as(log_probs)
+        drop = (adv < 0) & (seq_kl > delta)
     return (~drop).to(log_probs.dtype), drop.to(log_probs.dtype)
