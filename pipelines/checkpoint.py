@@ -5,7 +5,8 @@ the file `<save>/latest` names the newest one (written atomically after the rena
 checkpoint intact; the next save removes the leftovers, and `--keep-latest-k` prunes old ones (checkpoint_dir.py).
 It holds:
 
-    trainer.pt         model + optimizer (+ critic) as full state dicts (any number of FSDP ranks can load it)
+    trainer.pt         model + optimizer (+ critic) as full state dicts (any number of FSDP ranks can load it);
+                       with --train-backend megatron a directory in Megatron's layout (train/megatron/checkpoint.py)
     buffer.msgpack     the RolloutBuffer's state: queued groups, ledger, version, replay, stashed partials
     producers.msgpack  the data source cursor, the groups to resume (partials, with their prefixes) and the
                        groups to regenerate (in flight at the checkpoint: their pristine prompts)
@@ -42,6 +43,7 @@ import torch
 from buffers.ledger import IN_FLIGHT, PARTIAL
 from buffers.persist import atomic_write, read_state
 from pipelines.checkpoint_dir import commit_dir, latest_dir, staging_dir
+from streamrl.train.megatron.checkpoint import read_hf_weights
 from streamrl.types import decode_groups, encode
 
 REGENERATED = "regenerated at resume"
@@ -136,8 +138,11 @@ def load_checkpoint(c: Any, root: str, args: Any) -> dict[str, Any]:
 
 def saved_weight_diff(c: Any, d: str | os.PathLike) -> float:
     """Largest |trainer - checkpoint| over the policy's parameters (0.0: the load restored them exactly)."""
-
-    saved = torch.load(Path(d) / "trainer.pt", map_location="cpu", weights_only=False)["policy"]
+    path = Path(d) / "trainer.pt"
+    if path.is_dir():  # --train-backend megatron: Megatron's layout in that directory
+        saved = read_hf_weights(path)
+    else:
+        saved = torch.load(path, map_location="cpu", weights_only=False)["policy"]
     trainer = dict(c.trainer.full_named_parameters())
     if set(trainer) - set(saved):
         raise RuntimeError(f"checkpoint lacks parameters {sorted(set(trainer) - set(saved))[:3]}")

@@ -15,6 +15,7 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip
 from streamrl.config import default_args  # noqa: E402
 from streamrl.train.batch import TrainBatch  # noqa: E402
 from streamrl.train.fsdp import FSDPTrainRank  # noqa: E402
+from streamrl.train.megatron.checkpoint import read_hf_weights  # noqa: E402
 from streamrl.train.megatron.rank import MegatronTrainRank  # noqa: E402
 
 HOOKS = Path(__file__).parent / "plugins" / "megatron_hooks.py"
@@ -92,10 +93,13 @@ def test_resume_is_exact_and_hooks_run(tiny_ckpt, tmp_path, monkeypatch):
     again = make(MegatronTrainRank, tiny_ckpt, train_backend="megatron")
     try:
         again.load_state(str(tmp_path / "ck"))
+        again_named = again.full_named_parameters()
         got = again.train_step(batch(1))
     finally:
         again.shutdown()
     assert got["loss"] == want["loss"] and got["grad_norm"] == want["grad_norm"]
+    saved = read_hf_weights(tmp_path / "ck")  # what --check-weight-update-equal compares at a resume
+    assert set(saved) == {k for k, _ in again_named} and all(torch.equal(saved[k], v) for k, v in again_named)
 
     from transformers import AutoModelForCausalLM
 

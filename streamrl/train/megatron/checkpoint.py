@@ -4,7 +4,8 @@
     <dir>/iter_0000042/mp_rank_00/model_optim_rng.pt   {"model", "optimizer", "iteration", "checkpoint_version",
                                                         "rng_state", "streamrl"} of TP rank 00
 
-`model` holds Megatron names (the TP shard; the vocabulary padded), so Megatron's own loader reads the model part.
+`model` holds Megatron names (the TP shard; the vocabulary padded), so Megatron's own loader reads the model part;
+`streamrl` holds the step counters and the conversion's `Arch`, so `read_hf_weights` needs nothing else.
 Why not `dist_checkpointing` (Megatron's default torch_dist format): its sharded state dicts follow Megatron's
 distributed optimizer, which this backend does not use yet; the layout above resumes exactly on the same TP size.
 """
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from streamrl.train.megatron.convert import Arch, megatron_to_hf, tp_gather
 
 LATEST = "latest_checkpointed_iteration.txt"
 
@@ -48,3 +51,12 @@ def load_megatron(root: str | Path, tp_rank: int, iteration: int | None = None) 
         raise FileNotFoundError(f"{root}: no {f.relative_to(root)} (iteration {iteration}, TP rank {tp_rank}): "
                                 "was it saved with another --tensor-model-parallel-size?")
     return torch.load(f, map_location="cpu", weights_only=False)
+
+
+def read_hf_weights(root: str | Path) -> dict[str, torch.Tensor]:
+    """The latest iteration's model in full under HF names (every TP rank's file gathered, padding removed)."""
+    first = load_megatron(root, 0)
+    files = sorted(rank_file(root, first["iteration"], 0).parent.parent.glob("mp_rank_*/model_optim_rng.pt"))
+    models = [first["model"]] + [torch.load(f, map_location="cpu", weights_only=False)["model"] for f in files[1:]]
+    full = {k: tp_gather(k, [m[k] for m in models]) for k in first["model"]}
+    return megatron_to_hf(full, Arch(**first["streamrl"]["arch"]))

@@ -16,6 +16,7 @@ Frozen models (--ref-load, the OPD teacher) are HF models: they only score log-p
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -120,7 +121,8 @@ class MegatronTrainRank(FSDPTrainRank):
         if parallel_state.get_data_parallel_rank() == 0:
             save_megatron(path, self.steps_done, self.tp_rank, self.gpt.state_dict(),
                           None if self.args.no_save_optim else self.opt.state_dict(),
-                          {"steps_done": self.steps_done, "skipped_steps": self.skipped_steps})
+                          {"steps_done": self.steps_done, "skipped_steps": self.skipped_steps,
+                           "arch": dataclasses.asdict(self.arch)})
         dist.barrier()
 
     def load_state(self, path: str) -> None:
