@@ -43,7 +43,8 @@ def test_packed_token_budget_counts_real_tokens():
     assert token_budget_groups([30, 1], 8, packed=True) == [[0], [1]]  # too long for the budget: alone
 
 
-def _models(arch: str, attn: str, chunk: int | None):
+def _models(arch: str, attn: str, chunk: int | None, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """Policy, frozen reference and critic with the same random init whatever the attention (seeded)."""
     torch.manual_seed(0)
     cfg = tiny_config(arch, vocab_size=VOCAB)
     policy = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation=attn)
@@ -53,13 +54,14 @@ def _models(arch: str, attn: str, chunk: int | None):
     if chunk:
         use_chunked_log_probs(policy, chunk)
         use_chunked_log_probs(ref, chunk)
-    return policy, ref.requires_grad_(False), critic
+    return tuple(m.to(device, dtype) for m in (policy, ref.requires_grad_(False), critic))
 
 
 def _step(args, policy, ref, critic):
     """One rank's actor and critic passes (fsdp.py's order); returns the grads, metric sums and per-token values."""
     runner = StepRunner(args, policy, ref_model=ref, critic=critic)
-    mbs = micro_batches(make_batch(8), 3, max_tokens=args.max_tokens_per_gpu, packed=args.qkv_format == "thd")
+    mbs = micro_batches(make_batch(8), 3, next(policy.parameters()).device, max_tokens=args.max_tokens_per_gpu,
+                        packed=args.qkv_format == "thd")
     runner.prepare(mbs)
     runner.compute_advantages(mbs)
     reduce = runner.reducer(mbs, 8)
