@@ -65,8 +65,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     total = args.num_rollout
     if not total:
         raise ValueError("--load-debug-rollout-data needs --num-rollout (how many saved rollouts to train on)")
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = total
     first = load_debug_rollout(args.load_debug_rollout_data, 0)  # fail on a bad path before starting anything
     run_dir = Path(args.run_dir or f"runs/debug-{time.strftime('%Y%m%d-%H%M%S')}")
     logger = MetricsLogger(args, run_dir, total)

@@ -120,7 +120,7 @@ def test_stop_keeps_a_group_whose_reward_hangs_as_partial(tiny_ckpt, prompts, en
 
 
 def test_stuck_message_names_the_oldest_group_or_the_pacing_bound():
-    from pipelines.async_loop import stuck_message
+    from pipelines.health import stuck_message
 
     st = {"in_flight": 3, "oldest_in_flight": {"group": "e0-p7", "stage": "scoring", "age_s": 912.4},
           "errors": [], "last_progress_age_s": 905.0}

@@ -11,7 +11,7 @@ reward, in groups of 8; every group gets a fresh group_id, so the buffer's ledge
   * objects: `RolloutBuffer.put(groups)` / `get(n)`: batches of Sample objects, pickled by Ray;
   * encoded: `put_encoded(encode_batch(groups))` / `get_encoded(n)`: msgpack bytes with their metadata beside them,
     which the buffer never decodes: the path the producers and the driver take in a job
-    (`RolloutManager._queue`, `pipelines/async_loop._get_batch`);
+    (`RolloutManager._queue`, `pipelines/health.get_batch`);
   * encoded_decoded: the same, the consumer also decoding every batch into Samples inside the timed loop (as the
     driver does before it builds the train batch).
 The producer encodes inside the timed loop; `producer_alone_samples_per_s` is its own ceiling (encoding only). The

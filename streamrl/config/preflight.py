@@ -12,7 +12,7 @@ import json
 import os
 import re
 
-from streamrl.config.parser import ConfigError
+from streamrl.config.parser import ConfigError, set_job_length
 
 # The --*-path plug-ins without a dedicated loader: flag -> (module, dict of built-in names) or None.
 _PLUGINS = {
@@ -41,7 +41,8 @@ def preflight(args: argparse.Namespace) -> None:
                               f"--hf-checkpoint): the engine would refuse every request. Lower it.")
     if args.prompt_data and not args.data_source_path:
         label = args.label_key or ("label" if args.loss_type == "sft_loss" else None)  # SFT trains on the label
-        _check_prompts(args.prompt_data, "--prompt-data", args.input_key, label, args.metadata_key)
+        n_prompts = _check_prompts(args.prompt_data, "--prompt-data", args.input_key, label, args.metadata_key)
+        set_job_length(args, n_prompts)  # --num-epoch counts the prompts
     if args.loss_type != "sft_loss":
         for name, path in getattr(args, "eval_datasets", []):
             _check_prompts(path, f"--eval-prompt-data ({name})", args.eval_input_key or args.input_key,
@@ -67,7 +68,7 @@ def _check_checkpoint(path: str, flag: str) -> int | None:
     return None if cfg.get("rope_scaling") else cfg.get("max_position_embeddings")
 
 
-def _check_prompts(path: str, flag: str, input_key: str, label_key: str | None, metadata_key: str) -> None:
+def _check_prompts(path: str, flag: str, input_key: str, label_key: str | None, metadata_key: str) -> int:
     from streamrl.data import DataError, load_prompts
 
     try:
@@ -78,6 +79,7 @@ def _check_prompts(path: str, flag: str, input_key: str, label_key: str | None, 
         raise ConfigError(f"{flag} {path}: {e.strerror or e}.") from None
     if not records:
         raise ConfigError(f"{flag} {path}: no prompts (the file is empty).")
+    return len(records)
 
 
 def _check_plugins(args: argparse.Namespace) -> None:
