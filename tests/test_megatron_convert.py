@@ -23,6 +23,7 @@ from streamrl.train.megatron.convert import (
 def hf_model(arch: str, tied: bool, seed: int = 0):
     cfg = tiny_config(arch, vocab_size=88)
     cfg.tie_word_embeddings = tied
+    cfg.pad_token_id = 0  # as build_tiny_model: the in-repo tokenizer's pad id (HF's embedding padding_idx)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
 

@@ -1,5 +1,5 @@
 """Megatron-core on CPU (gloo, world size 1): the GPTModel built from the HF config, loaded through the conversion,
-gives the HF model's logits (fp32, 1e-5) and gradients flow; flags that disagree with the checkpoint are named."""
+gives the HF model's logits (fp32, 1e-5) and gradients; flags that disagree with the checkpoint are named."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -e .[megatron])")
 
 from streamrl.config import default_args  # noqa: E402
+from streamrl.train.megatron.convert import megatron_to_hf_tensor  # noqa: E402
 from streamrl.train.megatron.model import HFLikeModel, build_gpt, load_hf_state, resolve_arch  # noqa: E402
 from tests.test_megatron_convert import hf_model  # noqa: E402
 
@@ -27,15 +28,21 @@ def test_same_logits_as_hf(megatron_world, arch, tied):
     args = default_args(train_backend="megatron", hf_checkpoint="tiny")
     gpt, a = build_gpt(args, hf.config, torch.device("cpu"))
     load_hf_state(gpt, hf.state_dict(), a, 0, 1)
-    model = HFLikeModel(gpt, a).eval()
+    model = HFLikeModel(gpt, a, padding_idx=hf.config.pad_token_id).eval()
     ids = torch.randint(0, 88, (3, 17), generator=torch.Generator().manual_seed(0))
+    ids[:, 3] = hf.config.pad_token_id  # the pad token as an input: HF's padding_idx row gets no lookup gradient
     with torch.no_grad():
         want = hf(input_ids=ids).logits
         got = model(input_ids=ids, attention_mask=torch.ones_like(ids))
     assert got.shape == want.shape == (3, 17, 88)
     assert (got - want).abs().max().item() < 1e-5
-    model(input_ids=ids).square().mean().backward()
-    assert all(p.grad is not None for p in gpt.parameters())
+    w = torch.randn(3, 17, 88, generator=torch.Generator().manual_seed(1))
+    (hf(input_ids=ids).logits * w).sum().backward()
+    (model(input_ids=ids) * w).sum().backward()
+    want_g = {n: p.grad for n, p in hf.named_parameters()}
+    for name, p in gpt.named_parameters():
+        for hf_name, g in megatron_to_hf_tensor(name, p.grad, a):
+            assert torch.allclose(g, want_g[hf_name], rtol=1e-4, atol=1e-4), hf_name  # sums of ~20: fp32 noise
 
 
 def test_flags_that_disagree_with_the_checkpoint_are_named():

@@ -108,11 +108,22 @@ def build_gpt(args: argparse.Namespace, cfg: Any, device: torch.device) -> tuple
 
 
 class HFLikeModel(torch.nn.Module):
-    """The GPTModel behind an HF causal LM's call: forward(input_ids=, attention_mask=) -> logits [B, L, V]."""
+    """The GPTModel behind an HF causal LM's call: forward(input_ids=, attention_mask=) -> logits [B, L, V].
 
-    def __init__(self, gpt: GPTModel, arch: Arch, bf16: bool = False):
+    `padding_idx`: the HF model's embedding padding index (its config's pad_token_id). HF never trains that row
+    through the input lookup (nn.Embedding(padding_idx=...)); Megatron's embedding has no such index, so the
+    gradient into looked-up pad tokens is zeroed here (the tied output layer still trains the row, as in HF)."""
+
+    def __init__(self, gpt: GPTModel, arch: Arch, bf16: bool = False, padding_idx: int | None = None):
         super().__init__()
-        self.gpt, self.arch, self.bf16 = gpt, arch, bf16
+        self.gpt, self.arch, self.bf16, self.padding_idx = gpt, arch, bf16, padding_idx
+        if padding_idx is not None:
+            gpt.embedding.word_embeddings.register_forward_hook(self._freeze_pad_lookup)
+
+    def _freeze_pad_lookup(self, module: torch.nn.Module, inputs: tuple, out: Tensor) -> None:
+        if out.requires_grad:
+            keep = (inputs[0] != self.padding_idx).unsqueeze(-1).to(out.dtype)  # [B, L, 1]
+            out.register_hook(lambda g: g * keep)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         pos = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)

@@ -45,8 +45,13 @@ class MegatronTrainRank(FSDPTrainRank):
         torch.set_num_threads(max(1, args.train_torch_threads))
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        if args.bf16 and not cuda:  # Megatron's linear layers run their backward under CUDA autocast only
+            raise ValueError("--bf16 with --train-backend megatron needs a GPU (on CPU train in fp32: drop --bf16)")
         if cuda and memory_fraction:
             torch.cuda.set_per_process_memory_fraction(memory_fraction, self.device)
+        if cuda:  # TF32 matmuls for the fp32 weights, as the FSDP rank
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         dist.init_process_group("nccl" if cuda else "gloo", rank=self.rank, world_size=self.world)
         init_model_parallel(args, args.seed)
@@ -58,7 +63,7 @@ class MegatronTrainRank(FSDPTrainRank):
         hf = AutoModelForCausalLM.from_pretrained(args.hf_checkpoint, dtype=torch.float32)
         load_hf_state(self.gpt, hf.state_dict(), self.arch, self.tp_rank, self.tp_size)
         del hf
-        model = HFLikeModel(self.gpt, self.arch, bf16=args.bf16)
+        model = HFLikeModel(self.gpt, self.arch, bf16=args.bf16, padding_idx=cfg.pad_token_id)
         if self.world > 1:  # data parallel: gradients averaged over the ranks (the step scales losses by W)
             model = torch.nn.parallel.DistributedDataParallel(model)
         self.model = model
