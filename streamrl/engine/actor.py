@@ -151,10 +151,12 @@ class EmbeddedEngine:
 
     def get_state_dict(self) -> dict[str, torch.Tensor]:
         """CPU clones of the model's state dict, read between forwards."""
+        self.scheduler.check_weights_resident()
         return self.scheduler.run_exclusive(lambda m: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()})
 
     def state_dict_checksum(self) -> dict[str, float]:
         """name -> sum of the tensor in float64: a cheap fingerprint to compare with a trainer's weights."""
+        self.scheduler.check_weights_resident()
         return self.scheduler.run_exclusive(
             lambda m: {k: float(v.detach().double().sum()) for k, v in m.state_dict().items()}
         )

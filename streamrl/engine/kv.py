@@ -105,6 +105,16 @@ class KVBatch:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
+    # memory given back while the engine is released (memory.py): this cache grows per batch, no graphs
+    def drop_graphs(self) -> None:
+        pass
+
+    def release(self) -> None:
+        self.clear()
+
+    def resume(self) -> None:
+        pass
+
     # ---- one iteration ---------------------------------------------------------------------------------------
     def step(self, batch: Sequence[Any], forward: Callable[..., torch.Tensor]) -> tuple[list[Any], torch.Tensor]:
         """Decode the rows of `batch` that have a cache and prefill the others: at most two forwards.

@@ -39,6 +39,13 @@ def open_buckets(buckets: list[IpcBucket]) -> list[tuple[str, Any]]:
     return out
 
 
+def forget_ipc() -> None:
+    """Close every opened bucket and drop the plans: the trainer can then free its buckets (a mapping held here
+    keeps their memory allocated in the trainer's process). The next sync opens the buckets it sends."""
+    _OPENED.clear()
+    _PLANS.clear()
+
+
 def engine_copy_plan(buckets: list[IpcBucket], flat_index: dict, params: dict) -> list[tuple[Any, Any]]:
     """`copy_plan` for buckets received over HTTP: handles opened and plans built once per bucket."""
     open_buckets(buckets)

@@ -145,6 +145,8 @@ class Scheduler:
         self._running: list[Request] = []
         self._active: dict[str, Request] = {}  # rid -> waiting or running request
         self._paused = False
+        self._held = False  # memory released (memory.py): requests wait as during a pause
+        self.weights_released = False  # set by memory.py: weight updates are refused meanwhile
         self._stepping = False
         self._stopped = False
         # cached K/V of running requests (scheduler thread only): growing per-batch tensors (kv.py) or, on CUDA,
@@ -239,6 +241,25 @@ class Scheduler:
     def paused(self) -> bool:
         return self._paused
 
+    def hold(self) -> bool:
+        """Run no forward until `unhold()` (the engine's memory is released, memory.py), if no request is running
+        (a running one holds K/V); False otherwise. Requests submitted meanwhile wait in the queue."""
+        with self._cond:
+            if self._stepping or self._running:
+                return False
+            self._held = True
+            return True
+
+    def unhold(self) -> None:
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
+
+    @property
+    def kv(self) -> KVBatch | StaticKV:
+        """The K/V cache (memory.py releases and resumes it while the scheduler is held)."""
+        return self._kv
+
     def get(self, rid: str) -> RequestOutput | None:
         """Snapshot of an active (waiting or running) request, None once it has been returned or if unknown."""
         with self._cond:
@@ -265,6 +286,7 @@ class Scheduler:
     ) -> None:
         """Copy tensors into the model by state-dict name, between forwards. All names and shapes are checked
         before anything is written, so a bad update leaves the model unchanged (ValueError)."""
+        self.check_weights_resident()
         params = self.params()
         for name, t in named:
             if name not in params:
@@ -293,6 +315,7 @@ class Scheduler:
     def copy_weights(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], weight_version: str | None) -> None:
         """Apply prepared [(destination, source)] device copies (already checked, see cuda_ipc.copy_plan) between
         forwards, then move the version."""
+        self.check_weights_resident()
         with self._model_lock, torch.no_grad():
             if len(pairs) <= 16:  # whole buckets: one memcpy each beats the multi-tensor copy kernel
                 for d, s in pairs:
@@ -302,6 +325,11 @@ class Scheduler:
             if weight_version is not None:
                 self.weight_version = str(weight_version)
             self._weights_epoch += 1
+
+    def check_weights_resident(self) -> None:
+        if self.weights_released:
+            raise ValueError("the weights are released (/release_memory_occupation): resume them with "
+                             "/resume_memory_occupation {\"tags\": [\"weights\"]} before updating them")
 
     def run_exclusive(self, fn: Callable[[torch.nn.Module], Any]) -> Any:
         """Run fn(model) while no forward is in flight (e.g. to read a consistent state dict)."""
@@ -354,7 +382,7 @@ class Scheduler:
                     self._reap_locked()
                     if self._stopped and not self._active:
                         return
-                    if not self._paused:
+                    if not self._paused and not self._held:
                         if not self._running or self._since_admit >= self.num_continuous_decode_steps:
                             admitted = 0
                             while self._waiting and len(self._running) < self.max_running_requests:

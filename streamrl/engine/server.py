@@ -29,6 +29,7 @@ from streamrl.weights.layout import UpdateWeightsFromIpcRequest
 from streamrl.weights.pinned import UpdateWeightsFromPinnedRequest
 from streamrl.weights.tensor import UpdateWeightsFromTensorRequest, deserialize_named_tensors
 
+from .memory import MemoryOccupation
 from .protocol import (
     AbortRequest,
     ErrorBody,
@@ -40,7 +41,7 @@ from .protocol import (
     UpdateWeightsFromDiskRequest,
     check_context,
 )
-from .receive import engine_copy_plan, engine_copy_plan_pinned
+from .receive import engine_copy_plan, engine_copy_plan_pinned, forget_ipc
 from .scheduler import Request, RequestOutput, Scheduler
 
 _BAD_INPUT = (msgspec.DecodeError, msgspec.ValidationError, ValueError)
@@ -97,6 +98,7 @@ def build_app(scheduler: Scheduler, *, loader: Callable[[str], Any] | None = Non
     """The HTTP app. `loader(model_path) -> nn.Module` enables /update_weights_from_disk."""
     sch = scheduler
     tok = sch.tokenizer
+    memory = MemoryOccupation(sch)  # /release_memory_occupation, /resume_memory_occupation (memory.py)
 
     def render(out: RequestOutput, params: SamplingParams, return_logprob: bool, text_in_lp: bool) -> GenerateResponse:
         text = tok.decode(out.output_ids, skip_special_tokens=params.skip_special_tokens) if tok else ""
@@ -259,6 +261,8 @@ def build_app(scheduler: Scheduler, *, loader: Callable[[str], Any] | None = Non
 
             # paused (the sync sequence): nothing to wait for, a ~1 ms device copy runs here; else in a thread
             copy_time = copy() if sch.idle_paused() else await anyio.to_thread.run_sync(copy)
+            if memory.released:  # a colocated sync: let go of the trainer's buckets, which it frees next
+                forget_ipc()
         except (*_BAD_INPUT, RuntimeError) as e:
             return _json({"success": False, "message": f"{type(e).__name__}: {e}"}, 400)
         return _json({"success": True, "message": "", "copy_time": copy_time})
@@ -288,9 +292,13 @@ def build_app(scheduler: Scheduler, *, loader: Callable[[str], Any] | None = Non
         """{name: float64 sum} of every weight, read between forwards (checks a sync landed exactly)."""
 
         def sums(model):
+            sch.check_weights_resident()  # a released weight has no bytes to read
             return {k: float(v.detach().double().sum()) for k, v in model.state_dict().items()}
 
-        return _json(await anyio.to_thread.run_sync(sch.run_exclusive, sums))
+        try:
+            return _json(await anyio.to_thread.run_sync(sch.run_exclusive, sums))
+        except ValueError as e:
+            return _error(str(e))
 
     async def update_from_disk(request: HttpRequest) -> Response:
         try:
@@ -318,7 +326,7 @@ def build_app(scheduler: Scheduler, *, loader: Callable[[str], Any] | None = Non
         return _json(info())
 
     async def server_info(request: HttpRequest) -> Response:
-        state = {"weight_version": sch.weight_version, "paused": sch.paused, **sch.load(),
+        state = {"weight_version": sch.weight_version, "paused": sch.paused, **sch.load(), **memory.state(),
                  "busy_time": sch.busy_time,  # seconds in forward steps since start (engine idle fraction)
                  "step_stats": sch.stats()}  # iterations, rows, seconds per phase (streamrl extension)
         limits = {"context_length": sch.max_positions, "max_running_requests": sch.max_running_requests,
@@ -380,6 +388,7 @@ def build_app(scheduler: Scheduler, *, loader: Callable[[str], Any] | None = Non
         Route("/health", health, methods=get),
         Route("/health_generate", health_generate, methods=get),
         Route("/flush_cache", flush_cache, methods=both),
+        *memory.routes(),
     ]
     return Starlette(routes=routes, exception_handlers={Exception: on_error})
 

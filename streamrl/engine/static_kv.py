@@ -121,6 +121,22 @@ class StaticKV:
     def clear(self) -> None:
         self.rows, self.lens = [], []
 
+    # ---- memory given back while the engine is released (memory.py) --------------------------------------------
+    def drop_graphs(self) -> None:
+        """Forget the captured decode graphs (captured again when next needed): they hold the weights' and the
+        cache's addresses, which a release changes."""
+        self._graphs.clear()
+        self._pool = None
+
+    def release(self) -> None:
+        """Give the slot cache's memory back (no request may hold a slot); the per-layer views stay."""
+        self.clear()
+        self.kv.untyped_storage().resize_(0)
+
+    def resume(self) -> None:
+        self.kv.untyped_storage().resize_(self.kv.numel() * self.kv.element_size())
+        self.kv.zero_()
+
     def retain(self, keep: Iterable[Any]) -> None:
         """Free the slots of requests not in `keep`, moving the last slots into the holes (stay compacted)."""
         keep_ids = {id(r) for r in keep}
