@@ -52,6 +52,9 @@ def _run(argv: list[str], synchronous: bool = False) -> dict:
     from streamrl.config.preflight import preflight
 
     args = parse_args(argv)
+    if args.colocate and not synchronous:  # slime's train_async.py asserts the same
+        raise ConfigError("--colocate needs train.py (trainer and engines take turns on the GPUs); train_async.py "
+                          "overlaps them on separate devices: use train.py or drop --colocate.")
     if not args.hf_checkpoint:
         raise ConfigError("--hf-checkpoint is required (an HF model directory; scripts/prepare_demo.py makes one).")
     if args.load_debug_rollout_data:  # train only, on saved rollouts (slime's --debug-train-only)

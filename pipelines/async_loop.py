@@ -34,7 +34,7 @@ from pipelines.launch import Components, build, shutdown
 from streamrl.config.parser import steps_total
 from streamrl.metrics import MetricsLogger, plot_run
 from streamrl.plugins import load_function
-from streamrl.sync.publisher import WeightPublisher
+from streamrl.sync.colocate import make_publisher
 from streamrl.train.batch import TrainBatch, build_train_batch, eos_id
 
 
@@ -72,7 +72,7 @@ class _Job:
         self.post_process = (load_function(args.custom_reward_post_process_path,
                                            what="--custom-reward-post-process-path")
                              if args.custom_reward_post_process_path else None)
-        self.publisher = WeightPublisher(c, args.pause_generation_mode)
+        self.publisher = make_publisher(c, args)  # with --colocate it also moves the memory (sync/colocate.py)
         self.eval = BackgroundEval(args, c.manager, logger)
         self.version, self.wait_total, self.trained_samples, self.last_sync = 0, 0.0, 0, {}
         self.refs: tuple = ()
@@ -116,7 +116,10 @@ class _Job:
         batch = build_train_batch(self.args, groups, self.version, self.eos, self.post_process)
         # the producers' figures are not awaited: skipped this step if they are busy
         self.refs = (c.buffer.stats.remote(), c.manager.get_stats.remote(), c.buffer.check_ledger.remote(full=False))
-        metrics = c.trainer.train_step(batch) if c.trainer is not None else {}
+        metrics: dict[str, float] = {}
+        if c.trainer is not None:
+            self.publisher.before_train()  # --colocate: the engines give the GPU to the trainer
+            metrics = c.trainer.train_step(batch)
         self.trained_samples += len(batch)
         return batch, metrics
 

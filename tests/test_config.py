@@ -52,7 +52,8 @@ def test_derived_values():
 @pytest.mark.parametrize(
     "overrides, flag",
     [
-        ({"colocate": True}, "--colocate"),
+        ({"colocate": True, "rollout_engine": "sglang"}, "--colocate"),
+        ({"colocate": True, "train_backend": "megatron"}, "--colocate"),
         ({"rollout_temperature": 0.0}, "--rollout-temperature"),
         ({"rollout_num_gpus": 3, "rollout_num_gpus_per_engine": 2}, "--rollout-num-gpus"),
         ({"global_batch_size": 12, "n_samples_per_prompt": 8}, "--n-samples-per-prompt"),

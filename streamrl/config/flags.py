@@ -23,7 +23,11 @@ class ClusterConfig:
     rollout_num_gpus: int | None = F(None, "Total GPUs for inference engines (engines = this / per-engine).")
     rollout_num_gpus_per_engine: int = F(1, "GPUs per engine (SGLang tensor parallel size).")
     rollout_num_engines: int | None = F(None, "Number of inference engines (overrides the GPU arithmetic).")
-    colocate: bool = F(False, "Not supported: streamrl keeps trainer and engines on separate devices.")
+    colocate: bool = F(False, "train.py only: trainer and engines share the GPUs, taking turns. The engines release "
+                              "their memory (SGLang's /release_memory_occupation) while the trainer trains, the "
+                              "trainer offloads parameters, gradients and optimizer state to the host while they "
+                              "generate; weights synced by CUDA IPC. --sglang-mem-fraction-static applies while the "
+                              "engine is resident; the trainer gets the whole GPU when it trains.")
     train_backend: str = F("fsdp", "Training backend.", choices=["fsdp", "megatron"])
     rollout_engine: str = F("embedded", "Inference engine.", choices=["embedded", "sglang"])
     engine_torch_threads: int = F(1, "torch threads per embedded engine process (CPU).")

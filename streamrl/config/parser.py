@@ -115,14 +115,23 @@ def _check_ranges(args: argparse.Namespace) -> None:
         raise ConfigError(f"--rollout-top-k must be -1 (off) or >= 1, got {args.rollout_top_k} (SGLang refuses 0).")
 
 
+def _validate_colocate(args: argparse.Namespace) -> None:
+    """--colocate's own rules; train_async.py refuses it outright (train_async._run)."""
+    if not args.colocate:
+        return
+    clash = [f for f, on in (("--rollout-engine sglang", args.rollout_engine == "sglang"),
+                             ("--train-backend megatron", args.train_backend == "megatron"),
+                             ("--debug-rollout-only", args.debug_rollout_only)) if on]
+    if clash:
+        raise ConfigError(f"--colocate works with the embedded engine and the FSDP trainer (the engine's memory "
+                          f"release and the CUDA IPC sync are streamrl's; Megatron's offload is not written yet): "
+                          f"drop {clash[0]} or --colocate.")
+
+
 def validate(args: argparse.Namespace) -> None:
     """Fill derived values and reject impossible combinations, naming the flag to change."""
     _check_ranges(args)
-    if args.colocate:
-        raise ConfigError(
-            "--colocate is not supported: streamrl overlaps generation and training on separate devices. "
-            "Drop --colocate and give the engines their own GPUs with --rollout-num-gpus."
-        )
+    _validate_colocate(args)
     if args.debug_rollout_only:
         clash = [f for f, on in (("--load-debug-rollout-data", args.load_debug_rollout_data), ("--save", args.save),
                                  ("--load", args.load), ("--check-weight-update-equal",

@@ -72,6 +72,13 @@ def _allocate(named: list, bucket_bytes: int, dtype: Any) -> tuple[list[Any], li
 _SENDER = IpcSender()
 
 
+def release_sender() -> None:
+    """Drop the buckets and the cached views of the weights (which keep their storages alive): a colocated trainer
+    frees its GPU memory between syncs (train/offload.py); the next sync allocates and exports new buckets."""
+    global _SENDER
+    _SENDER = IpcSender()
+
+
 def stage_ipc(named: list, version: int, bucket_bytes: int, dtype: Any = None) -> Callable[[list[str]], dict]:
     """Trainer side, phase 1 (engines may still be generating): queue the packing copies into the shared buckets.
     Returns phase 2, `push(engine_urls)`: wait for the copies, post the handles, and wait for every engine to

@@ -23,6 +23,10 @@ class WeightPublisher:
         self.transport: str | None = None  # the trainer's weight transport, known after the first sync
         self._version_calls: list = []  # the producers' set_version answers, not awaited during a sync
 
+    def before_train(self) -> None:
+        """The loop's call before each train step: nothing when the engines have GPUs of their own (--colocate:
+        sync/colocate.py)."""
+
     def publish(self, version: int) -> dict[str, float]:
         """Push the trainer's weights to every live engine as `version`; returns the sync's timings and the
         engine pool's counters."""

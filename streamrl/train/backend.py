@@ -24,6 +24,13 @@ class TrainerBackend(Protocol):
     def push_staged(self, engine_urls: list[str]) -> dict[str, float]:
         """Weight sync phase 2, engines paused: send what was staged to every engine, labelled `version`."""
 
+    def offload(self) -> dict[str, float]:
+        """--colocate: parameters, gradients and optimizer state to host memory while the engines generate on the
+        same GPUs (slime's `offload`); a call that needs them on the device onloads them first."""
+
+    def onload(self) -> dict[str, float]:
+        """Back onto the device, to train (slime's `onload`)."""
+
     def full_named_parameters(self) -> list[tuple[str, Any]]:
         """The full (unsharded) parameters by HF name, on CPU (weight checks)."""
 

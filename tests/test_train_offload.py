@@ -1,0 +1,72 @@
+"""A trainer rank's sleep/wake_up (--colocate): parameters and optimizer state leave and come back unchanged, and
+one step after an offload + onload is the step without it, exactly (FSDP2 rank, gloo, world of 1, tiny model)."""
+
+from __future__ import annotations
+
+import torch
+
+from streamrl.config import default_args
+from streamrl.train.batch import TrainBatch
+from streamrl.train.fsdp import FSDPTrainRank
+from streamrl.train.offload import with_offload
+
+
+def batch(seed: int, n: int = 8) -> TrainBatch:
+    g = torch.Generator().manual_seed(seed)
+    plen = [3 + i % 3 for i in range(n)]
+    rlen = [4 + i % 4 for i in range(n)]
+    toks = [torch.randint(0, 80, (p + r,), generator=g).tolist() for p, r in zip(plen, rlen, strict=True)]
+    rewards = [float(i % 2) for i in range(n)]
+    return TrainBatch(tokens=toks, prompt_lengths=plen, response_lengths=rlen, loss_masks=[[1] * r for r in rlen],
+                      rollout_log_probs=[(-1 - torch.rand(r, generator=g)).tolist() for r in rlen],
+                      advantages=[x - 0.5 for x in rewards], rewards=rewards, staleness=[0] * n)
+
+
+def make(ckpt: str):
+    args = default_args(hf_checkpoint=ckpt, rollout_batch_size=2, n_samples_per_prompt=4, micro_batch_size=4,
+                        lr=1e-2, seed=1, use_kl_loss=True, kl_loss_coef=0.1)
+    rank = with_offload(FSDPTrainRank)(args, 0, 1)
+    rank.init(*rank.master_address())
+    return rank
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _snapshot(rank) -> tuple[dict, dict]:
+    weights = {n: _local(p).detach().clone() for n, p in rank.model.named_parameters()}
+    state = {(i, k): _local(v).clone() for i, s in enumerate(rank.opt.state.values()) for k, v in s.items()}
+    return weights, state
+
+
+def test_offload_round_trip_then_the_same_step(tiny_ckpt):
+    rank = make(tiny_ckpt)
+    try:
+        rank.train_step(batch(0))  # AdamW's moments exist now
+        weights, state = _snapshot(rank)
+        params = list(rank.model.parameters())
+        ptrs = [_local(p).data_ptr() for p in params]
+        assert rank.sleep()["trainer_offload_time"] >= 0 and rank.asleep
+        assert rank.sleep() == {}  # already asleep: nothing to do
+        assert list(rank.model.parameters()) == params  # the optimizer's Parameter objects stay
+        assert all(_local(p).data_ptr() != q for p, q in zip(params, ptrs, strict=True))  # the storages moved
+        rank.wake_up()
+        assert not rank.asleep
+        w2, s2 = _snapshot(rank)
+        assert all(torch.equal(weights[n], w2[n]) for n in weights)
+        assert s2.keys() == state.keys() and all(torch.equal(state[k], s2[k]) for k in state)
+        got = rank.train_step(batch(1))
+        got_w = {n: _local(p).detach().clone() for n, p in rank.model.named_parameters()}
+    finally:
+        rank.shutdown()
+    plain = make(tiny_ckpt)
+    try:
+        plain.train_step(batch(0))
+        want = plain.train_step(batch(1))
+        want_w = {n: _local(p).detach().clone() for n, p in plain.model.named_parameters()}
+    finally:
+        plain.shutdown()
+    for k in ("loss", "pg_loss", "kl_loss", "grad_norm", "entropy"):
+        assert got[k] == want[k], k
+    assert all(torch.equal(got_w[n], want_w[n]) for n in want_w)
