@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import resource
 import subprocess
@@ -41,6 +42,10 @@ VARIANTS = {  # name -> trainer flags on top of COMMON; the first is the baselin
     "packed_varlen": [*PACKED, "--attn-implementation", "varlen"],
     "packed_varlen_liger": [*PACKED, "--attn-implementation", "varlen", "--use-liger-kernel"],
     "packed_varlen_compile": [*PACKED, "--attn-implementation", "varlen", "--use-torch-compile"],
+    "packed_varlen_compile_liger": [*PACKED, "--attn-implementation", "varlen", "--use-torch-compile",
+                                    "--use-liger-kernel"],
+    "packed_varlen_compile_32k": [*PACKED, "--attn-implementation", "varlen", "--use-torch-compile",
+                                  "--max-tokens-per-gpu", "32768"],
     "packed_varlen_compile_recompute": [*PACKED, "--attn-implementation", "varlen", "--use-torch-compile",
                                         "--recompute-granularity", "full", "--max-tokens-per-gpu", "49152"],
     # Megatron-core GPTModel (local spec, SDPA attention), same padded micro-batches as "padded"
@@ -63,7 +68,7 @@ def rank_class(backend: str):
     return ranks[backend]
 
 
-def make_batch(n: int, max_response: int, seed: int = 0):
+def make_batch(n: int, max_response: int, vocab_size: int, seed: int = 0):
     from long_tail import target_length
 
     from streamrl.train.batch import TrainBatch
@@ -71,8 +76,12 @@ def make_batch(n: int, max_response: int, seed: int = 0):
     rng = random.Random(seed)
     resp = [target_length(i, max_response) for i in range(n)]
     tokens = [[rng.randrange(50) for _ in range(40 + r)] for r in resp]  # the cost does not depend on the ids
+    # behaviour log-probs near a random-init model's own (about -ln V): an on-policy step, TIS weights near 1. A
+    # far-off µ (say -1 against ℓ ≈ -12 on the 152k vocabulary) makes tiny TIS weights, and this random-init
+    # 28-layer model's backward then overflows fp32 on CUDA (a NaN grad norm, the optimizer step skipped)
+    mu = -math.log(vocab_size)
     return TrainBatch(tokens=tokens, prompt_lengths=[40] * n, response_lengths=resp,
-                      loss_masks=[[1] * r for r in resp], rollout_log_probs=[[-1.0] * r for r in resp],
+                      loss_masks=[[1] * r for r in resp], rollout_log_probs=[[mu] * r for r in resp],
                       advantages=[rng.gauss(0, 1) for _ in resp], rewards=[0.0] * n, staleness=[0] * n)
 
 
@@ -112,7 +121,7 @@ def run_variant(a: argparse.Namespace) -> dict:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rank = rank_class(args.train_backend)(args, 0, 1)
     rank.init(*rank.master_address(), shares_gpu=False)
-    batch = make_batch(a.samples, a.max_response)
+    batch = make_batch(a.samples, a.max_response, json.loads((Path(a.model) / "config.json").read_text())["vocab_size"])
     first = rank.train_step(batch)  # the weights of the checkpoint: every variant starts here
     for _ in range(a.warmup - 1):
         rank.train_step(batch)

@@ -38,7 +38,8 @@ def one_backend(a: argparse.Namespace) -> dict:
     rank = rank_class(a.backend)(parse_args(flags), 0, 1)
     rank.init(*rank.master_address(), shares_gpu=False)
     t0 = time.perf_counter()
-    out = rank.train_step(make_batch(a.samples, a.max_response))
+    vocab = json.loads((Path(a.model) / "config.json").read_text())["vocab_size"]
+    out = rank.train_step(make_batch(a.samples, a.max_response, vocab))
     if cuda:
         torch.cuda.synchronize()
     s = time.perf_counter() - t0
