@@ -77,10 +77,12 @@ def validate_megatron(args: argparse.Namespace, error: type[Exception]) -> None:
         raise error(f"--tensor-model-parallel-size x --pipeline-model-parallel-size x --context-parallel-size "
                     f"({tp * pp * cp}) must divide the trainer ranks (--actor-num-gpus-per-node x "
                     f"--actor-num-nodes = {world}).")
-    for flag, size in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
-                       ("--context-parallel-size", cp)):
-        if size > 1:  # the conversion shards for TP; the step's grad-norm and metric reductions do not yet
-            raise error(f"{flag} {size}: this build's Megatron backend is data parallel only: set it to 1.")
+    for flag, size in (("--pipeline-model-parallel-size", pp), ("--context-parallel-size", cp)):
+        if size > 1:
+            raise error(f"{flag} {size}: this build's Megatron backend has tensor and data parallelism only: set it "
+                        "to 1.")
+    if args.sequence_parallel and tp > 1:  # needs the norms' gradients all-reduced over TP and a sharded lookup
+        raise error("--sequence-parallel is not in this build's Megatron backend yet: drop it.")
     if args.group_query_attention != (args.num_query_groups is not None):
         raise error("--group-query-attention and --num-query-groups go together (Megatron ignores the groups "
                     "without it): give both or neither.")

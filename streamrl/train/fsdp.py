@@ -48,6 +48,9 @@ class FSDPTrainRank:
 
     def __init__(self, args: argparse.Namespace, rank: int, world: int):
         self.args, self.rank, self.world = args, rank, world
+        # the data-parallel position the step shards the batch by and reduces over (FSDP: every rank; the Megatron
+        # rank narrows it to its data-parallel group, its TP peers holding the same samples)
+        self.dp_rank, self.dp_size, self.dp_group = rank, world, None
         self.model = self.ref_model = self.teacher = self.critic = self.opt = self.critic_opt = None
         self.steps_done = 0
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite grad norm
@@ -138,7 +141,7 @@ class FSDPTrainRank:
 
         def all_reduce(t):
             t = t.clone()
-            dist.all_reduce(t)
+            dist.all_reduce(t, group=self.dp_group)
             return t
 
         def plug(spec, what, builtins=None):
@@ -146,7 +149,7 @@ class FSDPTrainRank:
 
         return StepRunner(
             a, self.model, ref_model=self.ref_model, teacher=self.teacher, critic=self.critic, pad_id=self.pad_id,
-            world=self.world, all_reduce=all_reduce,
+            world=self.dp_size, all_reduce=all_reduce,
             tis_fn=plug(a.custom_tis_function_path, "--custom-tis-function-path", BUILTIN_TIS_FUNCTIONS),
             custom_loss_fn=plug(a.custom_loss_function_path, "--custom-loss-function-path"),
             custom_adv_fn=plug(a.custom_advantage_function_path, "--custom-advantage-function-path"),
@@ -171,7 +174,7 @@ class FSDPTrainRank:
         # --num-mini-batches: equal parts of the global batch, each sharded over the ranks, one optimizer step each;
         # π_prox (ℓold), advantages and the M2 mask are computed once, for all of them, before the first step
         parts = batch.mini_batches(args.num_mini_batches)
-        per_part = [self._micro_batches(p.shard(self.rank, self.world, balance=args.balance_data)) for p in parts]
+        per_part = [self._micro_batches(p.shard(self.dp_rank, self.dp_size, balance=args.balance_data)) for p in parts]
         mbs = [mb for part in per_part for mb in part]
         t_prep = time.time()
         runner.prepare(mbs)
@@ -196,7 +199,7 @@ class FSDPTrainRank:
         norms = []
 
         def opt_step() -> None:
-            norm = _norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad))
+            norm = _norm(self._clip_grad_norm())
             norms.append(norm)
             if not math.isfinite(norm):  # the same total norm on every rank: all skip together, weights stay sane
                 self.skipped_steps += 1
@@ -217,7 +220,7 @@ class FSDPTrainRank:
         sums.update(critic_sums)
         names = sorted(sums)
         vec = torch.stack([sums[k].to(self.device) for k in names])
-        dist.all_reduce(vec)
+        dist.all_reduce(vec, group=self.dp_group)
         reduced = {k: float(v) / div.get(k, 1) for k, v in zip(names, vec.tolist(), strict=True)}
         result.update(bucket_means(reduced))
         result.update(staleness_histogram(batch.staleness, args.max_staleness))
@@ -227,6 +230,10 @@ class FSDPTrainRank:
         result.update(train_batch_time=t_prep - t0, train_prepare_time=t_fwd - t_prep,
                       train_fwd_bwd_time=t_end_bwd - t_fwd, train_optimizer_time=t_end - t_opt, train_time=t_end - t0)
         return result
+
+    def _clip_grad_norm(self) -> Any:
+        """Clip the policy's gradients to --clip-grad; their total norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_grad)
 
     def _micro_batches(self, local: TrainBatch) -> list:
 

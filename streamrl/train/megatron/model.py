@@ -17,6 +17,8 @@ import argparse
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -101,10 +103,27 @@ def build_gpt(args: argparse.Namespace, cfg: Any, device: torch.device) -> tuple
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     model = GPTModel(tc, spec, vocab_size=arch.padded_vocab_size, max_sequence_length=cfg.max_position_embeddings,
                      position_embedding_type="rope", rotary_base=int(v["rotary_base"]),
-                     share_embeddings_and_output_weights=arch.tied, parallel_output=False)
+                     share_embeddings_and_output_weights=arch.tied, parallel_output=True)
     if device.type == "cpu":
         model.rotary_pos_emb.__class__ = _HostRotaryEmbedding
     return model.to(device), arch
+
+
+class _GatherVocab(torch.autograd.Function):
+    """Vocabulary-parallel logits [.., Vp/t] -> full [.., Vp] over the TP group; backward keeps this rank's slice.
+    (Megatron's own gather allocates on the current CUDA device; this one runs on CPU too.)"""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        group = parallel_state.get_tensor_model_parallel_group()
+        ctx.rank, ctx.width = dist.get_rank(group), x.shape[-1]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad[..., ctx.rank * ctx.width: (ctx.rank + 1) * ctx.width].contiguous()
 
 
 class HFLikeModel(torch.nn.Module):
@@ -129,6 +148,8 @@ class HFLikeModel(torch.nn.Module):
         pos = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
         with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits = self.gpt(input_ids, pos, attention_mask=None)
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            logits = _GatherVocab.apply(logits)
         return logits[..., : self.arch.vocab_size]
 
 

@@ -29,7 +29,7 @@ from streamrl.plugins import load_function
 from streamrl.train.batch import TrainBatch
 from streamrl.train.fsdp import FSDPTrainRank
 from streamrl.train.megatron.checkpoint import load_megatron, save_megatron
-from streamrl.train.megatron.convert import megatron_to_hf_tensor, tp_gather
+from streamrl.train.megatron.convert import megatron_to_hf_tensor, tp_dim, tp_gather
 from streamrl.train.megatron.model import HFLikeModel, build_gpt, load_hf_state
 from streamrl.train.megatron.parallel import init_model_parallel
 
@@ -57,6 +57,10 @@ class MegatronTrainRank(FSDPTrainRank):
         init_model_parallel(args, args.seed)
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        # the step shards the batch and reduces its sums over the data-parallel group (TP peers share samples)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.dp_group = parallel_state.get_data_parallel_group()
 
         cfg = AutoConfig.from_pretrained(args.hf_checkpoint)
         self.gpt, self.arch = build_gpt(args, cfg, self.device)
@@ -64,8 +68,8 @@ class MegatronTrainRank(FSDPTrainRank):
         load_hf_state(self.gpt, hf.state_dict(), self.arch, self.tp_rank, self.tp_size)
         del hf
         model = HFLikeModel(self.gpt, self.arch, bf16=args.bf16, padding_idx=cfg.pad_token_id)
-        if self.world > 1:  # data parallel: gradients averaged over the ranks (the step scales losses by W)
-            model = torch.nn.parallel.DistributedDataParallel(model)
+        if self.dp_size > 1:  # gradients averaged over the data-parallel ranks (the step scales losses by DP)
+            model = torch.nn.parallel.DistributedDataParallel(model, process_group=self.dp_group)
         self.model = model
         params = list(self.gpt.parameters())
         if args.optimizer == "sgd":
@@ -101,6 +105,32 @@ class MegatronTrainRank(FSDPTrainRank):
                           "--custom-megatron-before-train-step-hook-path")(a, self.steps_done, 0, [self.gpt],
                                                                            self.opt, None)
         return super().train_step(batch)
+
+    def _clip_grad_norm(self) -> torch.Tensor:
+        """Finish the gradients for TP as Megatron's finalize_model_grads does (the q/k norms act on each rank's
+        own heads: their gradients are partial sums over TP), then the total norm over the whole model (squares
+        of TP-sharded gradients summed over TP, replicated ones counted once), clipped to --clip-grad as torch's
+        clip_grad_norm_ does."""
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        named = [(n, p) for n, p in self.gpt.named_parameters() if p.grad is not None]
+        if self.tp_size > 1:
+            for name, p in named:
+                if "q_layernorm" in name or "k_layernorm" in name:
+                    dist.all_reduce(p.grad, group=tp_group)
+        # which tensors are TP shards: by name, as the conversion splits them (Megatron's own parameter attribute
+        # is only set when it initialises the weights, which it does not here)
+        sharded = torch.zeros((), dtype=torch.float64, device=self.device)
+        replicated = torch.zeros_like(sharded)
+        for name, p in named:
+            if tp_dim(name) is None:
+                replicated += p.grad.double().square().sum()
+            else:
+                sharded += p.grad.double().square().sum()
+        if self.tp_size > 1:
+            dist.all_reduce(sharded, group=tp_group)
+        total = (sharded + replicated).sqrt().float()
+        torch.nn.utils.clip_grads_with_norm_([p for _, p in named], self.args.clip_grad, total)
+        return total
 
     def full_named_parameters(self, keep_on_device: bool = False) -> list[tuple[str, Any]] | None:
         """Every tensor gathered over TP and converted to its HF name(s), vocabulary padding removed (collective
