@@ -60,3 +60,20 @@ def test_megatron_only_flags_need_the_megatron_backend():
     with pytest.raises(ConfigError, match="--no-save-optim"):
         default_args(no_save_optim=True)
     default_args(num_layers=3)  # architecture flags of a sourced model file are harmless under fsdp
+
+
+def test_flags_that_disagree_with_the_checkpoint_are_named_before_ray(tiny_ckpt):
+    from streamrl.config.preflight import preflight
+
+    with pytest.raises(ConfigError, match="--hidden-size 256 disagrees"):
+        preflight(default_args(train_backend="megatron", hf_checkpoint=tiny_ckpt, hidden_size=256))
+    model = ["--swiglu", "--normalization", "RMSNorm", "--disable-bias-linear", "--position-embedding-type", "rope"]
+    args = parse_args(["--train-backend", "megatron", "--hf-checkpoint", tiny_ckpt, "--num-layers", "3", *model])
+    with pytest.raises(ConfigError, match="--qk-layernorm is missing"):
+        preflight(args)
+    with pytest.raises(ConfigError, match="--custom-megatron-init-path"):
+        preflight(default_args(train_backend="megatron", hf_checkpoint=tiny_ckpt,
+                               custom_megatron_init_path="no_such_module:init"))
+    out = subprocess.run(["bash", "-c", f"source {ROOT / 'scripts/models/tiny.sh'}; printf '%s\\n' "
+                          '"${MODEL_ARGS[@]}"'], capture_output=True, text=True, check=True).stdout
+    preflight(parse_args(["--train-backend", "megatron", "--hf-checkpoint", tiny_ckpt, *out.split("\n")[:-1]]))

@@ -18,7 +18,8 @@ from streamrl.config.parser import ConfigError, set_job_length
 _PLUGINS = {
     "custom_generate_function_path": None, "rollout_function_path": None, "eval_function_path": None,
     "data_source_path": None, "custom_reward_post_process_path": None, "custom_loss_function_path": None,
-    "custom_advantage_function_path": None,
+    "custom_advantage_function_path": None, "custom_megatron_init_path": None,
+    "custom_megatron_before_train_step_hook_path": None, "custom_megatron_before_log_prob_hook_path": None,
     "custom_tis_function_path": ("streamrl.algos.offpolicy", "BUILTIN_TIS_FUNCTIONS"),
 }
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -29,6 +30,8 @@ def preflight(args: argparse.Namespace) -> None:
     if args.loss_type == "sft_loss" and args.num_rollout is None:
         raise ConfigError("--loss-type sft_loss needs --num-rollout N (the number of SFT steps).")
     ctx = _check_checkpoint(args.hf_checkpoint, "--hf-checkpoint")
+    if args.train_backend == "megatron" and os.path.isdir(args.hf_checkpoint):
+        _check_megatron_arch(args)
     ctx = getattr(args, "sglang_context_length", None) or ctx  # SGLang serves what --sglang-context-length says
     for flag in ("ref_load", "opd_teacher_load"):  # HF checkpoints too, loaded by the trainer
         if getattr(args, flag):
@@ -48,6 +51,18 @@ def preflight(args: argparse.Namespace) -> None:
             _check_prompts(path, f"--eval-prompt-data ({name})", args.eval_input_key or args.input_key,
                            args.eval_label_key or args.label_key, args.metadata_key)
         _check_plugins(args)
+
+
+def _check_megatron_arch(args: argparse.Namespace) -> None:
+    """Megatron's architecture flags against the --hf-checkpoint config (the flag that disagrees, before Ray)."""
+    from transformers import AutoConfig
+
+    from streamrl.train.megatron.arch import resolve_arch
+
+    try:
+        resolve_arch(args, AutoConfig.from_pretrained(args.hf_checkpoint))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_checkpoint(path: str, flag: str) -> int | None:
