@@ -1,6 +1,6 @@
-"""Tensor parallelism on CPU: two Megatron ranks (gloo, TP=2) take the same RL steps as one rank (TP=1) on the same
-batches: loss, grad norm (summed over the TP shards) and the weights gathered back to HF names; the checkpoint
-holds one file per TP rank and reads back whole."""
+"""Two Megatron ranks on CPU (gloo), tensor parallel (TP=2) or data parallel (DDP), take the same RL steps as one
+rank on the same batches: loss, grad norm (summed over the TP shards) and the weights gathered back to HF names;
+the checkpoint holds one file per TP rank and reads back whole."""
 
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ pytestmark = pytest.mark.slow
 OVER = {"train_backend": "megatron", "use_kl_loss": True, "kl_loss_coef": 0.1}
 
 
-def _tp_rank(rank: int, port: int, ckpt: str, out: str) -> None:
+def _tp_rank(rank: int, port: int, ckpt: str, out: str, tp: int) -> None:
     torch.set_num_threads(1)
     from streamrl.config import default_args
 
     args = default_args(hf_checkpoint=ckpt, rollout_batch_size=2, n_samples_per_prompt=4, micro_batch_size=4,
-                        lr=1e-2, seed=1, tensor_model_parallel_size=2, actor_num_gpus_per_node=2, **OVER)
+                        lr=1e-2, seed=1, tensor_model_parallel_size=tp, actor_num_gpus_per_node=2, **OVER)
     r = MegatronTrainRank(args, rank, 2)
     r.init("127.0.0.1", port)
     try:
@@ -37,7 +37,8 @@ def _tp_rank(rank: int, port: int, ckpt: str, out: str) -> None:
     torch.save((metrics, dict(named) if named is not None else None), f"{out}.rank{rank}")
 
 
-def test_tp2_equals_tp1(tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("tp", [2, 1])  # two ranks: TP=2, or data parallel (DDP) with TP=1
+def test_two_ranks_equal_one(tiny_ckpt, tmp_path, tp):
     one = make(MegatronTrainRank, tiny_ckpt, **OVER)
     try:
         want = [one.train_step(batch(s)) for s in range(2)]
@@ -48,7 +49,7 @@ def test_tp2_equals_tp1(tiny_ckpt, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_tp_rank, args=(r, port, tiny_ckpt, str(tmp_path / "ck"))) for r in range(2)]
+    procs = [ctx.Process(target=_tp_rank, args=(r, port, tiny_ckpt, str(tmp_path / "ck"), tp)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -62,6 +63,6 @@ def test_tp2_equals_tp1(tiny_ckpt, tmp_path):
             assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-6), k
     assert got_w.keys() == want_w.keys()
     assert max((got_w[k] - want_w[k]).abs().max().item() for k in want_w) < 1e-3  # Adam at lr 1e-2, as the 1-rank test
-    assert (tmp_path / "ck" / "iter_0000002" / "mp_rank_01" / "model_optim_rng.pt").exists()
+    assert (tmp_path / "ck" / "iter_0000002" / "mp_rank_01" / "model_optim_rng.pt").exists() == (tp == 2)
     saved = read_hf_weights(tmp_path / "ck")
     assert all(torch.equal(saved[k], got_w[k]) for k in got_w)
