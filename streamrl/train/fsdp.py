@@ -71,17 +71,7 @@ class FSDPTrainRank:
 
         args = self.args
         self.shares_gpu = shares_gpu  # with the engines (picks the weight transport)
-        torch.manual_seed(args.seed)
-        torch.set_num_threads(max(1, args.train_torch_threads))
-        cuda = torch.cuda.is_available()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-        if cuda and memory_fraction:
-            torch.cuda.set_per_process_memory_fraction(memory_fraction, self.device)
-        if cuda:  # TF32 matmuls for the fp32 master weights (as Megatron/slime train in mixed precision)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
-        dist.init_process_group("nccl" if cuda else "gloo", rank=self.rank, world_size=self.world)
+        self._init_process(master_addr, master_port, memory_fraction)
         mesh = init_device_mesh(self.device.type, (self.world,))
 
         # --bf16: bf16 parameters/compute in forward and backward, fp32 master weights, optimizer and reduction
@@ -113,12 +103,7 @@ class FSDPTrainRank:
         if args.recompute_granularity == "full":  # Megatron's full recompute = checkpointing every decoder layer
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = shard(model, model.model.layers)
-        if args.optimizer == "sgd":
-            self.opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.sgd_momentum,
-                                       weight_decay=args.weight_decay)
-        else:
-            self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                         betas=(args.adam_beta1, args.adam_beta2))
+        self.opt = self._optimizer(model.parameters())
         if args.use_kl_loss or args.kl_coef > 0:
             self.ref_model = frozen(args.ref_load or args.hf_checkpoint)
         if args.use_opd or args.advantage_estimator == "on_policy_distillation":
@@ -133,6 +118,27 @@ class FSDPTrainRank:
         self.pad_id = model.config.pad_token_id or 0
         self.runner = self._runner()
         return {"rank": self.rank, "device": str(self.device), "params": sum(p.numel() for p in model.parameters())}
+
+    def _init_process(self, master_addr: str, master_port: int, memory_fraction: float | None) -> None:
+        """Seed, threads, this rank's device (and its memory share), the default process group."""
+        torch.manual_seed(self.args.seed)
+        torch.set_num_threads(max(1, self.args.train_torch_threads))
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        if cuda and memory_fraction:
+            torch.cuda.set_per_process_memory_fraction(memory_fraction, self.device)
+        if cuda:  # TF32 matmuls for the fp32 master weights (as Megatron/slime train in mixed precision)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        dist.init_process_group("nccl" if cuda else "gloo", rank=self.rank, world_size=self.world)
+
+    def _optimizer(self, params: Any) -> torch.optim.Optimizer:
+        """The policy's optimizer (--optimizer)."""
+        a = self.args
+        if a.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=a.lr, momentum=a.sgd_momentum, weight_decay=a.weight_decay)
+        return torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay, betas=(a.adam_beta1, a.adam_beta2))
 
     def _runner(self):
 

@@ -17,7 +17,6 @@ Frozen models (--ref-load, the OPD teacher) are HF models: they only score log-p
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import torch
@@ -41,19 +40,9 @@ class MegatronTrainRank(FSDPTrainRank):
              shares_gpu: bool = True) -> dict[str, Any]:
         args = self.args
         self.shares_gpu = shares_gpu
-        torch.manual_seed(args.seed)
-        torch.set_num_threads(max(1, args.train_torch_threads))
-        cuda = torch.cuda.is_available()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-        if args.bf16 and not cuda:  # Megatron's linear layers run their backward under CUDA autocast only
+        if args.bf16 and not torch.cuda.is_available():  # Megatron's linear backward runs under CUDA autocast only
             raise ValueError("--bf16 with --train-backend megatron needs a GPU (on CPU train in fp32: drop --bf16)")
-        if cuda and memory_fraction:
-            torch.cuda.set_per_process_memory_fraction(memory_fraction, self.device)
-        if cuda:  # TF32 matmuls for the fp32 weights, as the FSDP rank
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
-        dist.init_process_group("nccl" if cuda else "gloo", rank=self.rank, world_size=self.world)
+        self._init_process(master_addr, master_port, memory_fraction)
         init_model_parallel(args, args.seed)
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
@@ -72,11 +61,7 @@ class MegatronTrainRank(FSDPTrainRank):
             model = torch.nn.parallel.DistributedDataParallel(model, process_group=self.dp_group)
         self.model = model
         params = list(self.gpt.parameters())
-        if args.optimizer == "sgd":
-            self.opt = torch.optim.SGD(params, lr=args.lr, momentum=args.sgd_momentum, weight_decay=args.weight_decay)
-        else:
-            self.opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay,
-                                         betas=(args.adam_beta1, args.adam_beta2))
+        self.opt = self._optimizer(params)
         if args.use_kl_loss or args.kl_coef > 0:
             self.ref_model = self._frozen(args.ref_load or args.hf_checkpoint)
         if args.use_opd or args.advantage_estimator == "on_policy_distillation":
