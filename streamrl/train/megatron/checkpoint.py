@@ -6,8 +6,9 @@
 
 `model` holds Megatron names (the TP shard; the vocabulary padded), so Megatron's own loader reads the model part;
 `streamrl` holds the step counters and the conversion's `Arch`, so `read_hf_weights` needs nothing else.
-Why not `dist_checkpointing` (Megatron's default torch_dist format): its sharded state dicts follow Megatron's
-distributed optimizer, which this backend does not use yet; the layout above resumes exactly on the same TP size.
+Why not `dist_checkpointing` (Megatron's default torch_dist format): its optimizer state follows Megatron's
+distributed optimizer, which this backend does not use yet, and its save calls torch.cuda.synchronize() (no CPU
+tests); the layout above resumes exactly on the same TP size.
 """
 
 from __future__ import annotations

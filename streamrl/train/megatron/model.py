@@ -42,7 +42,8 @@ class SDPAttention(MegatronModule):
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                 attn_mask_type: Any = None, attention_bias: Any = None, packed_seq_params: Any = None) -> Tensor:
-        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, d]
+        # one dtype: under --bf16 autocast the q/k norms and rotary embedding may hand back fp32 next to a bf16 value
+        q, k, v = (x.to(value.dtype).permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, d]
         out = torch.nn.functional.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=True, scale=self.softmax_scale,
             dropout_p=self.dropout if self.training else 0.0)
