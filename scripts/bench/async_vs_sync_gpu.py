@@ -43,9 +43,10 @@ STALENESS = {"uniform": 1, "long_tail": 4}
 def prepare(out: Path) -> Path:
     code = ("import sys; from streamrl.models.tiny import build_tiny_model; "
             "from streamrl.tasks.synthetic import write_task_jsonl; "
-            "build_tiny_model(sys.argv[1] + '/model', preset='qwen3-0.6b'); "
+            "build_tiny_model(sys.argv[1] + '/model', preset='qwen3-0.6b', max_positions=1024); "
             "write_task_jsonl(sys.argv[1] + '/train.jsonl', 'sort', 4000, seed=2)")
-    if not (out / "model" / "config.json").exists():
+    cfg = out / "model" / "config.json"  # rebuilt when an older run left a model with a shorter context
+    if not cfg.exists() or json.loads(cfg.read_text())["max_position_embeddings"] < 1024:
         subprocess.run([sys.executable, "-P", "-c", code, str(out)], cwd=ROOT, check=True)
     return out
 
@@ -62,7 +63,10 @@ def run(mode: str, interval: int, steps: int, data: Path, out: Path, extra_flags
     else:
         extra = ["--async-buffer-size", "32"]
         entry = "from pipelines.synchronous import run"
-    code = f"import sys; from streamrl.config import parse_args; {entry}; run(parse_args(sys.argv[1:]))"
+    # preflight as train_async.py runs it: a model whose context cannot hold the job's responses fails here, not as
+    # hundreds of engine 400s (failed groups) inside the measurement
+    code = (f"import sys; from streamrl.config import parse_args; from streamrl.config.preflight import preflight; "
+            f"{entry}; a = parse_args(sys.argv[1:]); preflight(a); run(a)")
     subprocess.run([sys.executable, "-P", "-c", code, *common, *extra], cwd=ROOT, check=True)
     summary = json.loads((out / name / "summary.json").read_text())
     rows = [json.loads(x) for x in (out / name / "metrics.jsonl").open()]
