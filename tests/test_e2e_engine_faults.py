@@ -28,6 +28,7 @@ def ray_cluster():
 
 @pytest.mark.parametrize("fault", ["kill", "freeze"])
 def test_job_goes_on_when_an_engine_dies(ray_cluster, tiny_ckpt, sort_data, tmp_path, monkeypatch, fault):
+    import pipelines.async_loop as async_loop
     import pipelines.launch as launch
     from pipelines.async_loop import run
 
@@ -46,7 +47,7 @@ def test_job_goes_on_when_an_engine_dies(ray_cluster, tiny_ckpt, sort_data, tmp_
         c.pool.before_sync = before_sync
         return c
 
-    monkeypatch.setattr(launch, "build", build)
+    monkeypatch.setattr(async_loop, "build", build)  # the loop's own reference (imported at its top)
     train, _ = sort_data
     steps = 6
     args = default_args(

@@ -12,8 +12,9 @@ import torch
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -e .[megatron])")
 
+from trainutil import rl_batch
+
 from streamrl.config import default_args  # noqa: E402
-from streamrl.train.batch import TrainBatch  # noqa: E402
 from streamrl.train.fsdp import FSDPTrainRank  # noqa: E402
 from streamrl.train.megatron.checkpoint import read_hf_weights  # noqa: E402
 from streamrl.train.megatron.rank import MegatronTrainRank  # noqa: E402
@@ -21,15 +22,7 @@ from streamrl.train.megatron.rank import MegatronTrainRank  # noqa: E402
 HOOKS = Path(__file__).parent / "plugins" / "megatron_hooks.py"
 
 
-def batch(seed: int, n: int = 8) -> TrainBatch:
-    g = torch.Generator().manual_seed(seed)
-    plen = [3 + i % 3 for i in range(n)]
-    rlen = [4 + i % 4 for i in range(n)]
-    toks = [torch.randint(0, 80, (p + r,), generator=g).tolist() for p, r in zip(plen, rlen, strict=True)]
-    rewards = [float(i % 2) for i in range(n)]
-    return TrainBatch(tokens=toks, prompt_lengths=plen, response_lengths=rlen, loss_masks=[[1] * r for r in rlen],
-                      rollout_log_probs=[(-1 - torch.rand(r, generator=g)).tolist() for r in rlen],
-                      advantages=[x - 0.5 for x in rewards], rewards=rewards, staleness=[0] * n)
+batch = rl_batch
 
 
 def make(cls, ckpt: str, **over):

@@ -37,6 +37,7 @@ def ray_cluster():
 @pytest.mark.parametrize("stale_policy", ["regenerate", "drop"])
 def test_soak_stays_async_and_accounts_for_everything(ray_cluster, tiny_ckpt, sort_data, tmp_path, monkeypatch,
                                                       stale_policy):
+    import pipelines.async_loop as async_loop
     import pipelines.launch as launch
     from pipelines.async_loop import run
 
@@ -48,7 +49,7 @@ def test_soak_stays_async_and_accounts_for_everything(ray_cluster, tiny_ckpt, so
         box["pid"] = ray.get(c.engines[1].pid.remote())
         return c
 
-    monkeypatch.setattr(launch, "build", build)
+    monkeypatch.setattr(async_loop, "build", build)  # the loop's own reference (imported at its top)
     train, _ = sort_data
     args = default_args(
         hf_checkpoint=tiny_ckpt, prompt_data=train, label_key="label",

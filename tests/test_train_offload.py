@@ -4,22 +4,13 @@ one step after an offload + onload is the step without it, exactly (FSDP2 rank, 
 from __future__ import annotations
 
 import torch
+from trainutil import rl_batch
 
 from streamrl.config import default_args
-from streamrl.train.batch import TrainBatch
 from streamrl.train.fsdp import FSDPTrainRank
 from streamrl.train.offload import with_offload
 
-
-def batch(seed: int, n: int = 8) -> TrainBatch:
-    g = torch.Generator().manual_seed(seed)
-    plen = [3 + i % 3 for i in range(n)]
-    rlen = [4 + i % 4 for i in range(n)]
-    toks = [torch.randint(0, 80, (p + r,), generator=g).tolist() for p, r in zip(plen, rlen, strict=True)]
-    rewards = [float(i % 2) for i in range(n)]
-    return TrainBatch(tokens=toks, prompt_lengths=plen, response_lengths=rlen, loss_masks=[[1] * r for r in rlen],
-                      rollout_log_probs=[(-1 - torch.rand(r, generator=g)).tolist() for r in rlen],
-                      advantages=[x - 0.5 for x in rewards], rewards=rewards, staleness=[0] * n)
+batch = rl_batch
 
 
 def make(ckpt: str):
