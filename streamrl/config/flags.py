@@ -48,9 +48,10 @@ class ClusterConfig:
                                             "kernels are scheduled first; drivers without MPS client priorities "
                                             "ignore it.")
     update_weight_transport: str = F("auto", "Weight sync transport: auto (CUDA IPC when trainer and engines share "
-                                     "a GPU, host-pinned shared memory when they are on different GPUs of the "
-                                     "host, msgpack over HTTP on CPU), ipc, pinned, http, disk.",
-                                     choices=["auto", "http", "ipc", "pinned", "disk"])
+                                     "a GPU, NCCL broadcasts (distributed) when they are on different GPUs, msgpack "
+                                     "over HTTP on CPU), ipc, pinned (host shared memory), distributed (SGLang's "
+                                     "/update_weights_from_distributed; gloo on CPU), http, disk.",
+                                     choices=["auto", "http", "ipc", "pinned", "distributed", "disk"])
     use_router: bool = F(False, "Put sglang-router in front of the embedded engines (always on with --rollout-engine "
                                 "sglang unless --sglang-router-ip is given); without it producers balance requests.")
     sglang_router_ip: str | None = F(None, "Use this external sglang-router (engines register with it) instead of "

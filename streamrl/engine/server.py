@@ -29,6 +29,7 @@ from streamrl.weights.layout import UpdateWeightsFromIpcRequest
 from streamrl.weights.pinned import UpdateWeightsFromPinnedRequest
 from streamrl.weights.tensor import UpdateWeightsFromTensorRequest, deserialize_named_tensors
 
+from .distributed import WeightsUpdateGroups
 from .memory import MemoryOccupation
 from .protocol import (
     AbortRequest,
@@ -99,6 +100,7 @@ def build_app(scheduler: Scheduler, *, loader: Callable[[str], Any] | None = Non
     sch = scheduler
     tok = sch.tokenizer
     memory = MemoryOccupation(sch)  # /release_memory_occupation, /resume_memory_occupation (memory.py)
+    groups = WeightsUpdateGroups(sch)  # /init_weights_update_group, /update_weights_from_distributed
 
     def render(out: RequestOutput, params: SamplingParams, return_logprob: bool, text_in_lp: bool) -> GenerateResponse:
         text = tok.decode(out.output_ids, skip_special_tokens=params.skip_special_tokens) if tok else ""
@@ -389,6 +391,7 @@ def build_app(scheduler: Scheduler, *, loader: Callable[[str], Any] | None = Non
         Route("/health_generate", health_generate, methods=get),
         Route("/flush_cache", flush_cache, methods=both),
         *memory.routes(),
+        *groups.routes(),
     ]
     return Starlette(routes=routes, exception_handlers={Exception: on_error})
 

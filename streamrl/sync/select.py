@@ -1,4 +1,5 @@
-"""Pick and run the weight transport for `--update-weight-transport` (auto: CUDA IPC on GPU, HTTP tensors on CPU)."""
+"""Pick and run the weight transport for `--update-weight-transport` (auto: CUDA IPC on a shared GPU, NCCL broadcasts
+between GPUs, HTTP tensors on CPU)."""
 
 from __future__ import annotations
 
@@ -14,34 +15,41 @@ from safetensors.torch import save_file
 
 from streamrl.sync.base import post_json
 from streamrl.sync.cuda_ipc import stage_ipc
+from streamrl.sync.distributed import stage_distributed
 from streamrl.sync.http_tensor import stage_named_tensors
 from streamrl.sync.pinned import stage_pinned
 
 
 def resolve(args: argparse.Namespace, on_cuda: bool, shares_gpu: bool = True) -> str:
-    """auto: CUDA IPC when the trainer shares its GPU with the engines, host-pinned shared memory when they are on
-    other GPUs of the host, msgpack over HTTP on CPU."""
+    """auto: CUDA IPC when the trainer shares its GPU with the engines, NCCL broadcasts (`distributed`) when they
+    are on other GPUs, msgpack over HTTP on CPU. `distributed` on CPU runs the same broadcasts over gloo."""
     t = args.update_weight_transport
     if t == "auto":
-        return ("ipc" if shares_gpu else "pinned") if on_cuda else "http"
+        return ("ipc" if shares_gpu else "distributed") if on_cuda else "http"
     if t == "ipc" and not on_cuda:
         raise ValueError("--update-weight-transport ipc needs the trainer on a GPU")
     return t
 
 
+def engine_dtype(args: argparse.Namespace) -> torch.dtype:
+    """The embedded engine's weight dtype: what the transports that copy raw buckets send."""
+    return getattr(torch, args.engine_dtype or ("bfloat16" if torch.cuda.is_available() else "float32"))
+
+
 def stage(args: argparse.Namespace, transport: str, named: list, version: int) -> Callable[[list[str]], dict]:
     """Phase 1 of a sync, run while the engines still generate; returns phase 2, `push(engine_urls)` (run while
-    they are paused). ipc: queue the packing copies; http: serialize the buckets; disk: write the safetensors."""
+    they are paused). ipc: queue the packing copies; http: serialize the buckets; distributed: cast the buckets;
+    disk: write the safetensors."""
     if transport == "ipc":
 
 
         dtype = getattr(torch, args.engine_dtype or "bfloat16")  # the embedded engine's weights on GPU
         return stage_ipc(named, version, args.update_weight_buffer_size, dtype)
     if transport == "pinned":
-
-
-        dtype = getattr(torch, args.engine_dtype or ("bfloat16" if torch.cuda.is_available() else "float32"))
-        return stage_pinned(named, version, args.update_weight_buffer_size, dtype)
+        return stage_pinned(named, version, args.update_weight_buffer_size, engine_dtype(args))
+    if transport == "distributed":  # an SGLang engine's ranks: one per GPU it spans
+        tp = args.rollout_num_gpus_per_engine if args.rollout_engine == "sglang" else 1
+        return stage_distributed(named, version, args.update_weight_buffer_size, engine_dtype(args), tp)
     if transport == "http":
 
         return stage_named_tensors(named, version, args.update_weight_buffer_size)

@@ -277,7 +277,7 @@ class FSDPTrainRank:
 
         t0 = time.time()
         transport = resolve(self.args, self.device.type == "cuda", self.shares_gpu)
-        named = self.full_named_parameters(keep_on_device=transport in ("ipc", "pinned"))
+        named = self.full_named_parameters(keep_on_device=transport in ("ipc", "pinned", "distributed"))
         if self.rank != 0:
             return {}
         t1 = time.time()

@@ -57,6 +57,14 @@ def dtype_name(dtype: torch.dtype) -> str:
         raise ValueError(f"unsupported dtype {dtype}") from None
 
 
+def dtype_of(name: str) -> torch.dtype:
+    """The torch dtype of a wire name ("bfloat16"; "torch.bfloat16" too, as str(dtype) spells it)."""
+    try:
+        return _DTYPES[name.removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {name!r}; supported: {sorted(_DTYPES)}") from None
+
+
 def tensor_to_entry(name: str, tensor: torch.Tensor) -> TensorEntry:
     """Copy one tensor to CPU and wrap its raw bytes."""
     t = tensor.detach().to("cpu").contiguous()
