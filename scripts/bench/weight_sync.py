@@ -10,12 +10,20 @@ bandwidth ceiling). `cuda_ipc_from_fp32` packs fp32 master weights into bf16 buc
 is checked exact (engine checksums equal the trainer's). One JSON line.
 
     python3 -P scripts/bench/weight_sync.py [--preset qwen3-0.6b]
+
+`--distributed`: the trainer on GPU 0 and one or two engines on GPUs 1 and 2 (CPU and gloo without GPUs: use
+`--preset tiny`), synced by `--update-weight-transport distributed` (SGLang's weight-update group) in the same
+sequence, next to a raw broadcast of the same bytes (one flat buffer) from this process to receivers on the same
+devices, in the same run. Target: the sync at >= 80% of the raw broadcast's rate.
+
+    python3 -P scripts/bench/weight_sync.py --distributed [--preset tiny]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -39,7 +47,10 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--bucket-mb", type=int, default=512)
     p.add_argument("--skip", nargs="*", default=[], help="paths to leave out (host_http takes ~40 s)")
+    p.add_argument("--distributed", action="store_true", help="NCCL/gloo broadcasts to engines on other devices")
     a = p.parse_args()
+    if a.distributed:
+        return bench_distributed(a)
     torch.manual_seed(0)
     cfg = tiny_config("qwen3", a.preset, vocab_size=88 if a.preset == "tiny" else None)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
@@ -137,6 +148,129 @@ def main() -> None:
         }), flush=True)
     finally:
         eng.kill()
+
+
+def _raw_receiver(device: str, port: int, rank: int, world: int, nbytes: int, reps: int) -> None:
+    """One receiving rank of the raw broadcast (a process of its own, on an engine's device)."""
+    import torch
+
+    from streamrl.weights.distributed import broadcast, destroy, new_group
+
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl":  # this GPU only, as Ray places an engine (CUDA is not initialized yet in this process)
+        os.environ["CUDA_VISIBLE_DEVICES"], device = device.removeprefix("cuda:"), "cuda:0"
+    pg = new_group(backend, world, rank, "raw_broadcast", address="127.0.0.1", port=port)
+    buf, ack = torch.empty(nbytes, dtype=torch.uint8, device=device), torch.zeros(1, device=device)
+    for _ in range(reps + 1):
+        broadcast(pg, [buf])
+        pg.allreduce([ack]).wait()
+    destroy(pg)
+
+
+def bench_distributed(a: argparse.Namespace) -> None:
+    """`--distributed`: sync to one and two engines on other devices vs a raw broadcast of the same bytes."""
+    import httpx
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from streamrl.engine.actor import spawn_engine_process
+    from streamrl.models.tiny import tiny_config
+    from streamrl.sync.base import sync_weights
+    from streamrl.sync.distributed import _SENDER, stage_distributed
+
+    gpus = torch.cuda.device_count()
+    cuda = gpus >= 2
+    devices = [f"cuda:{i}" for i in range(1, min(gpus, 3))] if cuda else ["cpu", "cpu"]
+    dtype = torch.bfloat16 if cuda else torch.float32
+    torch.manual_seed(0)
+    cfg = tiny_config("qwen3", a.preset, vocab_size=88 if a.preset == "tiny" else None)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    ckpt = tempfile.mkdtemp()
+    model.save_pretrained(ckpt)
+    dev = "cuda:0" if cuda else "cpu"
+    model = model.to(dev)
+    named = [(n, t.detach()) for n, t in model.named_parameters()]
+    nbytes = sum(t.numel() * t.element_size() for _, t in named)
+    engines, visible = [], os.environ.get("CUDA_VISIBLE_DEVICES")
+    for d in devices:  # each engine sees its GPU only (CUDA_VISIBLE_DEVICES), as Ray places engines
+        if cuda:
+            os.environ["CUDA_VISIBLE_DEVICES"] = d.removeprefix("cuda:")
+        engines.append(spawn_engine_process(ckpt, device="cuda" if cuda else "cpu", max_running_requests=8,
+                                            dtype=str(dtype).removeprefix("torch.")))
+    if cuda and visible is None:  # this process initialized CUDA with every GPU before: only children see it
+        del os.environ["CUDA_VISIBLE_DEVICES"]
+    elif cuda:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    out: dict = {"bench": "weight_sync_distributed", "device": torch.cuda.get_device_name() if cuda else "cpu",
+                 "model": a.preset, "bytes": nbytes, "bucket_mb": a.bucket_mb}
+    try:
+        version = 0
+        for n in range(1, len(engines) + 1):
+            urls = [url for _, url in engines[:n]]
+            times, stats = [], []
+            for i in range(10 * a.reps + 1):  # the first forms the group: not timed
+                with torch.no_grad():
+                    named[0][1].add_(0.001)
+                version += 1
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                held: dict = {}
+                st = sync_weights(urls, publish=lambda: None, push=lambda h=held, u=urls: h["push"](u),
+                                  stage=lambda v=version, h=held: h.update(push=stage_distributed(
+                                      named, v, a.bucket_mb * 2**20)))
+                if i:
+                    times.append(time.perf_counter() - t0)
+                    stats.append(st)
+            med = statistics.median(times)
+            want = {k: float(v.double().sum()) for k, v in model.state_dict().items()}
+            got = [httpx.get(u + "/weights_checksum", timeout=60).json() for u in urls]
+            out.update({f"engines{n}_s": round(med, 4), f"engines{n}_GBps": round(nbytes / med / 1e9, 2),
+                        f"engines{n}_exact": all(g[k] == want[k] for g in got for k in want)})
+            for k in ("sync_push_time", "sync_engine_copy_time", "sync_pause_time", "sync_continue_time"):
+                out[f"engines{n}_{k.removeprefix('sync_').removesuffix('_time')}_ms"] = round(
+                    1e3 * statistics.median(x[k] for x in stats), 2)
+            raw = _raw_broadcast(devices[:n], dev, nbytes, 10 * a.reps)
+            out.update({f"raw{n}_s": round(raw, 4), f"raw{n}_GBps": round(nbytes / raw / 1e9, 2),
+                        f"engines{n}_vs_raw": round(raw / med, 3)})
+        print(json.dumps(out), flush=True)
+    finally:
+        _SENDER.close([])
+        for proc, _ in engines:
+            proc.kill()
+
+
+def _raw_broadcast(devices: list[str], dev: str, nbytes: int, reps: int) -> float:
+    """Median seconds of one broadcast of `nbytes` (one flat buffer) from this process to receivers on `devices`,
+    each followed by a one-element all-reduce so that the time covers the receipt."""
+    import multiprocessing as mp
+
+    import torch
+
+    from streamrl.weights.distributed import broadcast, destroy, host_store, new_group
+
+    world = 1 + len(devices)
+    store = host_store("127.0.0.1", world)
+    procs = [mp.get_context("spawn").Process(target=_raw_receiver, args=(d, store.port, r + 1, world, nbytes, reps))
+             for r, d in enumerate(devices)]
+    for p in procs:
+        p.start()
+    pg = new_group("nccl" if dev.startswith("cuda") else "gloo", world, 0, "raw_broadcast", store=store)
+    buf, ack, times = torch.ones(nbytes, dtype=torch.uint8, device=dev), torch.zeros(1, device=dev), []
+    for i in range(reps + 1):
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        broadcast(pg, [buf])
+        pg.allreduce([ack]).wait()
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    for p in procs:
+        p.join(60)
+    destroy(pg)
+    return statistics.median(times)
 
 
 if __name__ == "__main__":
