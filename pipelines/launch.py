@@ -55,7 +55,7 @@ def init_ray(args: argparse.Namespace) -> None:
     if ray.is_initialized():
         return
     env = dict(_ENV)
-    if getattr(args, "use_mps", False) and _MPS is None:  # before any process of the job opens a CUDA context
+    if args.use_mps and _MPS is None:  # before any process of the job opens a CUDA context
 
         _MPS = MpsDaemon()
         os.environ.update(_MPS.env)
@@ -136,10 +136,10 @@ def engine_spawner(args: argparse.Namespace) -> Any:
             max_running_requests=args.sglang_server_concurrency,
             dtype=args.engine_dtype or ("bfloat16" if gpu else "float32"),
             max_context_len=args.engine_max_context_len,
-            mem_fraction_static=getattr(args, "sglang_mem_fraction_static", None),
-            max_prefill_tokens=getattr(args, "sglang_max_prefill_tokens", None) or DEFAULT_MAX_PREFILL_TOKENS,
+            mem_fraction_static=args.sglang_mem_fraction_static,
+            max_prefill_tokens=args.sglang_max_prefill_tokens or DEFAULT_MAX_PREFILL_TOKENS,
             keep_kv_on_update=args.engine_keep_kv_on_update,
-            num_continuous_decode_steps=getattr(args, "sglang_num_continuous_decode_steps", None) or 1)
+            num_continuous_decode_steps=args.sglang_num_continuous_decode_steps or 1)
         return engine, engine.url.remote()
 
     return spawn
@@ -158,7 +158,7 @@ def start_engines(args: argparse.Namespace) -> tuple[list[Any], list[str]]:
 def start_router(args: argparse.Namespace, urls: list[str]) -> tuple[Any, str | None]:
     """(RouterProcess or None, router URL or None) per `args.router_mode`; sets args.sglang_router_ip/port."""
 
-    mode = getattr(args, "router_mode", "none")
+    mode = args.router_mode
     if mode == "none":
         return None, None
     if mode == "external":
@@ -167,6 +167,8 @@ def start_router(args: argparse.Namespace, urls: list[str]) -> tuple[Any, str | 
             r.add_worker(url, u, timeout=args.rollout_engine_startup_timeout)
         return None, url
     proc = r.start_router(args, urls, log_path=f"{args.run_dir}/router.log" if args.run_dir else None)
+    # where the router listens, known only now: slime's launcher records it in args the same way, and plug-ins
+    # (custom generate functions) read args.sglang_router_ip/port to reach it
     args.sglang_router_ip, args.sglang_router_port = proc.host, proc.port
     return proc, proc.url
 

@@ -75,11 +75,11 @@ def make_batch(n: int, max_response: int, vocab_size: int, seed: int = 0):
 
     rng = random.Random(seed)
     resp = [target_length(i, max_response) for i in range(n)]
-    tokens = [[rng.randrange(50) for _ in range(40 + r)] for r in resp]  # the cost does not depend on the ids
-    # behaviour log-probs near a random-init model's own (about -ln V): an on-policy step, TIS weights near 1. A
-    # far-off µ (say -1 against ℓ ≈ -12 on the 152k vocabulary) makes tiny TIS weights, and this random-init
-    # 28-layer model's backward then overflows fp32 on CUDA (a NaN grad norm, the optimizer step skipped)
-    mu = -math.log(vocab_size)
+    # ordinary tokens only (the cost does not depend on the ids): the special ids 0-5 include the pad token, whose
+    # embedding row is zero (HF's padding_idx), and a zero hidden state makes RMSNorm's backward scale by
+    # 1/sqrt(eps); through 28 random-init layers that overflowed fp32 (NaN grad norms, measured on the H200)
+    tokens = [[rng.randrange(6, 50) for _ in range(40 + r)] for r in resp]
+    mu = -math.log(vocab_size)  # behaviour log-probs near a random-init model's own: TIS weights near 1
     return TrainBatch(tokens=tokens, prompt_lengths=[40] * n, response_lengths=resp,
                       loss_masks=[[1] * r for r in resp], rollout_log_probs=[[mu] * r for r in resp],
                       advantages=[rng.gauss(0, 1) for _ in resp], rewards=[0.0] * n, staleness=[0] * n)

@@ -48,9 +48,10 @@ class ClusterConfig:
                                             "kernels are scheduled first; drivers without MPS client priorities "
                                             "ignore it.")
     update_weight_transport: str = F("auto", "Weight sync transport: auto (CUDA IPC when trainer and engines share "
-                                     "a GPU, NCCL broadcasts (distributed) when they are on different GPUs, msgpack "
-                                     "over HTTP on CPU), ipc, pinned (host shared memory), distributed (SGLang's "
-                                     "/update_weights_from_distributed; gloo on CPU), http, disk.",
+                                     "a GPU, pinned host memory when they are on different GPUs, msgpack over HTTP "
+                                     "on CPU), ipc, pinned (host shared memory), distributed (NCCL broadcasts with "
+                                     "SGLang's /update_weights_from_distributed; gloo on CPU; not yet measured on "
+                                     "GPUs, hence not auto's choice), http, disk.",
                                      choices=["auto", "http", "ipc", "pinned", "distributed", "disk"])
     use_router: bool = F(False, "Put sglang-router in front of the embedded engines (always on with --rollout-engine "
                                 "sglang unless --sglang-router-ip is given); without it producers balance requests.")

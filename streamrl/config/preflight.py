@@ -32,7 +32,7 @@ def preflight(args: argparse.Namespace) -> None:
     ctx = _check_checkpoint(args.hf_checkpoint, "--hf-checkpoint")
     if args.train_backend == "megatron" and os.path.isdir(args.hf_checkpoint):
         _check_megatron_arch(args)
-    ctx = getattr(args, "sglang_context_length", None) or ctx  # SGLang serves what --sglang-context-length says
+    ctx = args.sglang_context_length or ctx  # SGLang serves what --sglang-context-length says
     for flag in ("ref_load", "opd_teacher_load"):  # HF checkpoints too, loaded by the trainer
         if getattr(args, flag):
             _check_checkpoint(getattr(args, flag), "--" + flag.replace("_", "-"))

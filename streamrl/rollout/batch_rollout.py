@@ -67,7 +67,6 @@ async def produce_rollouts(mgr: Any) -> None:
         handed, given_back = view.take_call_record()
         groups = train_groups(out, a.n_samples_per_prompt)
         await _account(mgr, handed, given_back, groups)
-        mgr.stats["rollouts"] += 1
         rollout_id += 1
         for g in groups:
             if mgr.stopping:  # kept for a checkpoint/resume, as the streaming producers do
@@ -75,6 +74,7 @@ async def produce_rollouts(mgr: Any) -> None:
                 await mgr.buffer.mark.remote(g[0].group_id, "partial", "stopped")
                 continue
             await mgr.finish_group(g)
+        mgr.stats["rollouts"] += 1  # delivered: every group scored and queued (or kept as partial by a stop)
         if not groups and view.exhausted:
             mgr.exhausted = True
             return

@@ -21,11 +21,12 @@ from streamrl.sync.pinned import stage_pinned
 
 
 def resolve(args: argparse.Namespace, on_cuda: bool, shares_gpu: bool = True) -> str:
-    """auto: CUDA IPC when the trainer shares its GPU with the engines, NCCL broadcasts (`distributed`) when they
-    are on other GPUs, msgpack over HTTP on CPU. `distributed` on CPU runs the same broadcasts over gloo."""
+    """auto: CUDA IPC when the trainer shares its GPU with the engines, host-pinned buckets when they are on other
+    GPUs (docs/benchmarks.md), msgpack over HTTP on CPU. `distributed` (NCCL, SGLang's contract) is asked for
+    by name until it has been measured on several GPUs; on CPU it runs the same broadcasts over gloo."""
     t = args.update_weight_transport
     if t == "auto":
-        return ("ipc" if shares_gpu else "distributed") if on_cuda else "http"
+        return ("ipc" if shares_gpu else "pinned") if on_cuda else "http"
     if t == "ipc" and not on_cuda:
         raise ValueError("--update-weight-transport ipc needs the trainer on a GPU")
     return t
