@@ -75,9 +75,8 @@ def make_batch(n: int, max_response: int, vocab_size: int, seed: int = 0):
 
     rng = random.Random(seed)
     resp = [target_length(i, max_response) for i in range(n)]
-    # ordinary tokens only (the cost does not depend on the ids): the special ids 0-5 include the pad token, whose
-    # embedding row is zero (HF's padding_idx), and a zero hidden state makes RMSNorm's backward scale by
-    # 1/sqrt(eps); through 28 random-init layers that overflowed fp32 (NaN grad norms, measured on the H200)
+    # ordinary tokens only (the cost does not depend on the ids; the special ids 0-5 include the pad token, whose
+    # embedding row is zero in HF's model and not in Megatron's)
     tokens = [[rng.randrange(6, 50) for _ in range(40 + r)] for r in resp]
     mu = -math.log(vocab_size)  # behaviour log-probs near a random-init model's own: TIS weights near 1
     return TrainBatch(tokens=tokens, prompt_lengths=[40] * n, response_lengths=resp,
