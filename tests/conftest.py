@@ -27,6 +27,16 @@ def sort_data(tmp_path_factory):
     )
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster per test module (4 CPUs, no dashboard), shut down after the module; yields `ray`."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
 def pytest_collection_modifyitems(config, items):
     """`@pytest.mark.gpu` tests run only where CUDA is available (scripts/gpu/check.sh runs them on a GPU)."""
     import importlib.util

@@ -10,15 +10,6 @@ from streamrl.config import default_args
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("pause_mode", ["abort", "in_place"])
 def test_async_job_loses_nothing_and_respects_staleness(ray_cluster, tiny_ckpt, sort_data, tmp_path, pause_mode):
     from pipelines.async_loop import run

@@ -13,15 +13,6 @@ pytestmark = pytest.mark.slow
 STEPS = 3
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def test_saved_rollouts_replay_the_same_training(ray_cluster, tiny_ckpt, sort_data, tmp_path):
     from pipelines.async_loop import run
     from pipelines.debug_train import load_debug_rollout

@@ -10,15 +10,6 @@ from streamrl.config import default_args
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def test_async_job_syncs_by_broadcast_exactly(ray_cluster, tiny_ckpt, sort_data, tmp_path):
     from pipelines.async_loop import run
 

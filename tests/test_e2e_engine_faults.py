@@ -17,15 +17,6 @@ from streamrl.config import default_args
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("fault", ["kill", "freeze"])
 def test_job_goes_on_when_an_engine_dies(ray_cluster, tiny_ckpt, sort_data, tmp_path, monkeypatch, fault):
     import pipelines.async_loop as async_loop

@@ -13,15 +13,6 @@ pytestmark = pytest.mark.slow
 K, TOTAL, B = 4, 6, 4  # steps in run 1, steps in all, groups per step
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def _args(tiny_ckpt, sort_data, tmp_path, **kw):
     kw = {"save": str(tmp_path / "ckpt"), "check_weight_update_equal": True, **kw}
     return default_args(

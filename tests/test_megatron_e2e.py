@@ -13,15 +13,6 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def _args(tiny_ckpt, sort_data, tmp_path, **kw):
     return default_args(
         train_backend="megatron", hf_checkpoint=tiny_ckpt, prompt_data=sort_data[0], label_key="label",

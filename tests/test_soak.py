@@ -25,15 +25,6 @@ STEPS = 200
 KILL_AT = 60
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("stale_policy", ["regenerate", "drop"])
 def test_soak_stays_async_and_accounts_for_everything(ray_cluster, tiny_ckpt, sort_data, tmp_path, monkeypatch,
                                                       stale_policy):
