@@ -125,6 +125,13 @@ def test_weight_sync_and_engine_meet_only_in_the_weight_wire_format():
     assert bad == []  # both sides import streamrl.weights instead
 
 
+def test_the_engine_server_never_imports_the_client_side():
+    """engine/ (server side) and rollout/ (producers and clients) share helpers through small modules instead."""
+    bad = [f"{m} -> {d}" for m, deps in import_graph().items() for d in deps
+           if m.startswith("streamrl.engine") and d.startswith("streamrl.rollout")]
+    assert bad == []
+
+
 def test_fsdp_trainer_group_implements_the_backend_interface():
     import inspect
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from streamrl.engine.actor import EmbeddedEngine
-from streamrl.rollout.sglang.proc import free_port
+from streamrl.net import free_port
 from streamrl.sync.base import control_post, sync_weights
 from streamrl.sync.http_tensor import stage_named_tensors
 

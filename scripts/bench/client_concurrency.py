@@ -42,8 +42,8 @@ def main() -> None:
     import anyio
     import httpx
 
+    from streamrl.net import free_port
     from streamrl.rollout.client import EngineClient
-    from streamrl.rollout.sglang.proc import free_port
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--in-flight", type=int, default=512)

@@ -25,7 +25,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from streamrl.rollout.sglang.proc import free_port
+from streamrl.net import free_port
 
 from .kv import DEFAULT_MAX_PREFILL_TOKENS
 from .scheduler import Scheduler

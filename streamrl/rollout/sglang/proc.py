@@ -10,7 +10,6 @@ import collections
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,16 +22,6 @@ import httpx
 
 class LaunchError(RuntimeError):
     """A server or router did not come up; the message ends with the last lines of its log."""
-
-
-def free_port(host: str = "127.0.0.1", avoid: set[int] | frozenset[int] = frozenset()) -> int:
-    """A port that is free on `host` now (the OS picks; `avoid` skips ports handed out already)."""
-    while True:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        if port not in avoid:
-            return port
 
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h

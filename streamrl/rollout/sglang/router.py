@@ -29,7 +29,8 @@ from typing import Any
 import httpx
 
 from streamrl.config.passthrough import to_cli
-from streamrl.rollout.sglang.proc import LaunchError, ManagedProcess, free_port
+from streamrl.net import free_port
+from streamrl.rollout.sglang.proc import LaunchError, ManagedProcess
 
 # slime's choices (slime/ray/rollout.py `_start_router`), applied unless the matching --router-* flag is given.
 ROUTER_DEFAULTS = {"balance_abs_threshold": 10, "balance_rel_threshold": 1.2, "log_level": "warn",
