@@ -17,7 +17,6 @@ import argparse
 import logging
 import math
 import os
-import socket
 import time
 from typing import Any
 
@@ -30,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from streamrl.algos import BUILTIN_TIS_FUNCTIONS, bucket_means
 from streamrl.algos.logprobs import use_chunked_log_probs
+from streamrl.net import free_port
 from streamrl.plugins import load_function
 from streamrl.sync.select import resolve, stage
 from streamrl.train.batch import TrainBatch
@@ -58,10 +58,8 @@ class FSDPTrainRank:
         self.shares_gpu = True
 
     def master_address(self) -> tuple[str, int]:
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return "127.0.0.1", s.getsockname()[1]
+        """Where rank 0 hosts torch.distributed's rendezvous (this machine: the ranks are local Ray actors)."""
+        return "127.0.0.1", free_port()
 
     def init(self, master_addr: str, master_port: int, memory_fraction: float | None = None,
              shares_gpu: bool = True) -> dict[str, Any]:
