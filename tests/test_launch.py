@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 import pytest
 from netutil import listening, process_tree
@@ -55,6 +56,18 @@ def test_local_cluster_listens_on_loopback_only(local_ray):
     local_ray.kill(actor)
 
 
+def _dead_within(ray, actor, seconds: float) -> bool:
+    """True once a call on `actor` fails with RayActorError (polled: a kill takes effect asynchronously)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.pid.remote(), timeout=seconds)
+        except ray.exceptions.RayActorError:
+            return True
+        time.sleep(0.05)  # polling a condition: the kill has not landed yet
+    return False
+
+
 class _Raises:
     def shutdown(self) -> None:
         raise RuntimeError("trainer rank 1 is gone")
@@ -74,8 +87,9 @@ def test_shutdown_with_dead_actors_keeps_the_original_error(local_ray, tmp_path,
     manager, dead_engine, buffer = cls.remote(), cls.remote(), cls.remote()
     live_engine = cls.remote(str(tmp_path / "engine1-stopped"))
     local_ray.get([a.pid.remote() for a in (manager, dead_engine, buffer, live_engine)])
-    local_ray.kill(manager)
-    local_ray.kill(dead_engine)
+    for actor in (manager, dead_engine):  # ray.kill returns at once: wait until the actor is really gone
+        local_ray.kill(actor)
+        assert _dead_within(local_ray, actor, 30.0)
     router = _Router()
     c = Components([dead_engine, live_engine], ["http://127.0.0.1:1", "http://127.0.0.1:2"], buffer, manager,
                    _Raises(), router)
