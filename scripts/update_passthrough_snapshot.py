@@ -30,7 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from streamrl.config.passthrough import KINDS, _choices, snapshot_path, specs_from_parser  # noqa: E402
+from streamrl.passthrough import KINDS, _choices, snapshot_path, specs_from_parser  # noqa: E402
 
 PINS = {"sglang": "0.5.8", "router": "0.3.2"}
 SOURCES = {  # kind -> (wheel member, class, function, names the f-strings use)

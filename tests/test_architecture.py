@@ -148,7 +148,7 @@ def test_fsdp_trainer_group_implements_the_backend_interface():
 # Imports that stay inside functions, each for a reason: optional or slow dependencies used on one path (any
 # module may import these lazily), Ray internals read at call time, the engine package's cheap PEP 562 re-exports.
 # Everything else imports at the top.
-OPTIONAL_PACKAGES = {"megatron", "liger_kernel", "sglang_router", "wandb", "matplotlib"}
+OPTIONAL_PACKAGES = {"megatron", "liger_kernel", "sglang", "sglang_router", "wandb", "matplotlib"}
 LAZY_IMPORTS_ALLOWED = {
     ("pipelines/launch.py", "ray._private"),  # the log forwarder has no public hook
     ("pipelines/launch.py", "ray._private.worker"),  # _global_node is read when called, not at import

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from streamrl import passthrough as pt
 from streamrl.config import ConfigError, build_parser, default_args, parse_args
-from streamrl.config import passthrough as pt
 
 ROOT = Path(__file__).resolve().parents[1]
 

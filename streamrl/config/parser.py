@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
             if is_list:
                 meta.setdefault("nargs", "*")
             group.add_argument(flag, type=typ, default=f.default, help=help_text, **meta)
-    from streamrl.config.passthrough import add_passthrough_args
+    from streamrl.passthrough import add_passthrough_args
 
     add_passthrough_args(parser)  # --sglang-<flag>, --router-<flag> (snapshot or installed package)
     return parser

@@ -32,7 +32,7 @@ EMBEDDED_ENGINE_SGLANG_FLAGS = {"mem_fraction_static", "max_prefill_tokens", "nu
 
 
 def validate_rollout(args: argparse.Namespace, error: type[Exception]) -> None:
-    from streamrl.config.passthrough import set_values
+    from streamrl.passthrough import set_values
 
     if (args.sglang_router_ip is None) != (args.sglang_router_port is None):
         raise error("--sglang-router-ip and --sglang-router-port go together (an external router).")

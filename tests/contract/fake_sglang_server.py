@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from streamrl.config.passthrough import load_specs  # noqa: E402
+from streamrl.passthrough import load_specs  # noqa: E402
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ from typing import Any
 
 import ray
 
-from streamrl.config.passthrough import to_cli
 from streamrl.net import free_port
+from streamrl.passthrough import to_cli
 from streamrl.rollout.sglang.proc import LaunchError, ManagedProcess
 
 DEFAULT_LAUNCH = [sys.executable, "-m", "sglang.launch_server"]

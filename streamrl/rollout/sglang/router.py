@@ -28,8 +28,8 @@ from typing import Any
 
 import httpx
 
-from streamrl.config.passthrough import to_cli
 from streamrl.net import free_port
+from streamrl.passthrough import to_cli
 from streamrl.rollout.sglang.proc import LaunchError, ManagedProcess
 
 # slime's choices (slime/ray/rollout.py `_start_router`), applied unless the matching --router-* flag is given.

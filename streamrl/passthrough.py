@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-_HERE = Path(__file__).resolve().parent
+_HERE = Path(__file__).parent / "config"  # the committed snapshots sit with the flags
 
 # slime's list (slime/backends/sglang_utils/arguments.py) plus `host`: streamrl sets these itself.
 SGLANG_SKIP = frozenset({
