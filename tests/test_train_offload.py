@@ -8,7 +8,6 @@ from trainutil import rl_batch
 
 from streamrl.config import default_args
 from streamrl.train.fsdp import FSDPTrainRank
-from streamrl.train.offload import with_offload
 
 batch = rl_batch
 
@@ -16,7 +15,7 @@ batch = rl_batch
 def make(ckpt: str):
     args = default_args(hf_checkpoint=ckpt, rollout_batch_size=2, n_samples_per_prompt=4, micro_batch_size=4,
                         lr=1e-2, seed=1, use_kl_loss=True, kl_loss_coef=0.1)
-    rank = with_offload(FSDPTrainRank)(args, 0, 1)
+    rank = FSDPTrainRank(args, 0, 1)
     rank.init(*rank.master_address())
     return rank
 

@@ -35,6 +35,7 @@ from streamrl.sync.select import resolve, stage
 from streamrl.train.batch import TrainBatch
 from streamrl.train.critic import ValueModel
 from streamrl.train.kernels import attention_options, speed_up
+from streamrl.train.offload import RankOffload
 from streamrl.train.onpolicy import engine_replay_log_probs
 from streamrl.train.schedule import lr_at
 from streamrl.train.step import StepRunner, micro_batches, staleness_histogram, token_budget_groups
@@ -43,7 +44,7 @@ logger = logging.getLogger("streamrl.train")
 PACKED_CHUNK = 2048  # response tokens per LM-head chunk with --qkv-format thd and no --log-probs-chunk-size
 
 
-class FSDPTrainRank:
+class FSDPTrainRank(RankOffload):
     """Wrap with `ray.remote`; every public method is called on all ranks at once (they hold collectives)."""
 
     def __init__(self, args: argparse.Namespace, rank: int, world: int):

@@ -10,7 +10,6 @@ import ray
 from streamrl.placement import gpu_shares
 from streamrl.train.batch import TrainBatch
 from streamrl.train.fsdp import FSDPTrainRank
-from streamrl.train.offload import with_offload
 
 
 class TrainerGroup:
@@ -28,7 +27,7 @@ class TrainerGroup:
             env["env_vars"]["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(args.train_mps_thread_percentage)
         if args.train_mps_low_priority:  # the engines' kernels first (MPS client priority, newer drivers)
             env["env_vars"]["CUDA_MPS_CLIENT_PRIORITY"] = "1"
-        cls = ray.remote(**opts)(with_offload(self.rank_class))  # sleep / wake_up for --colocate
+        cls = ray.remote(**opts)(self.rank_class)
         self.ranks = [cls.options(runtime_env=env).remote(args, r, self.world) for r in range(self.world)]
         addr, port = ray.get(self.ranks[0].master_address.remote())
         # memory budget on a shared GPU: what the engines' --sglang-mem-fraction-static leaves (rounded down)

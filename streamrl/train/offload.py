@@ -22,7 +22,7 @@ HOST = torch.device("cpu")
 
 
 class RankOffload:
-    """Mixed into a rank class (FSDPTrainRank and its subclasses): needs `model`, `ref_model`, `teacher`, `critic`,
+    """A base of FSDPTrainRank (and so of the Megatron rank): needs `model`, `ref_model`, `teacher`, `critic`,
     `opt`, `critic_opt` and `device`."""
 
     _moved_state: list[tuple[dict, str]] | None = None  # optimizer state entries taken off the device
@@ -84,10 +84,3 @@ def _move(module: torch.nn.Module, device: torch.device) -> None:
     """`module.to(device)`, copying even where it is already there (`Module.to` takes no `copy`; `_apply` is what
     it calls, and what FSDP2 overrides to re-register its sharded parameters)."""
     module._apply(lambda t: t.to(device, copy=True))
-
-
-def with_offload(rank_class: type) -> type:
-    """`rank_class` with `sleep` / `wake_up` (a rank class that already has them is returned as it is)."""
-    if issubclass(rank_class, RankOffload):
-        return rank_class
-    return type(rank_class.__name__, (RankOffload, rank_class), {"__doc__": rank_class.__doc__})
