@@ -20,7 +20,8 @@ def _args(tiny_ckpt, sort_data, tmp_path, **kw):
         rollout_num_engines=1, actor_num_gpus_per_node=1, rollout_batch_size=4, n_samples_per_prompt=4,
         micro_batch_size=8, rollout_max_response_len=32, lr=1e-3, async_buffer_size=8, update_weights_interval=1,
         max_staleness=1, partial_rollout=True, save=str(tmp_path / "ckpt"), save_interval=2,
-        check_weight_update_equal=True, skip_eval_before_train=True, run_dir=str(tmp_path / "run"), **kw)
+        check_weight_update_equal=True, skip_eval_before_train=True, run_dir=str(tmp_path / "run"),
+        engine_dtype="float32", **kw)  # the trainer's precision on GPU too (bf16 there by default): exact log-probs
 
 
 def test_async_job_trains_syncs_and_resumes(ray_cluster, tiny_ckpt, sort_data, tmp_path):
