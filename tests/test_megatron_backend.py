@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -e .[megatron])")
 
@@ -64,21 +65,32 @@ def test_same_steps_as_fsdp(tiny_ckpt):
     assert max((got_w[k] - want_w[k]).abs().max().item() for k in want_w) < 1e-3
 
 
-def test_resume_is_exact_and_hooks_run(tiny_ckpt, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fmt", ["torch_dist", "torch"])
+def test_resume_is_exact_and_hooks_run(tiny_ckpt, tmp_path, monkeypatch, fmt):
     log = tmp_path / "hooks.jsonl"
     monkeypatch.setenv("STREAMRL_TEST_HOOK_LOG", str(log))
     hooks = {f"custom_megatron_{k}_path": f"{HOOKS}:{k}" for k in ("init", "before_train_step_hook",
                                                                     "before_log_prob_hook")}
-    rank = make(MegatronTrainRank, tiny_ckpt, train_backend="megatron", **hooks)
+    rank = make(MegatronTrainRank, tiny_ckpt, train_backend="megatron", ckpt_format=fmt, **hooks)
     try:
         rank.train_step(batch(0))
         rank.save_state(str(tmp_path / "ck"))
         want = rank.train_step(batch(1))
+        want_after = dict(rank.full_named_parameters())  # after an optimizer step: needs the moments restored
         rank.save_hf(str(tmp_path / "hf"))
     finally:
         rank.shutdown()
     assert (tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text() == "1"
-    assert (tmp_path / "ck" / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt").exists()
+    it = tmp_path / "ck" / "iter_0000001"
+    if fmt == "torch":
+        assert (it / "mp_rank_00" / "model_optim_rng.pt").exists()
+    else:  # Megatron's dist_checkpointing directory, with slime's/TransformerEngine's key names, layers stacked
+        assert json.loads((it / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
+        from torch.distributed.checkpoint import FileSystemReader
+
+        meta = FileSystemReader(str(it)).read_metadata().state_dict_metadata
+        assert meta["decoder.layers.self_attention.linear_qkv.layer_norm_weight"].size[0] == 3  # 3 layers
+        assert "optimizer.state.exp_avg.decoder.layers.mlp.linear_fc1.weight" in meta
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert [c["hook"] for c in calls[:3]] == ["init", "before_log_prob_hook", "before_train_step_hook"]
     assert calls[2]["rollout_id"] == 0 and calls[-1]["rollout_id"] == 1 and calls[1]["store_prefix"] == ""
@@ -88,13 +100,34 @@ def test_resume_is_exact_and_hooks_run(tiny_ckpt, tmp_path, monkeypatch):
         again.load_state(str(tmp_path / "ck"))
         again_named = again.full_named_parameters()
         got = again.train_step(batch(1))
+        got_after = dict(again.full_named_parameters())
     finally:
         again.shutdown()
     assert got["loss"] == want["loss"] and got["grad_norm"] == want["grad_norm"]
+    assert all(torch.equal(got_after[k], v) for k, v in want_after.items())
     saved = read_hf_weights(tmp_path / "ck")  # what --check-weight-update-equal compares at a resume
     assert set(saved) == {k for k, _ in again_named} and all(torch.equal(saved[k], v) for k, v in again_named)
 
-    from transformers import AutoModelForCausalLM
-
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert exported.config.vocab_size == 88 and (tmp_path / "hf" / "tokenizer_config.json").exists()
+
+
+def test_ref_load_reads_a_torch_dist_checkpoint(tiny_ckpt, tmp_path):
+    """slime's --ref-load is a Megatron torch_dist directory: the frozen reference gets exactly its weights."""
+    rank = make(MegatronTrainRank, tiny_ckpt, train_backend="megatron")
+    try:
+        rank.train_step(batch(0))  # lr 1e-2: the saved weights differ from --hf-checkpoint's
+        rank.save_state(str(tmp_path / "ck"))
+        trained = dict(rank.full_named_parameters())
+    finally:
+        rank.shutdown()
+    ref = make(MegatronTrainRank, tiny_ckpt, train_backend="megatron", use_kl_loss=True, kl_loss_coef=0.1,
+               ref_load=str(tmp_path / "ck"))
+    try:
+        got = dict(ref.ref_model.named_parameters())
+    finally:
+        ref.shutdown()
+    assert trained.keys() <= got.keys()
+    assert all(torch.equal(got[k], v) for k, v in trained.items())
+    assert any(not torch.equal(v, AutoModelForCausalLM.from_pretrained(tiny_ckpt).state_dict()[k])
+               for k, v in trained.items())

@@ -77,3 +77,16 @@ def test_flags_that_disagree_with_the_checkpoint_are_named_before_ray(tiny_ckpt)
     out = subprocess.run(["bash", "-c", f"source {ROOT / 'scripts/models/tiny.sh'}; printf '%s\\n' "
                           '"${MODEL_ARGS[@]}"'], capture_output=True, text=True, check=True).stdout
     preflight(parse_args(["--train-backend", "megatron", "--hf-checkpoint", tiny_ckpt, *out.split("\n")[:-1]]))
+
+
+def test_ref_load_may_be_a_megatron_checkpoint_under_megatron_only(tiny_ckpt, tmp_path):
+    from streamrl.config.preflight import preflight
+
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("7")
+    kw = dict(hf_checkpoint=tiny_ckpt, use_kl_loss=True, kl_loss_coef=0.1, ref_load=str(tmp_path))
+    preflight(default_args(train_backend="megatron", **kw))  # the Megatron rank reads it (torch_dist or torch)
+    with pytest.raises(ConfigError, match="--ref-load .*not an HF checkpoint directory"):
+        preflight(default_args(train_backend="fsdp", **kw))
+    assert default_args(train_backend="megatron", hf_checkpoint=tiny_ckpt).ckpt_format == "torch_dist"  # Megatron's
+    with pytest.raises(ConfigError, match="--ckpt-format"):
+        default_args(ckpt_format="torch")  # read by the Megatron trainer only

@@ -210,8 +210,10 @@ class AlgoConfig:
     eps_clip_high: float | None = F(None, "Upper clip range (DAPO clip-higher); default --eps-clip.")
     eps_clip_c: float | None = F(None, "Dual-clip PPO: bound the loss of negative-advantage tokens by c*|A| (c > 1).")
     use_kl_loss: bool = F(False, "Add a KL penalty to a frozen reference model.")
-    ref_load: str | None = F(None, "Reference model for --use-kl-loss / --kl-coef (slime's flag; here an HF "
-                                   "checkpoint directory). Default: --hf-checkpoint.")
+    ref_load: str | None = F(None, "Reference model for --use-kl-loss / --kl-coef (slime's flag): an HF checkpoint "
+                                   "directory, or with --train-backend megatron also a Megatron checkpoint "
+                                   "(torch_dist or torch) of --hf-checkpoint's architecture. Default: "
+                                   "--hf-checkpoint.")
     kl_loss_coef: float = F(0.0, "KL loss coefficient.")
     kl_loss_type: str = F("low_var_kl", "KL estimator.", choices=["k1", "k2", "k3", "low_var_kl"])
     use_unbiased_kl: bool = F(False, "With --use-kl-loss: multiply each token's KL estimate by the importance ratio "

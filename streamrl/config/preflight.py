@@ -34,8 +34,10 @@ def preflight(args: argparse.Namespace) -> None:
         _check_megatron_arch(args)
     ctx = args.sglang_context_length or ctx  # SGLang serves what --sglang-context-length says
     for flag in ("ref_load", "opd_teacher_load"):  # HF checkpoints too, loaded by the trainer
-        if getattr(args, flag):
-            _check_checkpoint(getattr(args, flag), "--" + flag.replace("_", "-"))
+        path = getattr(args, flag)
+        megatron_dir = path and os.path.isfile(os.path.join(path, "latest_checkpointed_iteration.txt"))
+        if path and not (megatron_dir and args.train_backend == "megatron"):  # the Megatron rank reads those too
+            _check_checkpoint(path, "--" + flag.replace("_", "-"))
     for flag in ("rollout_max_response_len", "eval_max_response_len"):  # the engine refuses what cannot fit
         n, prompt = getattr(args, flag, None), args.rollout_max_prompt_len
         if ctx is not None and n is not None and n + (prompt or 1) > ctx:

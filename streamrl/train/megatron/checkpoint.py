@@ -6,9 +6,8 @@
 
 `model` holds Megatron names (the TP shard; the vocabulary padded), so Megatron's own loader reads the model part;
 `streamrl` holds the step counters and the conversion's `Arch`, so `read_hf_weights` needs nothing else.
-Why not `dist_checkpointing` (Megatron's default torch_dist format): its optimizer state follows Megatron's
-distributed optimizer, which this backend does not use yet, and its save calls torch.cuda.synchronize() (no CPU
-tests); the layout above resumes exactly on the same TP size.
+`--ckpt-format torch` writes this layout (it resumes exactly on the same TP size); the default, torch_dist, is in
+dist_ckpt.py. `read_hf_weights` reads both.
 """
 
 from __future__ import annotations
@@ -19,8 +18,7 @@ from typing import Any
 import torch
 
 from streamrl.train.megatron.convert import Arch, megatron_to_hf, tp_gather
-
-LATEST = "latest_checkpointed_iteration.txt"
+from streamrl.train.megatron.dist_ckpt import LATEST, is_torch_dist, read_extra, read_model
 
 
 def rank_file(root: str | Path, iteration: int, tp_rank: int) -> Path:
@@ -54,10 +52,22 @@ def load_megatron(root: str | Path, tp_rank: int, iteration: int | None = None) 
     return torch.load(f, map_location="cpu", weights_only=False)
 
 
-def read_hf_weights(root: str | Path) -> dict[str, torch.Tensor]:
-    """The latest iteration's model in full under HF names (every TP rank's file gathered, padding removed)."""
+def read_hf_weights(root: str | Path, arch: Arch | None = None) -> dict[str, torch.Tensor]:
+    """The latest iteration's model in full under HF names (padding removed), from either format: torch (every TP
+    rank's file gathered) or torch_dist. `arch` is needed only for a checkpoint that streamrl did not write."""
+    if is_torch_dist(root):
+        extra = read_extra(root)
+        return megatron_to_hf(read_model(root), Arch(**extra["arch"]) if "arch" in extra else _need(arch, root))
     first = load_megatron(root, 0)
     files = sorted(rank_file(root, first["iteration"], 0).parent.parent.glob("mp_rank_*/model_optim_rng.pt"))
     models = [first["model"]] + [torch.load(f, map_location="cpu", weights_only=False)["model"] for f in files[1:]]
     full = {k: tp_gather(k, [m[k] for m in models]) for k in first["model"]}
-    return megatron_to_hf(full, Arch(**first["streamrl"]["arch"]))
+    extra = first.get("streamrl") or {}
+    return megatron_to_hf(full, Arch(**extra["arch"]) if "arch" in extra else _need(arch, root))
+
+
+def _need(arch: Arch | None, root: str | Path) -> Arch:
+    if arch is None:
+        raise ValueError(f"{root}: a Megatron checkpoint without streamrl's architecture record: give the Arch of "
+                         "--hf-checkpoint")
+    return arch

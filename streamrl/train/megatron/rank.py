@@ -17,6 +17,7 @@ Frozen models (--ref-load, the OPD teacher) are HF models: they only score log-p
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,8 +28,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from streamrl.plugins import load_function
 from streamrl.train.batch import TrainBatch
 from streamrl.train.fsdp import FSDPTrainRank
-from streamrl.train.megatron.checkpoint import load_megatron, save_megatron
+from streamrl.train.megatron.checkpoint import load_megatron, read_hf_weights, save_megatron
 from streamrl.train.megatron.convert import megatron_to_hf_tensor, tp_dim, tp_gather
+from streamrl.train.megatron.dist_ckpt import LATEST, is_torch_dist, load_torch_dist, save_torch_dist
 from streamrl.train.megatron.model import HFLikeModel, build_gpt, load_hf_state
 from streamrl.train.megatron.parallel import init_model_parallel
 
@@ -74,7 +76,17 @@ class MegatronTrainRank(FSDPTrainRank):
                 "params": sum(p.numel() for p in params)}
 
     def _frozen(self, path: str) -> Any:
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if self.args.bf16 else torch.float32)
+        """A frozen HF model (reference, teacher) from an HF directory or a Megatron checkpoint of the same
+        architecture (either format; slime's --ref-load is a torch_dist one)."""
+        dtype = torch.bfloat16 if self.args.bf16 else torch.float32
+        if not (Path(path) / "config.json").exists() and (Path(path) / LATEST).exists():
+            m = AutoModelForCausalLM.from_pretrained(self.args.hf_checkpoint, dtype=dtype)
+            missing, unexpected = m.load_state_dict(read_hf_weights(path, self.arch), strict=False)
+            if unexpected or [k for k in missing if k != "lm_head.weight"]:
+                raise ValueError(f"--ref-load {path}: not a checkpoint of --hf-checkpoint's architecture "
+                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        else:
+            m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         return m.to(self.device).eval().requires_grad_(False)
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
@@ -136,22 +148,31 @@ class MegatronTrainRank(FSDPTrainRank):
         return out if self.rank == 0 else None
 
     def save_state(self, path: str) -> None:
-        """Megatron's layout in the directory `path` (see checkpoint.py); data-parallel rank 0 of each TP rank
-        writes its shard."""
+        """Megatron's layout in the directory `path`, in --ckpt-format: torch_dist (dist_ckpt.py; every rank takes
+        part) or torch (checkpoint.py; data-parallel rank 0 of each TP rank writes its shard)."""
+        optimizer = None if self.args.no_save_optim else self.opt
+        extra = {"steps_done": self.steps_done, "skipped_steps": self.skipped_steps,
+                 "arch": dataclasses.asdict(self.arch)}
+        if self.args.ckpt_format == "torch_dist":
+            save_torch_dist(path, self.steps_done, self.gpt, optimizer, extra)
+            return
         if parallel_state.get_data_parallel_rank() == 0:
             save_megatron(path, self.steps_done, self.tp_rank, self.gpt.state_dict(),
-                          None if self.args.no_save_optim else self.opt.state_dict(),
-                          {"steps_done": self.steps_done, "skipped_steps": self.skipped_steps,
-                           "arch": dataclasses.asdict(self.arch)})
+                          None if optimizer is None else optimizer.state_dict(), extra)
         dist.barrier()
 
     def load_state(self, path: str) -> None:
-        state = load_megatron(path, self.tp_rank)
-        self.gpt.load_state_dict(state["model"])
-        if state.get("optimizer") is not None:
-            self.opt.load_state_dict(state["optimizer"])
-        self.steps_done = int(state["streamrl"]["steps_done"])
-        self.skipped_steps = int(state["streamrl"]["skipped_steps"])
+        """Either format, whichever `path` holds (--ckpt-format names only what --save writes)."""
+        if is_torch_dist(path):
+            extra = load_torch_dist(path, self.gpt, self.opt)
+        else:
+            state = load_megatron(path, self.tp_rank)
+            self.gpt.load_state_dict(state["model"])
+            if state.get("optimizer") is not None:
+                self.opt.load_state_dict(state["optimizer"])
+            extra = state["streamrl"]
+        self.steps_done = int(extra["steps_done"])
+        self.skipped_steps = int(extra["skipped_steps"])
 
     def shutdown(self) -> None:
         if parallel_state.model_parallel_is_initialized():

@@ -1,0 +1,164 @@
+"""Megatron's `torch_dist` checkpoint format (`--ckpt-format torch_dist`, Megatron's and slime's default), written and
+read with megatron-core's `dist_checkpointing`:
+
+    <dir>/latest_checkpointed_iteration.txt
+    <dir>/iter_0000042/{metadata.json, .metadata, __*_*.distcp, common.pt}
+
+The model goes in as `GPTModel.sharded_state_dict()`: layers stacked along a leading axis and the keys of
+TransformerEngine's layer spec (`self_attention.linear_qkv.layer_norm_weight` for `input_layernorm.weight`), so the
+directory has the names and shapes of a slime/Megatron checkpoint of the same model; the layout does not depend on
+the TP size. The optimizer is torch's (this backend does not use Megatron's distributed optimizer): its moments are
+saved sharded like their parameters (`optimizer.state.exp_avg.<key>`), its step counts and hyper-parameters in
+common.pt with streamrl's counters.
+
+megatron-core's writer assumes CUDA in two calls (a final synchronize and the device of a one-int failure flag);
+without a GPU both are routed to the CPU while saving, so the same code runs in the CPU tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map, optim_state_to_sharding_state
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+LATEST = "latest_checkpointed_iteration.txt"
+# TransformerEngine-spec keys that the local spec maps its norms to (gpt_layer_specs' sharded_state_dict_keys_map)
+TE_NORMS = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+            "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
+
+
+def iter_dir(root: str | Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def is_torch_dist(path: str | Path) -> bool:
+    """An iteration directory in torch_dist format, or a root whose latest iteration is one."""
+    p = Path(path)
+    if (p / LATEST).exists():
+        p = iter_dir(p, int((p / LATEST).read_text().strip()))
+    return (p / "metadata.json").exists()
+
+
+@contextmanager
+def _cpu_cuda_calls() -> Iterator[None]:
+    if torch.cuda.is_available():
+        yield
+        return
+    sync, current = torch.cuda.synchronize, torch.cuda.current_device
+    torch.cuda.synchronize, torch.cuda.current_device = (lambda *a, **k: None), (lambda: "cpu")
+    try:
+        yield
+    finally:
+        torch.cuda.synchronize, torch.cuda.current_device = sync, current
+
+
+def _sharded_state(gpt: Any, opt: Any | None, extra: dict[str, Any]) -> dict[str, Any]:
+    """What goes to (or is read from) disk: the model's sharded tensors; with `opt`, torch's optimizer state with
+    its per-parameter tensors sharded like the parameters and the scalar `step`s kept in common.pt."""
+    model = gpt.sharded_state_dict()
+    state: dict[str, Any] = {"model": model, "checkpoint_version": 3.0, "streamrl": extra}
+    if opt is not None:
+        osd = opt.state_dict()
+        osd["state"] = {pid: dict(s) for pid, s in osd["state"].items()}  # the live optimizer's dicts otherwise
+        steps = {pid: s.pop("step") for pid, s in osd["state"].items() if "step" in s}
+        optim_state_to_sharding_state(osd, get_param_id_to_sharded_param_map(model, _params(opt)))
+        state["optimizer"] = osd
+        state["streamrl_optimizer"] = {"steps": {k: float(v) for k, v in steps.items()},
+                                       "param_groups": [{k: v for k, v in g.items() if k != "params"}
+                                                        for g in opt.state_dict()["param_groups"]]}
+    return state
+
+
+def _params(opt: Any) -> list[torch.nn.Parameter]:
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+def init_optimizer_state(opt: Any) -> None:
+    """Zero moments for every parameter (torch's AdamW creates them on its first step): the template that a load
+    fills; a step count of 0."""
+    for p in _params(opt):
+        if not opt.state[p]:
+            if isinstance(opt, torch.optim.AdamW | torch.optim.Adam):
+                opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                "exp_avg_sq": torch.zeros_like(p)}
+            elif isinstance(opt, torch.optim.SGD) and opt.defaults.get("momentum", 0):
+                opt.state[p] = {"momentum_buffer": torch.zeros_like(p)}
+
+
+def save_torch_dist(root: str | Path, iteration: int, gpt: Any, opt: Any | None, extra: dict[str, Any]) -> Path:
+    """Collective on every rank (data-parallel replicas write nothing twice: Megatron's replica ids)."""
+    d = iter_dir(root, iteration)
+    if dist.get_rank() == 0:
+        d.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    if opt is not None:
+        init_optimizer_state(opt)  # a save before the first step still has moments to write
+    with _cpu_cuda_calls():
+        dist_checkpointing.save(_sharded_state(gpt, opt, {**extra, "iteration": iteration}), str(d))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (Path(root) / LATEST).write_text(str(iteration))
+    return d
+
+
+def load_torch_dist(root: str | Path, gpt: Any, opt: Any | None) -> dict[str, Any]:
+    """Load the latest iteration into `gpt` (and `opt`, when the checkpoint has its state); streamrl's counters."""
+    marker = Path(root) / LATEST
+    if not marker.exists():
+        raise FileNotFoundError(f"{root}: not a Megatron checkpoint (no {LATEST})")
+    d = iter_dir(root, int(marker.read_text().strip()))
+    common = torch.load(d / "common.pt", map_location="cpu", weights_only=False)
+    with_optim = opt is not None and "streamrl_optimizer" in common
+    if with_optim:
+        init_optimizer_state(opt)
+    state = dist_checkpointing.load(_sharded_state(gpt, opt if with_optim else None, {}), str(d))
+    gpt.load_state_dict(state["model"])
+    if with_optim:
+        saved = common["streamrl_optimizer"]
+        osd = state["optimizer"]
+        for pid, s in osd["state"].items():
+            s["step"] = torch.tensor(saved["steps"][pid])
+        osd["param_groups"] = [{**g, "params": cur["params"]} for g, cur in
+                               zip(saved["param_groups"], opt.state_dict()["param_groups"], strict=True)]
+        opt.load_state_dict(osd)
+    return common["streamrl"]
+
+
+def read_model(root: str | Path) -> dict[str, torch.Tensor]:
+    """The latest iteration's model in full, in one process without torch.distributed: Megatron local-spec names
+    per layer (`decoder.layers.3.input_layernorm.weight`), the vocabulary still padded."""
+    p = Path(root)
+    if (p / LATEST).exists():
+        p = iter_dir(p, int((p / LATEST).read_text().strip()))
+    reader = FileSystemReader(str(p))
+    meta = reader.read_metadata().state_dict_metadata
+    want = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+            if isinstance(m, TensorStorageMetadata) and not k.startswith("optimizer.")}
+    dcp_load(want, storage_reader=reader, no_dist=True)
+    out: dict[str, torch.Tensor] = {}
+    for key, t in want.items():
+        if not key.startswith("decoder.layers."):
+            out[key] = t
+            continue
+        rest = key.removeprefix("decoder.layers.")
+        rest = TE_NORMS.get(rest, rest)
+        for i in range(t.shape[0]):
+            out[f"decoder.layers.{i}.{rest}"] = t[i].clone()
+    return out
+
+
+def read_extra(root: str | Path) -> dict[str, Any]:
+    """streamrl's entry of the latest iteration's common.pt (empty for a checkpoint another program wrote)."""
+    p = Path(root)
+    if (p / LATEST).exists():
+        p = iter_dir(p, int((p / LATEST).read_text().strip()))
+    return torch.load(p / "common.pt", map_location="cpu", weights_only=False).get("streamrl", {})
