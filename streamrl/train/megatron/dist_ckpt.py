@@ -17,6 +17,7 @@ without a GPU both are routed to the CPU while saving, so the same code runs in 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -143,7 +144,9 @@ def read_model(root: str | Path) -> dict[str, torch.Tensor]:
     meta = reader.read_metadata().state_dict_metadata
     want = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
             if isinstance(m, TensorStorageMetadata) and not k.startswith("optimizer.")}
-    dcp_load(want, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # "torch.distributed is disabled ... load in a single process": yes, on purpose
+        warnings.simplefilter("ignore", UserWarning)
+        dcp_load(want, storage_reader=reader, no_dist=True)
     out: dict[str, torch.Tensor] = {}
     for key, t in want.items():
         if not key.startswith("decoder.layers."):

@@ -9,9 +9,10 @@ and pushing through `streamrl/sync`, `save_hf`. What differs:
 - the optimizer: torch AdamW/SGD on fp32 parameters (`--bf16`: bf16 autocast in the forward), not Megatron's
   distributed optimizer, which needs CUDA and Megatron's DDP buffers (future work: it changes only this file);
 - `full_named_parameters`: Megatron tensors gathered over TP and converted to HF names (what the engines load);
-- `save_state`/`load_state`: Megatron's checkpoint layout (`checkpoint.py`);
+- `save_state`/`load_state`: Megatron's checkpoint formats (`dist_ckpt.py` torch_dist, `checkpoint.py` torch);
 - slime's three hooks (`--custom-megatron-*-path`).
-Frozen models (--ref-load, the OPD teacher) are HF models: they only score log-probs, as in the FSDP rank.
+Frozen models (--ref-load, the OPD teacher) are HF models: they only score log-probs, as in the FSDP rank; they
+load from an HF directory or from a Megatron checkpoint converted to HF names.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class MegatronTrainRank(FSDPTrainRank):
             m = AutoModelForCausalLM.from_pretrained(self.args.hf_checkpoint, dtype=dtype)
             missing, unexpected = m.load_state_dict(read_hf_weights(path, self.arch), strict=False)
             if unexpected or [k for k in missing if k != "lm_head.weight"]:
-                raise ValueError(f"--ref-load {path}: not a checkpoint of --hf-checkpoint's architecture "
+                raise ValueError(f"{path}: not a Megatron checkpoint of --hf-checkpoint's architecture "
                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         else:
             m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
