@@ -53,7 +53,7 @@ def test_derived_values():
     "overrides, flag",
     [
         ({"colocate": True, "rollout_engine": "sglang"}, "--colocate"),
-        ({"colocate": True, "train_backend": "megatron"}, "--colocate"),
+        ({"colocate": True, "train_backend": "megatron", "actor_num_gpus_per_node": 2}, "without data parallelism"),
         ({"rollout_temperature": 0.0}, "--rollout-temperature"),
         ({"rollout_num_gpus": 3, "rollout_num_gpus_per_engine": 2}, "--rollout-num-gpus"),
         ({"global_batch_size": 12, "n_samples_per_prompt": 8}, "--n-samples-per-prompt"),

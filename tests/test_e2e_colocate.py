@@ -14,14 +14,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_train_py_colocate_takes_turns(tiny_ckpt, sort_data, tmp_path):
+@pytest.mark.parametrize("backend", ["fsdp", "megatron"])
+def test_train_py_colocate_takes_turns(tiny_ckpt, sort_data, tmp_path, backend):
+    if backend == "megatron":
+        pytest.importorskip("megatron.core", reason="megatron-core is not installed")
     train, _ = sort_data
     run_dir = tmp_path / "run"
     argv = ["--hf-checkpoint", tiny_ckpt, "--prompt-data", train, "--label-key", "label", "--rm-type", "sort",
             "--num-rollout", "3", "--rollout-batch-size", "2", "--n-samples-per-prompt", "2",
             "--rollout-max-response-len", "8", "--micro-batch-size", "4", "--colocate",
             "--engine-dtype", "bfloat16",  # converted on load, so the engine's weight storages really shrink
-            "--run-dir", str(run_dir)]
+            "--run-dir", str(run_dir), "--train-backend", backend]
     out = subprocess.run([sys.executable, "train.py", *argv], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())

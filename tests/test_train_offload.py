@@ -1,8 +1,10 @@
 """A trainer rank's sleep/wake_up (--colocate): parameters and optimizer state leave and come back unchanged, and
-one step after an offload + onload is the step without it, exactly (FSDP2 rank, gloo, world of 1, tiny model)."""
+one step after an offload + onload is the step without it, exactly (FSDP2 and Megatron ranks, gloo, world of 1,
+tiny model)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from trainutil import rl_batch
 
@@ -12,10 +14,16 @@ from streamrl.train.fsdp import FSDPTrainRank
 batch = rl_batch
 
 
-def make(ckpt: str):
+def make(ckpt: str, backend: str):
     args = default_args(hf_checkpoint=ckpt, rollout_batch_size=2, n_samples_per_prompt=4, micro_batch_size=4,
-                        lr=1e-2, seed=1, use_kl_loss=True, kl_loss_coef=0.1)
-    rank = FSDPTrainRank(args, 0, 1)
+                        lr=1e-2, seed=1, use_kl_loss=True, kl_loss_coef=0.1, train_backend=backend)
+    if backend == "megatron":
+        pytest.importorskip("megatron.core", reason="megatron-core is not installed")
+        from streamrl.train.megatron.rank import MegatronTrainRank
+
+        rank = MegatronTrainRank(args, 0, 1)
+    else:
+        rank = FSDPTrainRank(args, 0, 1)
     rank.init(*rank.master_address())
     return rank
 
@@ -30,8 +38,9 @@ def _snapshot(rank) -> tuple[dict, dict]:
     return weights, state
 
 
-def test_offload_round_trip_then_the_same_step(tiny_ckpt):
-    rank = make(tiny_ckpt)
+@pytest.mark.parametrize("backend", ["fsdp", "megatron"])
+def test_offload_round_trip_then_the_same_step(tiny_ckpt, backend):
+    rank = make(tiny_ckpt, backend)
     try:
         rank.train_step(batch(0))  # AdamW's moments exist now
         weights, state = _snapshot(rank)
@@ -50,7 +59,7 @@ def test_offload_round_trip_then_the_same_step(tiny_ckpt):
         got_w = {n: _local(p).detach().clone() for n, p in rank.model.named_parameters()}
     finally:
         rank.shutdown()
-    plain = make(tiny_ckpt)
+    plain = make(tiny_ckpt, backend)
     try:
         plain.train_step(batch(0))
         want = plain.train_step(batch(1))

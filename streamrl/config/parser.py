@@ -120,12 +120,16 @@ def _validate_colocate(args: argparse.Namespace) -> None:
     if not args.colocate:
         return
     clash = [f for f, on in (("--rollout-engine sglang", args.rollout_engine == "sglang"),
-                             ("--train-backend megatron", args.train_backend == "megatron"),
                              ("--debug-rollout-only", args.debug_rollout_only)) if on]
     if clash:
-        raise ConfigError(f"--colocate works with the embedded engine and the FSDP trainer (the engine's memory "
-                          f"release and the CUDA IPC sync are streamrl's; Megatron's offload is not written yet): "
-                          f"drop {clash[0]} or --colocate.")
+        raise ConfigError(f"--colocate works with the embedded engine (the engine's memory release and the CUDA IPC "
+                          f"sync are streamrl's): drop {clash[0]} or --colocate.")
+    ranks = args.actor_num_nodes * args.actor_num_gpus_per_node
+    if args.train_backend == "megatron" and ranks > args.tensor_model_parallel_size:
+        # torch DDP keeps its gradient buckets on the GPU and cannot follow its parameters to the host and back
+        raise ConfigError(f"--colocate with --train-backend megatron runs without data parallelism: "
+                          f"--tensor-model-parallel-size ({args.tensor_model_parallel_size}) must equal the trainer "
+                          f"ranks ({ranks}).")
 
 
 def validate(args: argparse.Namespace) -> None:
