@@ -41,9 +41,13 @@ def run(rank, seeds) -> list[dict[str, float]]:
         rank.shutdown()
 
 
-def test_same_steps_as_fsdp(tiny_ckpt):
-    """Three RL steps (PPO clip against µ, KL to the reference): the two backends agree step by step."""
-    over = {"train_backend": "megatron", "use_kl_loss": True, "kl_loss_coef": 0.1}
+@pytest.mark.parametrize("over", [
+    {"use_kl_loss": True, "kl_loss_coef": 0.1},  # GRPO, PPO clip against µ, KL to the reference
+    {"advantage_estimator": "ppo", "kl_coef": 0.05},  # PPO: the critic (GAE, clipped value loss), KL-shaped rewards
+], ids=["grpo_kl", "ppo_critic"])
+def test_same_steps_as_fsdp(tiny_ckpt, over):
+    """Three RL steps: the two backends agree step by step."""
+    over = {"train_backend": "megatron", **over}
     fsdp = make(FSDPTrainRank, tiny_ckpt, **{**over, "train_backend": "fsdp"})
     try:
         want = [fsdp.train_step(batch(s)) for s in range(3)]
@@ -57,7 +61,9 @@ def test_same_steps_as_fsdp(tiny_ckpt):
     finally:
         mg.shutdown()
     for w, g in zip(want, got, strict=True):
-        for k in ("loss", "pg_loss", "kl_loss", "entropy", "grad_norm", "train_rollout_logprob_abs_diff"):
+        keys = ["loss", "pg_loss", "entropy", "grad_norm", "train_rollout_logprob_abs_diff"]
+        keys += ["value_loss", "value_clipfrac", "critic_grad_norm"] if "advantage_estimator" in over else ["kl_loss"]
+        for k in keys:
             assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-6), k
     assert got_w.keys() == want_w.keys()  # HF names, tied lm_head absent as in the HF model's parameters
     # Adam's g/sqrt(v) magnifies the fp32 rounding differences of near-zero gradients: bound the weights well
@@ -131,3 +137,34 @@ def test_ref_load_reads_a_torch_dist_checkpoint(tiny_ckpt, tmp_path):
     assert all(torch.equal(got[k], v) for k, v in trained.items())
     assert any(not torch.equal(v, AutoModelForCausalLM.from_pretrained(tiny_ckpt).state_dict()[k])
                for k, v in trained.items())
+
+
+@pytest.mark.parametrize("fmt", ["torch_dist", "torch"])
+def test_ppo_resume_restores_the_critic(tiny_ckpt, tmp_path, fmt):
+    over = {"train_backend": "megatron", "advantage_estimator": "ppo", "ckpt_format": fmt}
+    rank = make(MegatronTrainRank, tiny_ckpt, **over)
+    try:
+        rank.train_step(batch(0))
+        rank.save_state(str(tmp_path / "ck"))
+        want = rank.train_step(batch(1))
+    finally:
+        rank.shutdown()
+    again = make(MegatronTrainRank, tiny_ckpt, **over)
+    try:
+        again.load_state(str(tmp_path / "ck"))
+        got = again.train_step(batch(1))
+    finally:
+        again.shutdown()
+    for k in ("loss", "value_loss", "critic_grad_norm", "grad_norm"):
+        assert got[k] == want[k], k
+    grpo = make(MegatronTrainRank, tiny_ckpt, train_backend="megatron", ckpt_format=fmt)
+    try:
+        grpo.save_state(str(tmp_path / "grpo"))
+    finally:
+        grpo.shutdown()
+    plain = make(MegatronTrainRank, tiny_ckpt, **over)
+    try:
+        with pytest.raises(ValueError, match="without the PPO critic"):
+            plain.load_state(str(tmp_path / "grpo"))
+    finally:
+        plain.shutdown()

@@ -45,7 +45,6 @@ def test_model_flag_files_validate(script):
      "--sequence-parallel"),
     ({"pipeline_model_parallel_size": 2}, "--pipeline-model-parallel-size"),
     ({"context_parallel_size": 2}, "--context-parallel-size"),
-    ({"advantage_estimator": "ppo"}, "--advantage-estimator ppo"),
     ({"log_probs_chunk_size": 64}, "--log-probs-chunk-size"),
     ({"qkv_format": "thd"}, "--qkv-format thd"),
 ])

@@ -106,8 +106,7 @@ def validate_megatron(args: argparse.Namespace, error: type[Exception]) -> None:
                             "model flags.")
     if args.make_vocab_size_divisible_by < 1:
         raise error("--make-vocab-size-divisible-by must be >= 1.")
-    for flag, off in (("--advantage-estimator ppo", args.advantage_estimator == "ppo"),
-                      ("--log-probs-chunk-size", args.log_probs_chunk_size > 0),
+    for flag, off in (("--log-probs-chunk-size", args.log_probs_chunk_size > 0),
                       ("--true-on-policy-mode", args.true_on_policy_mode),
                       ("--qkv-format thd", args.qkv_format == "thd"), ("--use-liger-kernel", args.use_liger_kernel),
                       ("--use-torch-compile", args.use_torch_compile)):

@@ -28,6 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from streamrl.plugins import load_function
 from streamrl.train.batch import TrainBatch
+from streamrl.train.critic import ValueModel
 from streamrl.train.fsdp import FSDPTrainRank
 from streamrl.train.megatron.checkpoint import load_megatron, read_hf_weights, save_megatron
 from streamrl.train.megatron.convert import megatron_to_hf_tensor, tp_dim, tp_gather
@@ -69,12 +70,31 @@ class MegatronTrainRank(FSDPTrainRank):
             self.ref_model = self._frozen(args.ref_load or args.hf_checkpoint)
         if args.use_opd or args.advantage_estimator == "on_policy_distillation":
             self.teacher = self._frozen(args.opd_teacher_load)
+        if args.advantage_estimator == "ppo":
+            self._build_critic()
         self.pad_id = cfg.pad_token_id or 0
         self.runner = self._runner()
         if args.custom_megatron_init_path:  # slime: fn(args), once the model is set up
             load_function(args.custom_megatron_init_path, None, "--custom-megatron-init-path")(args)
         return {"rank": self.rank, "device": str(self.device), "tp_rank": self.tp_rank,
                 "params": sum(p.numel() for p in params)}
+
+    def _build_critic(self) -> None:
+        """The PPO critic as the FSDP rank's (`critic.py`: an HF decoder with a value head, its own AdamW), whole on
+        every rank: data parallel with torch DDP like the policy; TP peers see the same samples and keep equal
+        replicas."""
+        a = self.args
+        critic = ValueModel.from_pretrained(a.hf_checkpoint).to(self.device)
+        self.critic_opt = torch.optim.AdamW(critic.parameters(), lr=a.critic_lr or a.lr, weight_decay=a.weight_decay,
+                                            betas=(a.adam_beta1, a.adam_beta2))
+        self.critic = critic if self.dp_size == 1 else torch.nn.parallel.DistributedDataParallel(
+            critic, process_group=self.dp_group)
+
+    def _critic_states(self) -> dict[str, Any]:
+        if self.critic is None:
+            return {}
+        module = getattr(self.critic, "module", self.critic)
+        return {"critic": module.state_dict(), "critic_optim": self.critic_opt.state_dict()}
 
     def _frozen(self, path: str) -> Any:
         """A frozen HF model (reference, teacher) from an HF directory or a Megatron checkpoint of the same
@@ -153,7 +173,7 @@ class MegatronTrainRank(FSDPTrainRank):
         part) or torch (checkpoint.py; data-parallel rank 0 of each TP rank writes its shard)."""
         optimizer = None if self.args.no_save_optim else self.opt
         extra = {"steps_done": self.steps_done, "skipped_steps": self.skipped_steps,
-                 "arch": dataclasses.asdict(self.arch)}
+                 "arch": dataclasses.asdict(self.arch), **self._critic_states()}  # the critic: replicated, whole
         if self.args.ckpt_format == "torch_dist":
             save_torch_dist(path, self.steps_done, self.gpt, optimizer, extra)
             return
@@ -174,6 +194,11 @@ class MegatronTrainRank(FSDPTrainRank):
             extra = state["streamrl"]
         self.steps_done = int(extra["steps_done"])
         self.skipped_steps = int(extra["skipped_steps"])
+        if self.critic is not None:
+            if "critic" not in extra:
+                raise ValueError(f"{path}: a checkpoint without the PPO critic (--advantage-estimator ppo)")
+            getattr(self.critic, "module", self.critic).load_state_dict(extra["critic"])
+            self.critic_opt.load_state_dict(extra["critic_optim"])
 
     def shutdown(self) -> None:
         if parallel_state.model_parallel_is_initialized():
