@@ -44,7 +44,9 @@ def run(rank, seeds) -> list[dict[str, float]]:
 @pytest.mark.parametrize("over", [
     {"use_kl_loss": True, "kl_loss_coef": 0.1},  # GRPO, PPO clip against µ, KL to the reference
     {"advantage_estimator": "ppo", "kl_coef": 0.05},  # PPO: the critic (GAE, clipped value loss), KL-shaped rewards
-], ids=["grpo_kl", "ppo_critic"])
+    # packed streams (Megatron's thd PackedSeqParams vs the HF model's restarting position ids), with the critic
+    {"qkv_format": "thd", "use_dynamic_batch_size": True, "max_tokens_per_gpu": 64, "advantage_estimator": "ppo"},
+], ids=["grpo_kl", "ppo_critic", "packed_thd"])
 def test_same_steps_as_fsdp(tiny_ckpt, over):
     """Three RL steps: the two backends agree step by step."""
     over = {"train_backend": "megatron", **over}

@@ -46,7 +46,6 @@ def test_model_flag_files_validate(script):
     ({"pipeline_model_parallel_size": 2}, "--pipeline-model-parallel-size"),
     ({"context_parallel_size": 2}, "--context-parallel-size"),
     ({"log_probs_chunk_size": 64}, "--log-probs-chunk-size"),
-    ({"qkv_format": "thd"}, "--qkv-format thd"),
 ])
 def test_bad_megatron_combinations_name_the_flag(overrides, flag):
     with pytest.raises(ConfigError, match=flag):

@@ -44,3 +44,25 @@ def test_same_logits_as_hf(megatron_world, arch, tied):
         for hf_name, g in megatron_to_hf_tensor(name, p.grad, a):
             assert torch.allclose(g, want_g[hf_name], rtol=1e-4, atol=1e-4), hf_name  # sums of ~20: fp32 noise
 
+
+
+def test_packed_stream_equals_each_sample_alone(megatron_world):
+    """--qkv-format thd: three samples back to back as one stream (Megatron's PackedSeqParams) give each sample's
+    own logits: RoPE restarts, attention stays inside the sample."""
+    from streamrl.train.packed import pack_stream
+
+    hf = hf_model("qwen3", True, seed=4)
+    args = default_args(train_backend="megatron", hf_checkpoint="tiny")
+    gpt, a = build_gpt(args, hf.config, torch.device("cpu"))
+    load_hf_state(gpt, hf.state_dict(), a, 0, 1)
+    model = HFLikeModel(gpt, a).eval()
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(6, 88, (n,), generator=g).tolist() for n in (5, 9, 3)]
+    s = pack_stream(seqs, [2, 4, 1], [3, 5, 2])
+    with torch.no_grad():
+        packed = model(input_ids=s.input_ids, position_ids=s.position_ids, **s.attention_kwargs())[0]
+        alone = torch.cat([model(input_ids=torch.tensor([t]))[0] for t in seqs])
+    assert packed.shape == alone.shape == (17, 88)
+    assert (packed - alone).abs().max().item() < 1e-5
+    crossed = model(input_ids=s.input_ids)[0]  # the same stream without boundaries: later samples differ
+    assert (crossed[5:] - alone[5:]).abs().max().item() > 1e-3

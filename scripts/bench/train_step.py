@@ -50,6 +50,8 @@ VARIANTS = {  # name -> trainer flags on top of COMMON; the first is the baselin
                                         "--recompute-granularity", "full", "--max-tokens-per-gpu", "49152"],
     # Megatron-core GPTModel (local spec, SDPA attention), same padded micro-batches as "padded"
     "megatron_padded": "--train-backend megatron --max-tokens-per-gpu 6144".split(),
+    # Megatron with packed streams (thd PackedSeqParams; varlen FlashAttention inside its core attention on GPU)
+    "megatron_packed": ["--train-backend", "megatron", *PACKED],
 }
 CPU_VARIANTS = ["padded", "packed_sdpa", "packed_varlen"]  # flex has no CPU backward; compile and Liger are GPU's
 

@@ -108,7 +108,7 @@ def validate_megatron(args: argparse.Namespace, error: type[Exception]) -> None:
         raise error("--make-vocab-size-divisible-by must be >= 1.")
     for flag, off in (("--log-probs-chunk-size", args.log_probs_chunk_size > 0),
                       ("--true-on-policy-mode", args.true_on_policy_mode),
-                      ("--qkv-format thd", args.qkv_format == "thd"), ("--use-liger-kernel", args.use_liger_kernel),
+                      ("--use-liger-kernel", args.use_liger_kernel),
                       ("--use-torch-compile", args.use_torch_compile)):
         if off:
             raise error(f"{flag} needs --train-backend fsdp in this build (the Megatron backend lacks it).")

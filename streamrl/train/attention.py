@@ -36,6 +36,21 @@ def _per_sample_sdpa(q: Tensor, k: Tensor, v: Tensor, cu: list[int], scale: floa
     return torch.cat(out)
 
 
+def packed_causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_len: int,
+                            scale: float | None = None) -> Tensor:
+    """Causal attention within each sample of a packed stream: q [N, H, D], k/v [N, Hkv, D] -> [N, H, D].
+    FlashAttention's varlen kernel on CUDA in bf16/fp16, SDPA one sample at a time elsewhere (the HF models'
+    "varlen" attention and the Megatron backend's --qkv-format thd both run it)."""
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        if not _NATIVE_GQA and k.shape[1] != q.shape[1]:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        gqa = {"enable_gqa": True} if _NATIVE_GQA else {}
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+        return varlen_attn(q, k, v, cu, cu, int(max_len), int(max_len), scale=scale, **_CAUSAL, **gqa)
+    return _per_sample_sdpa(q, k, v, cu_seqlens.tolist(), scale)
+
+
 def varlen_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                              attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                              cu_seq_lens_q: Tensor | None = None, max_length_q: int | None = None, **kwargs
@@ -46,16 +61,7 @@ def varlen_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor
     if dropout:
         raise ValueError("--attn-implementation varlen has no attention dropout")
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [N, H, D]
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        if not _NATIVE_GQA and k.shape[1] != q.shape[1]:
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        gqa = {"enable_gqa": True} if _NATIVE_GQA else {}
-        cu = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
-        out = varlen_attn(q, k, v, cu, cu, int(max_length_q), int(max_length_q), scale=scaling, **_CAUSAL, **gqa)
-    else:
-        out = _per_sample_sdpa(q, k, v, cu_seq_lens_q.tolist(), scaling)
-    return out.unsqueeze(0), None
+    return packed_causal_attention(q, k, v, cu_seq_lens_q, max_length_q, scaling).unsqueeze(0), None
 
 
 def _no_mask(*args, **kwargs) -> None:

@@ -86,7 +86,8 @@ def packed_response_log_probs(model: Any, batch_tokens: list[list[int]], prompt_
     dev = _device(model)
     s = pack_stream(batch_tokens, prompt_lengths, response_lengths).to(dev)
     call = dict(input_ids=s.input_ids, position_ids=s.position_ids, use_cache=False, **s.attention_kwargs())
-    head = model.get_output_embeddings()
+    # an HF model's head; none on the Megatron backend's wrapper (its logits come whole, then are picked here)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, ChunkedLogProbHead):
         grad_ent = with_entropy and entropy_grad and torch.is_grad_enabled()
         with head.scoring(s.positions, s.targets, temperature, grad_ent):
@@ -94,7 +95,8 @@ def packed_response_log_probs(model: Any, batch_tokens: list[list[int]], prompt_
         both = (out.logits if hasattr(out, "logits") else out)[0]  # [R, 2]
         lp, ent = both[:, 0], both[:, 1]
     else:
-        logits = model(**call).logits[0, s.positions[0]]  # [R, V]
+        out = model(**call)
+        logits = (out.logits if hasattr(out, "logits") else out)[0, s.positions[0]]  # [R, V]
         lp = token_log_probs(logits, s.targets[0], temperature)
         ent = None
         if with_entropy:

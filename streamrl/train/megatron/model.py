@@ -22,10 +22,12 @@ from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
+from streamrl.train.attention import packed_causal_attention
 from streamrl.train.megatron.arch import resolve_arch
 from streamrl.train.megatron.convert import Arch, hf_to_megatron, tp_shard
 
@@ -43,6 +45,11 @@ class SDPAttention(MegatronModule):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                 attn_mask_type: Any = None, attention_bias: Any = None, packed_seq_params: Any = None) -> Tensor:
         # one dtype: under --bf16 autocast the q/k norms and rotary embedding may hand back fp32 next to a bf16 value
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":  # q [t, np, d], k/v [t, ng, d]
+            q, k, v = (x.to(value.dtype) for x in (query, key, value))
+            out = packed_causal_attention(q, k, v, packed_seq_params.cu_seqlens_q, packed_seq_params.max_seqlen_q,
+                                          self.softmax_scale)
+            return out.reshape(out.shape[0], -1)  # Megatron reshapes it to [t, 1, np*d]
         q, k, v = (x.to(value.dtype).permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, d]
         out = torch.nn.functional.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=True, scale=self.softmax_scale,
@@ -117,10 +124,20 @@ class HFLikeModel(torch.nn.Module):
             keep = (inputs[0] != self.padding_idx).unsqueeze(-1).to(out.dtype)  # [B, L, 1]
             out.register_hook(lambda g: g * keep)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        pos = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                cu_seq_lens_q: Tensor | None = None, max_length_q: int | None = None, **_: Any) -> Tensor:
+        """Padded [B, L] (right padding, no mask needed), or one packed stream [1, N] with its boundaries
+        (`cu_seq_lens_q`, `max_length_q`: packed.py's keywords) as Megatron's thd PackedSeqParams: RoPE restarts
+        per sample and attention stays within it."""
+        packed = None
+        if cu_seq_lens_q is not None:
+            cu = cu_seq_lens_q.to(device=input_ids.device, dtype=torch.int32)
+            packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                     max_seqlen_q=int(max_length_q), max_seqlen_kv=int(max_length_q))
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
         with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.gpt(input_ids, pos, attention_mask=None)
+            logits = self.gpt(input_ids, position_ids, attention_mask=None, packed_seq_params=packed)
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             logits = _GatherVocab.apply(logits)
         return logits[..., : self.arch.vocab_size]

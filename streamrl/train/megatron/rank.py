@@ -30,6 +30,7 @@ from streamrl.plugins import load_function
 from streamrl.train.batch import TrainBatch
 from streamrl.train.critic import ValueModel
 from streamrl.train.fsdp import FSDPTrainRank
+from streamrl.train.kernels import attention_options
 from streamrl.train.megatron.checkpoint import load_megatron, read_hf_weights, save_megatron
 from streamrl.train.megatron.convert import megatron_to_hf_tensor, tp_dim, tp_gather
 from streamrl.train.megatron.dist_ckpt import LATEST, is_torch_dist, load_torch_dist, save_torch_dist
@@ -84,7 +85,7 @@ class MegatronTrainRank(FSDPTrainRank):
         every rank: data parallel with torch DDP like the policy; TP peers see the same samples and keep equal
         replicas."""
         a = self.args
-        critic = ValueModel.from_pretrained(a.hf_checkpoint).to(self.device)
+        critic = ValueModel.from_pretrained(a.hf_checkpoint, **attention_options(a)).to(self.device)
         self.critic_opt = torch.optim.AdamW(critic.parameters(), lr=a.critic_lr or a.lr, weight_decay=a.weight_decay,
                                             betas=(a.adam_beta1, a.adam_beta2))
         self.critic = critic if self.dp_size == 1 else torch.nn.parallel.DistributedDataParallel(
@@ -99,15 +100,15 @@ class MegatronTrainRank(FSDPTrainRank):
     def _frozen(self, path: str) -> Any:
         """A frozen HF model (reference, teacher) from an HF directory or a Megatron checkpoint of the same
         architecture (either format; slime's --ref-load is a torch_dist one)."""
-        dtype = torch.bfloat16 if self.args.bf16 else torch.float32
+        kw = {"dtype": torch.bfloat16 if self.args.bf16 else torch.float32, **attention_options(self.args)}
         if not (Path(path) / "config.json").exists() and (Path(path) / LATEST).exists():
-            m = AutoModelForCausalLM.from_pretrained(self.args.hf_checkpoint, dtype=dtype)
+            m = AutoModelForCausalLM.from_pretrained(self.args.hf_checkpoint, **kw)
             missing, unexpected = m.load_state_dict(read_hf_weights(path, self.arch), strict=False)
             if unexpected or [k for k in missing if k != "lm_head.weight"]:
                 raise ValueError(f"{path}: not a Megatron checkpoint of --hf-checkpoint's architecture "
                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         else:
-            m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            m = AutoModelForCausalLM.from_pretrained(path, **kw)
         return m.to(self.device).eval().requires_grad_(False)
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
