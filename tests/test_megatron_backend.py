@@ -170,3 +170,13 @@ def test_ppo_resume_restores_the_critic(tiny_ckpt, tmp_path, fmt):
             plain.load_state(str(tmp_path / "grpo"))
     finally:
         plain.shutdown()
+
+
+@pytest.mark.gpu  # torch.compile of the decoder layers: ~50 s of compilation on 2 CPU cores, seconds on a GPU
+def test_compiled_layers_give_the_eager_steps(tiny_ckpt):
+    over = {"train_backend": "megatron", "qkv_format": "thd", "use_dynamic_batch_size": True, "max_tokens_per_gpu": 64}
+    want = run(make(MegatronTrainRank, tiny_ckpt, **over), range(2))
+    got = run(make(MegatronTrainRank, tiny_ckpt, use_torch_compile=True, **over), range(2))
+    for w, g in zip(want, got, strict=True):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5) and g["grad_norm"] == pytest.approx(w["grad_norm"],
+                                                                                                  rel=1e-4)

@@ -52,6 +52,7 @@ VARIANTS = {  # name -> trainer flags on top of COMMON; the first is the baselin
     "megatron_padded": "--train-backend megatron --max-tokens-per-gpu 6144".split(),
     # Megatron with packed streams (thd PackedSeqParams; varlen FlashAttention inside its core attention on GPU)
     "megatron_packed": ["--train-backend", "megatron", *PACKED],
+    "megatron_packed_compile": ["--train-backend", "megatron", *PACKED, "--use-torch-compile"],
 }
 CPU_VARIANTS = ["padded", "packed_sdpa", "packed_varlen"]  # flex has no CPU backward; compile and Liger are GPU's
 

@@ -108,7 +108,6 @@ def validate_megatron(args: argparse.Namespace, error: type[Exception]) -> None:
         raise error("--make-vocab-size-divisible-by must be >= 1.")
     for flag, off in (("--log-probs-chunk-size", args.log_probs_chunk_size > 0),
                       ("--true-on-policy-mode", args.true_on_policy_mode),
-                      ("--use-liger-kernel", args.use_liger_kernel),
-                      ("--use-torch-compile", args.use_torch_compile)):
+                      ("--use-liger-kernel", args.use_liger_kernel)):
         if off:
             raise error(f"{flag} needs --train-backend fsdp in this build (the Megatron backend lacks it).")

@@ -30,7 +30,7 @@ from streamrl.plugins import load_function
 from streamrl.train.batch import TrainBatch
 from streamrl.train.critic import ValueModel
 from streamrl.train.fsdp import FSDPTrainRank
-from streamrl.train.kernels import attention_options
+from streamrl.train.kernels import attention_options, compile_layers
 from streamrl.train.megatron.checkpoint import load_megatron, read_hf_weights, save_megatron
 from streamrl.train.megatron.convert import megatron_to_hf_tensor, tp_dim, tp_gather
 from streamrl.train.megatron.dist_ckpt import LATEST, is_torch_dist, load_torch_dist, save_torch_dist
@@ -61,6 +61,8 @@ class MegatronTrainRank(FSDPTrainRank):
         hf = AutoModelForCausalLM.from_pretrained(args.hf_checkpoint, dtype=torch.float32)
         load_hf_state(self.gpt, hf.state_dict(), self.arch, self.tp_rank, self.tp_size)
         del hf
+        if args.use_torch_compile:  # per decoder layer, as the FSDP rank (kernels.py)
+            compile_layers(self.gpt.decoder.layers)
         model = HFLikeModel(self.gpt, self.arch, bf16=args.bf16, padding_idx=cfg.pad_token_id)
         if self.dp_size > 1:  # gradients averaged over the data-parallel ranks (the step scales losses by DP)
             model = torch.nn.parallel.DistributedDataParallel(model, process_group=self.dp_group)
