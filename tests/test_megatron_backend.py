@@ -46,7 +46,9 @@ def run(rank, seeds) -> list[dict[str, float]]:
     {"advantage_estimator": "ppo", "kl_coef": 0.05},  # PPO: the critic (GAE, clipped value loss), KL-shaped rewards
     # packed streams (Megatron's thd PackedSeqParams vs the HF model's restarting position ids), with the critic
     {"qkv_format": "thd", "use_dynamic_batch_size": True, "max_tokens_per_gpu": 64, "advantage_estimator": "ppo"},
-], ids=["grpo_kl", "ppo_critic", "packed_thd"])
+    # the LM head on the response positions only, 3 tokens at a time (padded micro-batches), and the entropy bonus
+    {"log_probs_chunk_size": 3, "entropy_coef": 0.01, "use_kl_loss": True, "kl_loss_coef": 0.1},
+], ids=["grpo_kl", "ppo_critic", "packed_thd", "chunked_head"])
 def test_same_steps_as_fsdp(tiny_ckpt, over):
     """Three RL steps: the two backends agree step by step."""
     over = {"train_backend": "megatron", **over}

@@ -45,7 +45,8 @@ def test_model_flag_files_validate(script):
      "--sequence-parallel"),
     ({"pipeline_model_parallel_size": 2}, "--pipeline-model-parallel-size"),
     ({"context_parallel_size": 2}, "--context-parallel-size"),
-    ({"log_probs_chunk_size": 64}, "--log-probs-chunk-size"),
+    ({"log_probs_chunk_size": 64, "tensor_model_parallel_size": 2, "actor_num_gpus_per_node": 2},
+     "--log-probs-chunk-size"),
 ])
 def test_bad_megatron_combinations_name_the_flag(overrides, flag):
     with pytest.raises(ConfigError, match=flag):

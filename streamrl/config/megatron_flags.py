@@ -106,8 +106,10 @@ def validate_megatron(args: argparse.Namespace, error: type[Exception]) -> None:
                             "model flags.")
     if args.make_vocab_size_divisible_by < 1:
         raise error("--make-vocab-size-divisible-by must be >= 1.")
-    for flag, off in (("--log-probs-chunk-size", args.log_probs_chunk_size > 0),
-                      ("--true-on-policy-mode", args.true_on_policy_mode),
+    if args.log_probs_chunk_size > 0 and tp > 1:
+        raise error("--log-probs-chunk-size with --train-backend megatron needs --tensor-model-parallel-size 1 "
+                    "(the output layer is vocabulary-sharded under TP): drop one of them.")
+    for flag, off in (("--true-on-policy-mode", args.true_on_policy_mode),
                       ("--use-liger-kernel", args.use_liger_kernel)):
         if off:
             raise error(f"{flag} needs --train-backend fsdp in this build (the Megatron backend lacks it).")

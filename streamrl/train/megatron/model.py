@@ -27,6 +27,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
+from streamrl.algos.logprobs import ChunkedLogProbHead
 from streamrl.train.attention import packed_causal_attention
 from streamrl.train.megatron.arch import resolve_arch
 from streamrl.train.megatron.convert import Arch, hf_to_megatron, tp_shard
@@ -106,6 +107,28 @@ class _GatherVocab(torch.autograd.Function):
         return grad[..., ctx.rank * ctx.width: (ctx.rank + 1) * ctx.width].contiguous()
 
 
+class MegatronChunkedHead(ChunkedLogProbHead):
+    """`--log-probs-chunk-size` (and the packed path) on the Megatron backend: the ChunkedLogProbHead protocol
+    (`scoring(...)`, then [B, R, 2] log-prob/entropy of the response positions, N tokens at a time), reading the
+    output weight live from the GPTModel (tied embedding or output layer, vocabulary padding cut off) so that it
+    follows the weights through offload and checkpoint loads. TP=1: the weight is whole."""
+
+    def __init__(self, gpt: GPTModel, vocab_size: int, chunk: int):
+        torch.nn.Module.__init__(self)
+        self.__dict__["_gpt"] = gpt  # not a submodule: HFLikeModel already holds it
+        self.vocab_size, self.chunk, self._request = vocab_size, chunk, None
+
+    @property
+    def weight(self) -> Tensor:
+        g = self._gpt
+        w = g.shared_embedding_or_output_weight() if g.share_embeddings_and_output_weights else g.output_layer.weight
+        return w[: self.vocab_size]
+
+    @property
+    def active(self) -> bool:
+        return self._request is not None
+
+
 class HFLikeModel(torch.nn.Module):
     """The GPTModel behind an HF causal LM's call: forward(input_ids=, attention_mask=) -> logits [B, L, V].
 
@@ -113,9 +136,11 @@ class HFLikeModel(torch.nn.Module):
     through the input lookup (nn.Embedding(padding_idx=...)); Megatron's embedding has no such index, so the
     gradient into looked-up pad tokens is zeroed here (the tied output layer still trains the row, as in HF)."""
 
-    def __init__(self, gpt: GPTModel, arch: Arch, bf16: bool = False, padding_idx: int | None = None):
+    def __init__(self, gpt: GPTModel, arch: Arch, bf16: bool = False, padding_idx: int | None = None,
+                 log_probs_chunk: int = 0):
         super().__init__()
         self.gpt, self.arch, self.bf16, self.padding_idx = gpt, arch, bf16, padding_idx
+        self.head = MegatronChunkedHead(gpt, arch.vocab_size, log_probs_chunk) if log_probs_chunk else None
         if padding_idx is not None:
             gpt.embedding.word_embeddings.register_forward_hook(self._freeze_pad_lookup)
 
@@ -137,10 +162,22 @@ class HFLikeModel(torch.nn.Module):
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
         with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            if self.head is not None and self.head.active:  # hidden states only, then the chunked head
+                self.gpt.post_process = False  # GPTModel returns the decoder's output (final norm applied)
+                try:
+                    hidden = self.gpt(input_ids, position_ids, attention_mask=None, packed_seq_params=packed)
+                finally:
+                    self.gpt.post_process = True
+                return self.head(hidden.transpose(0, 1))  # [B, R, 2]
             logits = self.gpt(input_ids, position_ids, attention_mask=None, packed_seq_params=packed)
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             logits = _GatherVocab.apply(logits)
         return logits[..., : self.arch.vocab_size]
+
+
+    def get_output_embeddings(self) -> MegatronChunkedHead | None:
+        """What the log-prob functions look for (algos/logprobs.py, train/packed.py): the chunked head or None."""
+        return self.head
 
 
 def load_hf_state(model: GPTModel, hf: dict[str, Tensor], arch: Arch, tp_rank: int, tp_size: int) -> None:

@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from streamrl.plugins import load_function
 from streamrl.train.batch import TrainBatch
 from streamrl.train.critic import ValueModel
-from streamrl.train.fsdp import FSDPTrainRank
+from streamrl.train.fsdp import PACKED_CHUNK, FSDPTrainRank
 from streamrl.train.kernels import attention_options, compile_layers
 from streamrl.train.megatron.checkpoint import load_megatron, read_hf_weights, save_megatron
 from streamrl.train.megatron.convert import megatron_to_hf_tensor, tp_dim, tp_gather
@@ -63,7 +63,11 @@ class MegatronTrainRank(FSDPTrainRank):
         del hf
         if args.use_torch_compile:  # per decoder layer, as the FSDP rank (kernels.py)
             compile_layers(self.gpt.decoder.layers)
-        model = HFLikeModel(self.gpt, self.arch, bf16=args.bf16, padding_idx=cfg.pad_token_id)
+        # --log-probs-chunk-size (and --qkv-format thd): the response positions through the LM head in chunks, as
+        # the FSDP rank does; with TP > 1 the head's weight is vocabulary-sharded: whole logits instead
+        chunk = max(args.log_probs_chunk_size, 0) or (PACKED_CHUNK if args.qkv_format == "thd" else 0)
+        model = HFLikeModel(self.gpt, self.arch, bf16=args.bf16, padding_idx=cfg.pad_token_id,
+                            log_probs_chunk=chunk if self.tp_size == 1 else 0)
         if self.dp_size > 1:  # gradients averaged over the data-parallel ranks (the step scales losses by DP)
             model = torch.nn.parallel.DistributedDataParallel(model, process_group=self.dp_group)
         self.model = model
