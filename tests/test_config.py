@@ -42,6 +42,19 @@ def test_slime_flag_names_exist():
     assert not missing
 
 
+def test_offload_flags_default_on_with_colocate_as_slime():
+    a = default_args(colocate=True)
+    assert a.offload_train is True and a.offload_rollout is True
+    a = default_args(colocate=True, offload=False)
+    assert a.offload_train is False and a.offload_rollout is False
+    a = default_args(colocate=True, offload=False, offload_rollout=True)
+    assert a.offload_train is False and a.offload_rollout is True
+    a = parse_args(["--hf-checkpoint", "x", "--colocate", "--no-offload-train"])
+    assert a.offload_train is False and a.offload_rollout is True
+    a = default_args()
+    assert a.offload_train is False and a.offload_rollout is False
+
+
 def test_derived_values():
     a = default_args(rollout_batch_size=4, n_samples_per_prompt=4, num_steps_per_rollout=2, eps_clip=0.3)
     assert a.global_batch_size == 8 and a.eps_clip_high == 0.3 and a.rollout_num_engines == 1
@@ -54,6 +67,8 @@ def test_derived_values():
     [
         ({"colocate": True, "rollout_engine": "sglang"}, "--colocate"),
         ({"colocate": True, "train_backend": "megatron", "actor_num_gpus_per_node": 2}, "without data parallelism"),
+        ({"offload_train": True}, "--offload-train .*needs --colocate"),
+        ({"offload": True}, "--offload .*needs --colocate"),
         ({"rollout_temperature": 0.0}, "--rollout-temperature"),
         ({"rollout_num_gpus": 3, "rollout_num_gpus_per_engine": 2}, "--rollout-num-gpus"),
         ({"global_batch_size": 12, "n_samples_per_prompt": 8}, "--n-samples-per-prompt"),

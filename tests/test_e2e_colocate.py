@@ -39,6 +39,28 @@ def test_train_py_colocate_takes_turns(tiny_ckpt, sort_data, tmp_path, backend):
     assert sum(r["colocate_t_train"] - r["colocate_t_release"] for r in steps) < 60
 
 
+@pytest.mark.slow
+def test_no_offload_keeps_trainer_and_engine_resident(tiny_ckpt, sort_data, tmp_path):
+    """slime's --no-offload-train / --no-offload-rollout: the turns stay (engines paused while the trainer
+    trains), nothing moves off the GPU: no offload, onload, release or resume in the step metrics."""
+    train, _ = sort_data
+    run_dir = tmp_path / "run"
+    argv = ["--hf-checkpoint", tiny_ckpt, "--prompt-data", train, "--label-key", "label", "--rm-type", "sort",
+            "--num-rollout", "2", "--rollout-batch-size", "2", "--n-samples-per-prompt", "2",
+            "--rollout-max-response-len", "8", "--micro-batch-size", "4", "--colocate", "--no-offload-train",
+            "--no-offload-rollout", "--run-dir", str(run_dir)]
+    out = subprocess.run([sys.executable, "train.py", *argv], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["ledger"]["trained"] == 2 * 2 and summary["tokens"]["balanced"]
+    steps = [r for r in (json.loads(x) for x in (run_dir / "metrics.jsonl").open()) if "reward" in r and "loss" in r]
+    assert len(steps) == 2 and steps[-1]["version"] == 2
+    moved = ("trainer_offload_time", "trainer_onload_time", "colocate_release_time", "colocate_resume_weights_time",
+             "colocate_resume_kv_time")
+    assert not [k for r in steps for k in moved if k in r]
+    assert all(r["colocate_t_release"] <= r["colocate_t_train"] <= r["colocate_t_sync"] for r in steps)
+
+
 def test_train_async_colocate_is_one_line():
     out = subprocess.run([sys.executable, "train_async.py", "--colocate", "--hf-checkpoint", "x",
                           "--prompt-data", "y"], capture_output=True, text=True, cwd=ROOT, timeout=120,

@@ -28,6 +28,14 @@ class ClusterConfig:
                               "trainer offloads parameters, gradients and optimizer state to the host while they "
                               "generate; weights synced by CUDA IPC. --sglang-mem-fraction-static applies while the "
                               "engine is resident; the trainer gets the whole GPU when it trains.")
+    offload: bool | None = F(None, "slime's: --offload-train and --offload-rollout together (with --colocate).")
+    offload_train: bool | None = F(None, "--colocate: the trainer offloads parameters, gradients and optimizer "
+                                         "state to the host while the engines generate (default on with "
+                                         "--colocate, as slime; --no-offload-train keeps it resident when both fit "
+                                         "and saves the offload's time).")
+    offload_rollout: bool | None = F(None, "--colocate: the engines release their memory while the trainer "
+                                           "trains (default on with --colocate, as slime; --no-offload-rollout "
+                                           "keeps them resident).")
     train_backend: str = F("fsdp", "Training backend.", choices=["fsdp", "megatron"])
     rollout_engine: str = F("embedded", "Inference engine.", choices=["embedded", "sglang"])
     engine_torch_threads: int = F(1, "torch threads per embedded engine process (CPU).")

@@ -116,8 +116,16 @@ def _check_ranges(args: argparse.Namespace) -> None:
 
 
 def _validate_colocate(args: argparse.Namespace) -> None:
-    """--colocate's own rules; train_async.py refuses it outright (train_async._run)."""
+    """--colocate's own rules; train_async.py refuses it outright (train_async._run). slime's offload flags:
+    --offload sets both; with --colocate each defaults to on; without it they have nothing to offload."""
+    for flag in ("offload_train", "offload_rollout"):
+        if getattr(args, flag) is None:
+            setattr(args, flag, args.offload if args.offload is not None else args.colocate)
     if not args.colocate:
+        named = [f for f in ("offload", "offload_train", "offload_rollout") if getattr(args, f)]
+        if named:
+            raise ConfigError(f"--{named[0].replace('_', '-')} takes turns on shared GPUs: it needs --colocate "
+                              f"(train.py).")
         return
     clash = [f for f, on in (("--rollout-engine sglang", args.rollout_engine == "sglang"),
                              ("--debug-rollout-only", args.debug_rollout_only)) if on]

@@ -10,6 +10,10 @@
     (slime's order: offload train -> onload_weights -> update_weights -> onload_kv; here the trainer syncs from
     its device copy, so it goes to the host after the push)
 
+slime's --no-offload-train keeps the trainer resident (no onload/offload), --no-offload-rollout the engines (no
+release/resume; they are paused while the trainer trains all the same): for models where both fit, and the
+trainer's offload is the slow part of a colocated step.
+
 Each step's metrics carry where the time went (`colocate_*_time`) and when each phase began (`colocate_t_*`,
 seconds since the epoch), which scripts/gpu/colocate_memory.py matches with its memory samples.
 """
@@ -29,9 +33,10 @@ KV_TAGS = ["kv_cache", "cuda_graph"]  # slime's onload_kv
 class ColocatedPublisher(WeightPublisher):
     def __init__(self, components: Any, args: argparse.Namespace) -> None:
         super().__init__(components, args.pause_generation_mode)
-        self.released = False  # the engines' memory is given back
+        self.offload_train, self.offload_rollout = args.offload_train, args.offload_rollout
+        self.paused = False  # the engines are paused for training (and their memory given back with offload_rollout)
         self.phases: dict[str, float] = {}
-        if not args.load:  # a resumed job publishes first (begin), and offloads the trainer then
+        if not args.load and self.offload_train:  # a resumed job publishes first (begin), and offloads then
             self.phases.update(self.c.trainer.offload())
         self.phases["colocate_t_generate"] = time.time()
 
@@ -43,25 +48,29 @@ class ColocatedPublisher(WeightPublisher):
 
     def before_train(self) -> None:
         t0 = time.time()
-        if not self.released:
+        if not self.paused:
             self.phases["colocate_t_release"] = t0
             self._engines("/pause_generation", {"mode": "abort"})  # a release needs no running request
-            self.phases["colocate_release_time"] = self._engines("/release_memory_occupation", {})
-            self.released = True
-        self.phases.update(self.c.trainer.onload())
+            if self.offload_rollout:
+                self.phases["colocate_release_time"] = self._engines("/release_memory_occupation", {})
+            self.paused = True
+        if self.offload_train:
+            self.phases.update(self.c.trainer.onload())
         self.phases["colocate_t_train"] = time.time()
 
     def publish(self, version: int) -> dict[str, float]:
         phases, self.phases = self.phases, {}
         phases["colocate_t_sync"] = time.time()
-        if self.released:
+        if self.paused and self.offload_rollout:
             phases["colocate_resume_weights_time"] = self._engines("/resume_memory_occupation", {"tags": ["weights"]})
         stats = super().publish(version)  # onloads the trainer if it slept (a resumed job's first publish)
         phases["colocate_t_offload"] = time.time()
-        phases.update(self.c.trainer.offload())
-        if self.released:
-            phases["colocate_resume_kv_time"] = self._engines("/resume_memory_occupation", {"tags": KV_TAGS})
-            self.released = False
+        if self.offload_train:
+            phases.update(self.c.trainer.offload())
+        if self.paused:
+            if self.offload_rollout:
+                phases["colocate_resume_kv_time"] = self._engines("/resume_memory_occupation", {"tags": KV_TAGS})
+            self.paused = False
         self.phases["colocate_t_generate"] = time.time()
         return {**stats, **phases}
 
