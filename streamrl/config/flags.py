@@ -141,7 +141,10 @@ class RolloutConfig:
     sglang_server_concurrency: int = F(64, "Concurrent requests per engine.")
     rollout_max_groups_in_flight: int | None = F(None, "Groups in flight at once (default: async-buffer-size).")
     custom_rm_path: str | None = F(None, "Reward function `async def rm(args, sample) -> float` or a built-in name.")
-    rm_type: str | None = F(None, "Built-in rule reward (default: each sample's metadata['rm_type']).")
+    rm_type: str | None = F(None, "Built-in rule reward (default: each sample's metadata['rm_type']); remote_rm: "
+                                  "POST {prompt, response, label} to --rm-url and train on its JSON answer.")
+    rm_url: str | None = F(None, "The reward server of --rm-type remote_rm (slime's; its JSON answer is the reward: "
+                                 "a number, or a dict read with --reward-key).")
     reward_key: str | None = F(None, "Key of a dict reward to train on.")
     custom_generate_function_path: str | None = F(None, "`async def generate(args, sample, sampling_params)`.")
     rollout_function_path: str | None = F(None, "slime `generate_rollout(args, rollout_id, data_source, evaluation)`: "

@@ -115,6 +115,11 @@ def _check_ranges(args: argparse.Namespace) -> None:
         raise ConfigError(f"--rollout-top-k must be -1 (off) or >= 1, got {args.rollout_top_k} (SGLang refuses 0).")
 
 
+def _validate_reward(args: argparse.Namespace) -> None:
+    if "remote_rm" in (args.rm_type, args.custom_rm_path) and not args.rm_url:
+        raise ConfigError("--rm-type remote_rm posts each sample to a reward server: give its --rm-url.")
+
+
 def _validate_colocate(args: argparse.Namespace) -> None:
     """--colocate's own rules; train_async.py refuses it outright (train_async._run). slime's offload flags:
     --offload sets both; with --colocate each defaults to on; without it they have nothing to offload."""
@@ -143,6 +148,7 @@ def _validate_colocate(args: argparse.Namespace) -> None:
 def validate(args: argparse.Namespace) -> None:
     """Fill derived values and reject impossible combinations, naming the flag to change."""
     _check_ranges(args)
+    _validate_reward(args)
     _validate_colocate(args)
     if args.debug_rollout_only:
         clash = [f for f, on in (("--load-debug-rollout-data", args.load_debug_rollout_data), ("--save", args.save),

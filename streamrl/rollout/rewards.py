@@ -5,7 +5,9 @@ would poison the weights, None is not a score) into FAILED samples instead of er
 run in a worker thread, so a slow or blocking one never freezes the producers' event loop (and the timeout can
 fire; the thread itself cannot be killed and finishes in the background).
 Built-in `rule`: exact match against `sample.label` for the synthetic tasks (`streamrl.tasks`); the task comes from
-`--rm-type` or the sample's `metadata["rm_type"]`.
+`--rm-type` or the sample's `metadata["rm_type"]`. `remote_rm` (slime's): POST {prompt, response, label} to
+`--rm-url`; the JSON answer is the reward. Connection errors, 429 and 5xx are retried with backoff (up to
+REMOTE_RM_ATTEMPTS tries, within --rm-timeout); any other status fails the sample at once.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import math
 from collections.abc import Awaitable, Callable
 
 import anyio
+import httpx
 
 from streamrl.plugins import load_function
 from streamrl.tasks import TASKS, exact_match_reward
@@ -25,15 +28,43 @@ from streamrl.types import Sample, Status
 RewardFn = Callable[[argparse.Namespace, Sample], Awaitable[float] | float]
 
 
+REMOTE_RM_ATTEMPTS = 10
+REMOTE_RM_BACKOFF_S = 0.2  # doubled per retry, at most 8 s
+
+
+async def remote_rm(args: argparse.Namespace, sample: Sample):
+    """slime's remote reward: the server's JSON answer for {prompt, response, label}."""
+    if not args.rm_url:
+        raise ValueError(f"rm_type remote_rm (sample {sample.index}) needs --rm-url")
+    payload = {"prompt": sample.prompt, "response": sample.response, "label": sample.label}
+    async with httpx.AsyncClient(timeout=args.rm_timeout) as client:
+        for attempt in range(REMOTE_RM_ATTEMPTS):
+            try:
+                resp = await client.post(args.rm_url, json=payload)
+                if resp.status_code != 429 and resp.status_code < 500:
+                    resp.raise_for_status()  # a 4xx: the request itself is wrong, no retry
+                    return resp.json()
+                err: Exception = httpx.HTTPStatusError(f"{args.rm_url}: HTTP {resp.status_code}",
+                                                       request=resp.request, response=resp)
+            except httpx.TransportError as e:
+                err = e
+            if attempt + 1 == REMOTE_RM_ATTEMPTS:
+                raise RuntimeError(f"--rm-url {args.rm_url}: no answer after {REMOTE_RM_ATTEMPTS} tries ({err})")
+            await anyio.sleep(min(REMOTE_RM_BACKOFF_S * 2**attempt, 8.0))
+    raise AssertionError("unreachable")
+
+
 async def rule_reward(args: argparse.Namespace, sample: Sample) -> float:
     rm_type = args.rm_type or sample.metadata.get("rm_type")
+    if rm_type == "remote_rm":
+        return await remote_rm(args, sample)
     if rm_type not in TASKS and rm_type != "exact_match":
         raise ValueError(f"no rule reward for rm_type {rm_type!r} (sample {sample.index}); "
-                         f"choose from {sorted(TASKS) + ['exact_match']} or pass --custom-rm-path")
+                         f"choose from {sorted(TASKS) + ['exact_match', 'remote_rm']} or pass --custom-rm-path")
     return exact_match_reward(sample.response, sample.label)
 
 
-BUILTIN_REWARDS: dict[str, RewardFn] = {"rule": rule_reward, "exact_match": rule_reward}
+BUILTIN_REWARDS: dict[str, RewardFn] = {"rule": rule_reward, "exact_match": rule_reward, "remote_rm": remote_rm}
 
 
 def load_reward_fn(args: argparse.Namespace) -> Callable[[argparse.Namespace, Sample], Awaitable[float]]:
