@@ -123,24 +123,34 @@ def test_resume_is_exact_and_hooks_run(tiny_ckpt, tmp_path, monkeypatch, fmt):
 
 
 def test_ref_load_reads_a_torch_dist_checkpoint(tiny_ckpt, tmp_path):
-    """slime's --ref-load is a Megatron torch_dist directory: the frozen reference gets exactly its weights."""
+    """slime's --ref-load is a Megatron torch_dist directory: the frozen reference gets exactly its weights, of the
+    latest iteration or of --ref-ckpt-step's."""
     rank = make(MegatronTrainRank, tiny_ckpt, train_backend="megatron")
+    trained = []
     try:
-        rank.train_step(batch(0))  # lr 1e-2: the saved weights differ from --hf-checkpoint's
-        rank.save_state(str(tmp_path / "ck"))
-        trained = dict(rank.full_named_parameters())
+        for step in range(2):  # lr 1e-2: the saved weights differ from --hf-checkpoint's and between iterations
+            rank.train_step(batch(step))
+            rank.save_state(str(tmp_path / "ck"))
+            trained.append(dict(rank.full_named_parameters()))
     finally:
         rank.shutdown()
-    ref = make(MegatronTrainRank, tiny_ckpt, train_backend="megatron", use_kl_loss=True, kl_loss_coef=0.1,
-               ref_load=str(tmp_path / "ck"))
+    for step, want in ((None, trained[1]), (1, trained[0])):
+        ref = make(MegatronTrainRank, tiny_ckpt, train_backend="megatron", use_kl_loss=True, kl_loss_coef=0.1,
+                   ref_load=str(tmp_path / "ck"), ref_ckpt_step=step)
+        try:
+            got = dict(ref.ref_model.named_parameters())
+        finally:
+            ref.shutdown()
+        assert want.keys() <= got.keys() and all(torch.equal(got[k], v) for k, v in want.items()), step
+    hf = AutoModelForCausalLM.from_pretrained(tiny_ckpt).state_dict()
+    assert any(not torch.equal(v, hf[k]) for k, v in trained[0].items())
+    bad = MegatronTrainRank(default_args(hf_checkpoint=tiny_ckpt, train_backend="megatron", use_kl_loss=True,
+                                         kl_loss_coef=0.1, ref_load=str(tmp_path / "ck"), ref_ckpt_step=7), 0, 1)
     try:
-        got = dict(ref.ref_model.named_parameters())
+        with pytest.raises(FileNotFoundError, match="no iteration 7"):
+            bad.init(*bad.master_address())
     finally:
-        ref.shutdown()
-    assert trained.keys() <= got.keys()
-    assert all(torch.equal(got[k], v) for k, v in trained.items())
-    assert any(not torch.equal(v, AutoModelForCausalLM.from_pretrained(tiny_ckpt).state_dict()[k])
-               for k, v in trained.items())
+        bad.shutdown()
 
 
 @pytest.mark.parametrize("fmt", ["torch_dist", "torch"])

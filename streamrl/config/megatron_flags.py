@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from streamrl.config.field import F
 
 # the flags that only the Megatron backend reads: set with --train-backend fsdp they would be silently ignored
-_MEGATRON_ONLY = ("context_parallel_size", "sequence_parallel", "no_save_optim", "ckpt_format",
+_MEGATRON_ONLY = ("context_parallel_size", "sequence_parallel", "no_save_optim", "ckpt_format", "ref_ckpt_step",
+                  "opd_teacher_ckpt_step",
                   "custom_megatron_init_path", "custom_megatron_before_train_step_hook_path",
                   "custom_megatron_before_log_prob_hook_path")
 
@@ -47,6 +48,9 @@ class MegatronConfig:
     disable_bias_linear: bool = F(False, "No biases in the linear layers (Qwen3, Llama).")
     no_save_optim: bool = F(False, "Megatron checkpoints without the optimizer state (a resume then restarts the "
                                    "optimizer).")
+    ref_ckpt_step: int | None = F(None, "With a Megatron checkpoint as --ref-load: its iteration to read (default: "
+                                        "latest_checkpointed_iteration.txt's).")
+    opd_teacher_ckpt_step: int | None = F(None, "The same for a Megatron checkpoint as --opd-teacher-load.")
     ckpt_format: str = F("torch_dist", "Megatron checkpoint format of --save: torch_dist (Megatron's and slime's "
                                        "default, dist_checkpointing; TP-size independent) or torch (one file per TP "
                                        "rank). --load and --ref-load read either.", choices=["torch_dist", "torch"])

@@ -52,13 +52,15 @@ def load_megatron(root: str | Path, tp_rank: int, iteration: int | None = None) 
     return torch.load(f, map_location="cpu", weights_only=False)
 
 
-def read_hf_weights(root: str | Path, arch: Arch | None = None) -> dict[str, torch.Tensor]:
-    """The latest iteration's model in full under HF names (padding removed), from either format: torch (every TP
-    rank's file gathered) or torch_dist. `arch` is needed only for a checkpoint that streamrl did not write."""
-    if is_torch_dist(root):
-        extra = read_extra(root)
-        return megatron_to_hf(read_model(root), Arch(**extra["arch"]) if "arch" in extra else _need(arch, root))
-    first = load_megatron(root, 0)
+def read_hf_weights(root: str | Path, arch: Arch | None = None, iteration: int | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """The latest (or given) iteration's model in full under HF names (padding removed), from either format: torch
+    (every TP rank's file gathered) or torch_dist. `arch` is needed only for a checkpoint streamrl did not write."""
+    if is_torch_dist(root, iteration):
+        extra = read_extra(root, iteration)
+        model = read_model(root, iteration)
+        return megatron_to_hf(model, Arch(**extra["arch"]) if "arch" in extra else _need(arch, root))
+    first = load_megatron(root, 0, iteration)
     files = sorted(rank_file(root, first["iteration"], 0).parent.parent.glob("mp_rank_*/model_optim_rng.pt"))
     models = [first["model"]] + [torch.load(f, map_location="cpu", weights_only=False)["model"] for f in files[1:]]
     full = {k: tp_gather(k, [m[k] for m in models]) for k in first["model"]}

@@ -41,12 +41,24 @@ def iter_dir(root: str | Path, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 
 
-def is_torch_dist(path: str | Path) -> bool:
-    """An iteration directory in torch_dist format, or a root whose latest iteration is one."""
+def resolve_iter(path: str | Path, iteration: int | None = None) -> Path:
+    """The iteration directory: `path` itself, or under a checkpoint root its `iteration` (slime's --ckpt-step,
+    --ref-ckpt-step) or else the latest one."""
     p = Path(path)
+    if iteration is not None:
+        d = iter_dir(p, iteration)
+        if not d.is_dir():
+            have = sorted(x.name for x in p.glob("iter_*"))
+            raise FileNotFoundError(f"{p}: no iteration {iteration} (has {have})")
+        return d
     if (p / LATEST).exists():
-        p = iter_dir(p, int((p / LATEST).read_text().strip()))
-    return (p / "metadata.json").exists()
+        return iter_dir(p, int((p / LATEST).read_text().strip()))
+    return p
+
+
+def is_torch_dist(path: str | Path, iteration: int | None = None) -> bool:
+    """An iteration directory in torch_dist format, or a root whose latest (or given) iteration is one."""
+    return (resolve_iter(path, iteration) / "metadata.json").exists()
 
 
 @contextmanager
@@ -134,13 +146,10 @@ def load_torch_dist(root: str | Path, gpt: Any, opt: Any | None) -> dict[str, An
     return common["streamrl"]
 
 
-def read_model(root: str | Path) -> dict[str, torch.Tensor]:
-    """The latest iteration's model in full, in one process without torch.distributed: Megatron local-spec names
-    per layer (`decoder.layers.3.input_layernorm.weight`), the vocabulary still padded."""
-    p = Path(root)
-    if (p / LATEST).exists():
-        p = iter_dir(p, int((p / LATEST).read_text().strip()))
-    reader = FileSystemReader(str(p))
+def read_model(root: str | Path, iteration: int | None = None) -> dict[str, torch.Tensor]:
+    """The latest (or given) iteration's model in full, in one process without torch.distributed: Megatron
+    local-spec names per layer (`decoder.layers.3.input_layernorm.weight`), the vocabulary still padded."""
+    reader = FileSystemReader(str(resolve_iter(root, iteration)))
     meta = reader.read_metadata().state_dict_metadata
     want = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
             if isinstance(m, TensorStorageMetadata) and not k.startswith("optimizer.")}
@@ -159,9 +168,7 @@ def read_model(root: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_extra(root: str | Path) -> dict[str, Any]:
-    """streamrl's entry of the latest iteration's common.pt (empty for a checkpoint another program wrote)."""
-    p = Path(root)
-    if (p / LATEST).exists():
-        p = iter_dir(p, int((p / LATEST).read_text().strip()))
-    return torch.load(p / "common.pt", map_location="cpu", weights_only=False).get("streamrl", {})
+def read_extra(root: str | Path, iteration: int | None = None) -> dict[str, Any]:
+    """streamrl's entry of an iteration's common.pt (empty for a checkpoint another program wrote)."""
+    common = resolve_iter(root, iteration) / "common.pt"
+    return torch.load(common, map_location="cpu", weights_only=False).get("streamrl", {})

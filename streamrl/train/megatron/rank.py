@@ -74,9 +74,9 @@ class MegatronTrainRank(FSDPTrainRank):
         params = list(self.gpt.parameters())
         self.opt = self._optimizer(params)
         if args.use_kl_loss or args.kl_coef > 0:
-            self.ref_model = self._frozen(args.ref_load or args.hf_checkpoint)
+            self.ref_model = self._frozen(args.ref_load or args.hf_checkpoint, args.ref_ckpt_step)
         if args.use_opd or args.advantage_estimator == "on_policy_distillation":
-            self.teacher = self._frozen(args.opd_teacher_load)
+            self.teacher = self._frozen(args.opd_teacher_load, args.opd_teacher_ckpt_step)
         if args.advantage_estimator == "ppo":
             self._build_critic()
         self.pad_id = cfg.pad_token_id or 0
@@ -103,17 +103,20 @@ class MegatronTrainRank(FSDPTrainRank):
         module = getattr(self.critic, "module", self.critic)
         return {"critic": module.state_dict(), "critic_optim": self.critic_opt.state_dict()}
 
-    def _frozen(self, path: str) -> Any:
+    def _frozen(self, path: str, iteration: int | None = None) -> Any:
         """A frozen HF model (reference, teacher) from an HF directory or a Megatron checkpoint of the same
         architecture (either format; slime's --ref-load is a torch_dist one)."""
         kw = {"dtype": torch.bfloat16 if self.args.bf16 else torch.float32, **attention_options(self.args)}
         if not (Path(path) / "config.json").exists() and (Path(path) / LATEST).exists():
             m = AutoModelForCausalLM.from_pretrained(self.args.hf_checkpoint, **kw)
-            missing, unexpected = m.load_state_dict(read_hf_weights(path, self.arch), strict=False)
+            missing, unexpected = m.load_state_dict(read_hf_weights(path, self.arch, iteration), strict=False)
             if unexpected or [k for k in missing if k != "lm_head.weight"]:
                 raise ValueError(f"{path}: not a Megatron checkpoint of --hf-checkpoint's architecture "
                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         else:
+            if iteration is not None:
+                raise ValueError(f"--ref-ckpt-step / --opd-teacher-ckpt-step {iteration}: {path} is not a Megatron "
+                                 "checkpoint (no latest_checkpointed_iteration.txt)")
             m = AutoModelForCausalLM.from_pretrained(path, **kw)
         return m.to(self.device).eval().requires_grad_(False)
 
