@@ -174,6 +174,8 @@ class _Job:
         summary.update(buffer=ray.get(c.buffer.stats.remote()), version=self.version, sync_mode=sync_mode)
         if args.save:
             c.trainer.save_hf(args.save)
+        if args.save_hf and not args.save_interval:  # with it, every checkpoint (the final one too) exported
+            c.trainer.save_hf(args.save_hf.format(rollout_id=total))
         summary["plot"] = str(plot_run(Path(summary["run_dir"])))
         self.logger.log({"summary": summary})
         (Path(summary["run_dir"]) / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -87,6 +87,8 @@ def save_checkpoint(c: Any, root: str, step: int, version: int, metrics_offset: 
     atomic_write(tmp / "producers.msgpack", msgspec.msgpack.encode(
         {"source": prod["source"], "regenerate": encode(regen), "partials": encode(partials)}))
     c.trainer.save_state(str(tmp / "trainer.pt"))
+    if args.save_hf:  # slime's --save-hf: an HF export next to each checkpoint
+        c.trainer.save_hf(args.save_hf.format(rollout_id=step))
     meta = {"step": step, "version": version, "metrics_offset": metrics_offset, "regenerate": len(regen),
             "partials": len(partials), "weights_published": step % args.update_weights_interval == 0,
             "flags": {k: getattr(args, k) for k in PACING_FLAGS}}

@@ -68,6 +68,7 @@ def test_derived_values():
         ({"colocate": True, "rollout_engine": "sglang"}, "--colocate"),
         ({"colocate": True, "train_backend": "megatron", "actor_num_gpus_per_node": 2}, "without data parallelism"),
         ({"offload_train": True}, "--offload-train .*needs --colocate"),
+        ({"save_hf": "out/{step}"}, "--save-hf"),
         ({"offload": True}, "--offload .*needs --colocate"),
         ({"rollout_temperature": 0.0}, "--rollout-temperature"),
         ({"rollout_num_gpus": 3, "rollout_num_gpus_per_engine": 2}, "--rollout-num-gpus"),

@@ -35,7 +35,8 @@ def test_resume_loses_nothing_and_replays_nothing(ray_cluster, tiny_ckpt, sort_d
 
     from pipelines.async_loop import run
 
-    s1 = run(_args(tiny_ckpt, sort_data, tmp_path, num_rollout=K, run_dir=str(tmp_path / "run1")))
+    s1 = run(_args(tiny_ckpt, sort_data, tmp_path, num_rollout=K, run_dir=str(tmp_path / "run1"),
+                   save_hf=str(tmp_path / "hf" / "iter_{rollout_id}")))
     ckpt = tmp_path / "ckpt"
     assert (ckpt / "latest").read_text() == f"step_{K}" and (ckpt / "step_2").is_dir()
     meta1 = json.loads((ckpt / f"step_{K}" / "meta.json").read_text())
@@ -46,6 +47,10 @@ def test_resume_loses_nothing_and_replays_nothing(ray_cluster, tiny_ckpt, sort_d
     saved = torch.load(ckpt / f"step_{K}" / "trainer.pt", weights_only=False)["policy"]
     hf = AutoModelForCausalLM.from_pretrained(str(ckpt)).state_dict()
     assert all(torch.equal(saved[k], hf[k]) for k in saved if k in hf)
+    # --save-hf: an HF export with each checkpoint, the step in its name
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [f"iter_{k}" for k in range(2, K + 1, 2)]
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf" / f"iter_{K}")).state_dict()
+    assert all(torch.equal(saved[k], exported[k]) for k in saved if k in exported)
 
     s2 = run(_args(tiny_ckpt, sort_data, tmp_path, num_rollout=TOTAL, load=str(ckpt), run_dir=str(tmp_path / "run1")))
     assert s2["resumed_from"]["step"] == K

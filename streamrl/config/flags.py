@@ -331,6 +331,9 @@ class TrainConfig:
                                "directory (<save>/step_<k>/, `latest` names the newest).")
     save_interval: int | None = F(None, "Write a resumable checkpoint to --save every this many train steps (and "
                                         "at the end).")
+    save_hf: str | None = F(None, "slime's: also export the policy as an HF checkpoint with every --save-interval "
+                                  "checkpoint (or once at the end without it), to this path; {rollout_id} in it "
+                                  "becomes the train step (e.g. out/hf/iter_{rollout_id}).")
     load: str | None = F(None, "Resume from the latest checkpoint in this directory (written by --save-interval).")
     ckpt_step: int | None = F(None, "With --load: resume from step_<k> instead of the latest checkpoint (Megatron's "
                                     "--ckpt-step).")

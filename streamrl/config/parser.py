@@ -190,6 +190,11 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError("--rollout-temperature must be > 0 (the trainer divides logits by it).")
     if args.save_interval is not None and (args.save_interval < 1 or not args.save):
         raise ConfigError("--save-interval needs --save DIR (the checkpoint directory) and must be >= 1.")
+    if args.save_hf is not None:
+        try:
+            args.save_hf.format(rollout_id=0)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"--save-hf {args.save_hf!r}: the only placeholder is {{rollout_id}} ({e!r})") from None
     if args.ckpt_step is not None and not args.load:
         raise ConfigError("--ckpt-step picks a checkpoint to resume from: it needs --load DIR.")
     if args.keep_latest_k < 0:
