@@ -220,6 +220,11 @@ class AlgoConfig:
     eps_clip: float = F(0.2, "PPO clip range.")
     eps_clip_high: float | None = F(None, "Upper clip range (DAPO clip-higher); default --eps-clip.")
     eps_clip_c: float | None = F(None, "Dual-clip PPO: bound the loss of negative-advantage tokens by c*|A| (c > 1).")
+    only_train_params_name_list: list[str] | None = F(None, "slime's: train only the parameters whose names match "
+                                                              "one of these regular expressions (re.search; HF names "
+                                                              "under fsdp, Megatron names under megatron).")
+    freeze_params_name_list: list[str] | None = F(None, "slime's: freeze the parameters whose names match one of "
+                                                          "these regular expressions.")
     use_kl_loss: bool = F(False, "Add a KL penalty to a frozen reference model.")
     ref_load: str | None = F(None, "Reference model for --use-kl-loss / --kl-coef (slime's flag): an HF checkpoint "
                                    "directory, or with --train-backend megatron also a Megatron checkpoint "

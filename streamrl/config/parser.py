@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 
 from streamrl.config.flags import GROUPS, all_fields
 
@@ -190,6 +191,15 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError("--rollout-temperature must be > 0 (the trainer divides logits by it).")
     if args.save_interval is not None and (args.save_interval < 1 or not args.save):
         raise ConfigError("--save-interval needs --save DIR (the checkpoint directory) and must be >= 1.")
+    if args.only_train_params_name_list and args.freeze_params_name_list:
+        raise ConfigError("--only-train-params-name-list and --freeze-params-name-list exclude each other (as in "
+                          "slime): give one.")
+    for flag in ("only_train_params_name_list", "freeze_params_name_list"):
+        for pat in getattr(args, flag) or []:
+            try:
+                re.compile(pat)
+            except re.error as e:
+                raise ConfigError(f"--{flag.replace('_', '-')} {pat!r}: not a regular expression ({e})") from None
     if args.save_hf is not None:
         try:
             args.save_hf.format(rollout_id=0)

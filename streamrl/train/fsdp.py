@@ -34,6 +34,7 @@ from streamrl.plugins import load_function
 from streamrl.sync.select import resolve, stage
 from streamrl.train.batch import TrainBatch
 from streamrl.train.critic import ValueModel
+from streamrl.train.freeze import freeze_params
 from streamrl.train.kernels import attention_options, speed_up
 from streamrl.train.offload import RankOffload
 from streamrl.train.onpolicy import engine_replay_log_probs
@@ -101,8 +102,10 @@ class FSDPTrainRank(RankOffload):
                                                            ).to(self.device))
         if args.recompute_granularity == "full":  # Megatron's full recompute = checkpointing every decoder layer
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.frozen_params = freeze_params(model.named_parameters(), args.only_train_params_name_list,
+                                           args.freeze_params_name_list)  # before sharding: HF names
         self.model = shard(model, model.model.layers)
-        self.opt = self._optimizer(model.parameters())
+        self.opt = self._optimizer([p for p in model.parameters() if p.requires_grad])
         if args.use_kl_loss or args.kl_coef > 0:
             self.ref_model = frozen(args.ref_load or args.hf_checkpoint)
         if args.use_opd or args.advantage_estimator == "on_policy_distillation":

@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from streamrl.plugins import load_function
 from streamrl.train.batch import TrainBatch
 from streamrl.train.critic import ValueModel
+from streamrl.train.freeze import freeze_params
 from streamrl.train.fsdp import PACKED_CHUNK, FSDPTrainRank
 from streamrl.train.kernels import attention_options, compile_layers
 from streamrl.train.megatron.checkpoint import load_megatron, read_hf_weights, save_megatron
@@ -72,7 +73,9 @@ class MegatronTrainRank(FSDPTrainRank):
             model = torch.nn.parallel.DistributedDataParallel(model, process_group=self.dp_group)
         self.model = model
         params = list(self.gpt.parameters())
-        self.opt = self._optimizer(params)
+        self.frozen_params = freeze_params(self.gpt.named_parameters(), args.only_train_params_name_list,
+                                           args.freeze_params_name_list)  # Megatron names, as slime
+        self.opt = self._optimizer([p for p in params if p.requires_grad])
         if args.use_kl_loss or args.kl_coef > 0:
             self.ref_model = self._frozen(args.ref_load or args.hf_checkpoint, args.ref_ckpt_step)
         if args.use_opd or args.advantage_estimator == "on_policy_distillation":
