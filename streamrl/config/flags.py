@@ -231,6 +231,8 @@ class AlgoConfig:
                                    "(torch_dist or torch) of --hf-checkpoint's architecture. Default: "
                                    "--hf-checkpoint.")
     kl_loss_coef: float = F(0.0, "KL loss coefficient.")
+    ref_update_interval: int | None = F(None, "slime's: the reference model takes the policy's weights every this "
+                                              "many train steps (checkpoints keep the reference then).")
     kl_loss_type: str = F("low_var_kl", "KL estimator.", choices=["k1", "k2", "k3", "low_var_kl"])
     use_unbiased_kl: bool = F(False, "With --use-kl-loss: multiply each token's KL estimate by the importance ratio "
                                      "pi_theta/pi_old = exp(logp - logp_old) (DeepSeek-V3.2), which makes the "

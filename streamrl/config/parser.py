@@ -191,6 +191,10 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError("--rollout-temperature must be > 0 (the trainer divides logits by it).")
     if args.save_interval is not None and (args.save_interval < 1 or not args.save):
         raise ConfigError("--save-interval needs --save DIR (the checkpoint directory) and must be >= 1.")
+    if args.ref_update_interval is not None and (args.ref_update_interval < 1 or not (args.use_kl_loss
+                                                                                     or args.kl_coef > 0)):
+        raise ConfigError("--ref-update-interval refreshes the reference model of --use-kl-loss / --kl-coef (give "
+                          "one) and must be >= 1.")
     if args.only_train_params_name_list and args.freeze_params_name_list:
         raise ConfigError("--only-train-params-name-list and --freeze-params-name-list exclude each other (as in "
                           "slime): give one.")

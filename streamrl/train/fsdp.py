@@ -223,6 +223,7 @@ class FSDPTrainRank(RankOffload):
         result["skipped_optimizer_steps"] = self.skipped_steps
         t_opt = t_end_bwd = time.time()
         self.steps_done += 1
+        self._maybe_refresh_ref()
         # each part's actor metrics are means over that part: average them (bucket sums and the critic's are exact)
         div = {k: 1 if k.startswith("mismatch_sum/") else len(parts) for k in sums}
         sums.update(critic_sums)
@@ -259,8 +260,10 @@ class FSDPTrainRank(RankOffload):
         return micro_batches(local, args.micro_batch_size, self.device, max_tokens=budget, min_micro_batches=n_mb,
                              packed=packed)
 
-    def full_named_parameters(self, keep_on_device: bool = False) -> list[tuple[str, Any]] | None:
-        """Gather every parameter in full (collective on all ranks); rank 0 gets CPU tensors, others None."""
+    def full_named_parameters(self, keep_on_device: bool = False, all_ranks: bool = False
+                              ) -> list[tuple[str, Any]] | None:
+        """Gather every parameter in full (collective on all ranks); rank 0 (every rank with `all_ranks`) gets CPU
+        tensors (device ones with `keep_on_device`), the others None."""
         gathered = []
         for name, p in self.model.named_parameters():
             if not hasattr(p, "full_tensor"):
@@ -269,9 +272,26 @@ class FSDPTrainRank(RankOffload):
                 t = p.to_local()  # the whole tensor already: no gather, no copy
             else:
                 t = p.full_tensor()
-            if self.rank == 0:
+            if self.rank == 0 or all_ranks:
                 gathered.append((name, t.detach() if keep_on_device else t.detach().to("cpu", copy=True)))
-        return gathered if self.rank == 0 else None
+        return gathered if self.rank == 0 or all_ranks else None
+
+    def _maybe_refresh_ref(self) -> None:
+        """slime's --ref-update-interval: every N train steps the reference model takes the policy's weights (all
+        ranks: the frozen models are whole on each)."""
+        n = self.args.ref_update_interval
+        if self.ref_model is None or not n or self.steps_done % n:
+            return
+        ref = dict(self.ref_model.named_parameters())
+        with torch.no_grad():
+            for name, t in self.full_named_parameters(keep_on_device=True, all_ranks=True):
+                ref[name].copy_(t)
+
+    def _ref_state(self) -> dict[str, Any]:
+        """The reference model's weights when --ref-update-interval changes them (a resume restores them)."""
+        if self.ref_model is None or not self.args.ref_update_interval:
+            return {}
+        return {"ref": {k: v.detach().to("cpu", copy=True) for k, v in self.ref_model.state_dict().items()}}
 
     def stage_weights(self, version: int) -> dict[str, float]:
         """Sync phase 1 (collective): gather the full weights and stage them for the transport (rank 0) while the
@@ -308,7 +328,7 @@ class FSDPTrainRank(RankOffload):
         temp file and a rename). Loadable on any number of ranks by `load_state`."""
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state: dict[str, Any] = {"steps_done": self.steps_done}
+        state: dict[str, Any] = {"steps_done": self.steps_done, **self._ref_state()}
         for key, model, opt in (("policy", self.model, self.opt), ("critic", self.critic, self.critic_opt)):
             if model is not None:
                 state[key], state[key + "_optim"] = get_state_dict(model, opt, options=opts)
@@ -327,6 +347,8 @@ class FSDPTrainRank(RankOffload):
                 set_state_dict(model, opt, model_state_dict=state[key], optim_state_dict=state[key + "_optim"],
                                options=opts)
         self.steps_done = int(state["steps_done"])
+        if "ref" in state and self.ref_model is not None:
+            self.ref_model.load_state_dict(state["ref"])
 
     def shutdown(self) -> None:
 

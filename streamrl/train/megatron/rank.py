@@ -163,9 +163,11 @@ class MegatronTrainRank(FSDPTrainRank):
         torch.nn.utils.clip_grads_with_norm_([p for _, p in named], self.args.clip_grad, total)
         return total
 
-    def full_named_parameters(self, keep_on_device: bool = False) -> list[tuple[str, Any]] | None:
+    def full_named_parameters(self, keep_on_device: bool = False, all_ranks: bool = False
+                              ) -> list[tuple[str, Any]] | None:
         """Every tensor gathered over TP and converted to its HF name(s), vocabulary padding removed (collective
-        on all ranks); global rank 0 gets them (CPU unless `keep_on_device`), the others None."""
+        on all ranks); global rank 0 (every rank with `all_ranks`) gets them (CPU unless `keep_on_device`), the
+        others None."""
         group = parallel_state.get_tensor_model_parallel_group()
         out: list[tuple[str, Any]] = []
         for name, t in self.gpt.state_dict().items():
@@ -176,17 +178,17 @@ class MegatronTrainRank(FSDPTrainRank):
                 shards = [torch.empty_like(t) for _ in range(self.tp_size)]
                 dist.all_gather(shards, t.contiguous(), group=group)
                 t = tp_gather(name, shards)
-            if self.rank == 0:
+            if self.rank == 0 or all_ranks:
                 for hf_name, x in megatron_to_hf_tensor(name, t, self.arch):
                     out.append((hf_name, x if keep_on_device else x.to("cpu", copy=True)))
-        return out if self.rank == 0 else None
+        return out if self.rank == 0 or all_ranks else None
 
     def save_state(self, path: str) -> None:
         """Megatron's layout in the directory `path`, in --ckpt-format: torch_dist (dist_ckpt.py; every rank takes
         part) or torch (checkpoint.py; data-parallel rank 0 of each TP rank writes its shard)."""
         optimizer = None if self.args.no_save_optim else self.opt
         extra = {"steps_done": self.steps_done, "skipped_steps": self.skipped_steps,
-                 "arch": dataclasses.asdict(self.arch), **self._critic_states()}  # the critic: replicated, whole
+                 "arch": dataclasses.asdict(self.arch), **self._critic_states(), **self._ref_state()}  # replicated
         if self.args.ckpt_format == "torch_dist":
             save_torch_dist(path, self.steps_done, self.gpt, optimizer, extra)
             return
@@ -207,6 +209,8 @@ class MegatronTrainRank(FSDPTrainRank):
             extra = state["streamrl"]
         self.steps_done = int(extra["steps_done"])
         self.skipped_steps = int(extra["skipped_steps"])
+        if "ref" in extra and self.ref_model is not None:
+            self.ref_model.load_state_dict(extra["ref"])
         if self.critic is not None:
             if "critic" not in extra:
                 raise ValueError(f"{path}: a checkpoint without the PPO critic (--advantage-estimator ppo)")
