@@ -55,6 +55,15 @@ def test_offload_flags_default_on_with_colocate_as_slime():
     assert a.offload_train is False and a.offload_rollout is False
 
 
+def test_slime_debug_and_decoding_flags():
+    assert default_args().rollout_skip_special_tokens is True  # streamrl's default (slime keeps them)
+    assert parse_args(["--hf-checkpoint", "x", "--no-rollout-skip-special-tokens"]).rollout_skip_special_tokens is False
+    with pytest.raises(ConfigError, match="--debug-train-only .*--load-debug-rollout-data"):
+        default_args(debug_train_only=True)
+    assert default_args(load_debug_rollout_data="d/r_{rollout_id}.msgpack").debug_train_only is True
+    assert default_args().debug_train_only is False
+
+
 def test_derived_values():
     a = default_args(rollout_batch_size=4, n_samples_per_prompt=4, num_steps_per_rollout=2, eps_clip=0.3)
     assert a.global_batch_size == 8 and a.eps_clip_high == 0.3 and a.rollout_num_engines == 1

@@ -128,6 +128,10 @@ class RolloutConfig:
     rollout_temperature: float = F(1.0, "Sampling temperature (> 0).")
     rollout_top_p: float = F(1.0, "Nucleus sampling p.")
     rollout_top_k: int = F(-1, "Top-k sampling (-1: off).")
+    rollout_skip_special_tokens: bool | None = F(None, "Strip special tokens from the response text that rewards "
+                                                       "see (slime's flag; its default keeps them, streamrl's "
+                                                       "strips them: --no-rollout-skip-special-tokens keeps them). "
+                                                       "The trained tokens are the same either way.")
     rollout_stop: list[str] | None = F(None, "Stop strings (SGLang's `stop`): generation ends once the response text "
                                              "contains one; the string is kept in the response (no_stop_trim).",
                                        nargs="*")
@@ -379,6 +383,8 @@ class LogConfig:
     load_debug_rollout_data: str | None = F(
         None, "slime's flag: train --num-rollout steps on files written by --save-debug-rollout-data (same "
               "template) with no engines and no weight sync (slime's --debug-train-only); pipelines/debug_train.py.")
+    debug_train_only: bool = F(False, "slime's flag: train with no engines, on --load-debug-rollout-data's files "
+                                      "(which implies it).")
 
 
 GROUPS: dict[str, type] = {

@@ -158,6 +158,12 @@ def validate(args: argparse.Namespace) -> None:
         if clash:
             raise ConfigError(f"--debug-rollout-only runs no trainer: drop {clash[0]}.")
         args.max_staleness = 2**31 - 1  # the weights never change: admission is bounded by the buffer alone
+    if args.debug_train_only and not args.load_debug_rollout_data:
+        raise ConfigError("--debug-train-only trains on saved rollouts: give --load-debug-rollout-data (files written "
+                          "by --save-debug-rollout-data).")
+    args.debug_train_only = bool(args.load_debug_rollout_data)  # slime: loading debug rollouts means train only
+    if args.rollout_skip_special_tokens is None:
+        args.rollout_skip_special_tokens = True
     if args.load_debug_rollout_data and args.save_debug_rollout_data:
         raise ConfigError("--load-debug-rollout-data trains on saved rollouts; --save-debug-rollout-data would "
                           "write rollouts that are not generated: use one of them.")

@@ -85,7 +85,8 @@ async def _dataset(mgr: Any, cache: dict, name: str, path: str,
         for s in samples:
             tg.start_soon(_one, mgr, s, params)
     for s in samples:
-        s.response = mgr.tokenizer.decode(s.tokens[s.prompt_length:], skip_special_tokens=True)
+        s.response = mgr.tokenizer.decode(s.tokens[s.prompt_length:],
+                                         skip_special_tokens=mgr.args.rollout_skip_special_tokens)
     await score_group(a, samples, mgr.reward_fn, mgr.group_reward_fn)
     ok = [s for s in samples if s.status != Status.FAILED]
     rewards = [s.get_reward_value(a.eval_reward_key or a.reward_key) for s in ok]

@@ -282,7 +282,8 @@ class RolloutManager:
         """Decode, score, filter and queue a generated group; True if it reached the buffer."""
 
         for s in group:
-            s.response = self.tokenizer.decode(s.tokens[s.prompt_length:], skip_special_tokens=True)
+            s.response = self.tokenizer.decode(s.tokens[s.prompt_length:],
+                                               skip_special_tokens=self.args.rollout_skip_special_tokens)
         errors = await score_group(self.args, group, self.reward_fn, self.group_reward_fn)
         if errors:  # counted, logged and kept in the ledger; never silently dropped, never fatal
             failed = [s for s in group if s.status == Status.FAILED]

@@ -174,7 +174,6 @@ class HFLikeModel(torch.nn.Module):
             logits = _GatherVocab.apply(logits)
         return logits[..., : self.arch.vocab_size]
 
-
     def get_output_embeddings(self) -> MegatronChunkedHead | None:
         """What the log-prob functions look for (algos/logprobs.py, train/packed.py): the chunked head or None."""
         return self.head
