@@ -235,6 +235,8 @@ class AlgoConfig:
                                    "(torch_dist or torch) of --hf-checkpoint's architecture. Default: "
                                    "--hf-checkpoint.")
     kl_loss_coef: float = F(0.0, "KL loss coefficient.")
+    reset_optimizer_states: bool = F(False, "slime's: every train step (rollout) starts the policy's optimizer from "
+                                            "fresh state (Adam's moments and step count).")
     ref_update_interval: int | None = F(None, "slime's: the reference model takes the policy's weights every this "
                                               "many train steps (checkpoints keep the reference then).")
     kl_loss_type: str = F("low_var_kl", "KL estimator.", choices=["k1", "k2", "k3", "low_var_kl"])

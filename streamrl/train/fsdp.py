@@ -218,6 +218,8 @@ class FSDPTrainRank(RankOffload):
             self.opt.zero_grad(set_to_none=True)
 
         self.opt.zero_grad(set_to_none=True)
+        if args.reset_optimizer_states:  # slime's: every train step starts from fresh moments and step count
+            self.opt.state.clear()
         sums.update(runner.actor_steps(per_part, [p.num_rollouts() for p in parts], opt_step))
         result["grad_norm"] = sum(norms) / len(norms)
         result["skipped_optimizer_steps"] = self.skipped_steps
