@@ -6,7 +6,8 @@ checkpoint intact; the next save removes the leftovers, and `--keep-latest-k` pr
 It holds:
 
     trainer.pt         model + optimizer (+ critic) as full state dicts (any number of FSDP ranks can load it);
-                       with --train-backend megatron a directory in Megatron's layout (train/megatron/checkpoint.py)
+    trainer/           instead, with --train-backend megatron: a Megatron checkpoint directory (--ckpt-format;
+                       train/megatron/); checkpoints of earlier versions kept it under the name trainer.pt
     buffer.msgpack     the RolloutBuffer's state: queued groups, ledger, version, replay, stashed partials
     producers.msgpack  the data source cursor, the groups to resume (partials, with their prefixes) and the
                        groups to regenerate (in flight at the checkpoint: their pristine prompts)
@@ -86,7 +87,7 @@ def save_checkpoint(c: Any, root: str, step: int, version: int, metrics_offset: 
         raise RuntimeError(f"checkpoint: in-flight groups unknown to the producers: {sorted(missing)[:5]}")
     atomic_write(tmp / "producers.msgpack", msgspec.msgpack.encode(
         {"source": prod["source"], "regenerate": encode(regen), "partials": encode(partials)}))
-    c.trainer.save_state(str(tmp / "trainer.pt"))
+    c.trainer.save_state(str(tmp / ("trainer" if args.train_backend == "megatron" else "trainer.pt")))
     if args.save_hf:  # slime's --save-hf: an HF export next to each checkpoint
         c.trainer.save_hf(args.save_hf.format(rollout_id=step))
     meta = {"step": step, "version": version, "metrics_offset": metrics_offset, "regenerate": len(regen),
@@ -123,7 +124,7 @@ def load_checkpoint(c: Any, root: str, args: Any) -> dict[str, Any]:
     meta = latest_meta(root, args.ckpt_step)
     meta["changed_flags"] = check_flags(meta, args)
     d = Path(meta["dir"])
-    c.trainer.load_state(str(d / "trainer.pt"))
+    c.trainer.load_state(str(trainer_state(d)))
     ray.get(c.buffer.load.remote(str(d / "buffer.msgpack")))
     prod = msgspec.msgpack.decode((d / "producers.msgpack").read_bytes())
     partials, regen = decode_groups(prod["partials"]), decode_groups(prod["regenerate"])
@@ -138,10 +139,16 @@ def load_checkpoint(c: Any, root: str, args: Any) -> dict[str, Any]:
     return meta
 
 
+def trainer_state(d: Path) -> Path:
+    """The trainer's part of a checkpoint directory: `trainer/` (Megatron) or `trainer.pt` (FSDP, and Megatron
+    checkpoints of earlier versions)."""
+    return d / "trainer" if (d / "trainer").is_dir() else d / "trainer.pt"
+
+
 def saved_weight_diff(c: Any, d: str | os.PathLike) -> float:
     """Largest |trainer - checkpoint| over the policy's parameters (0.0: the load restored them exactly)."""
-    path = Path(d) / "trainer.pt"
-    if path.is_dir():  # --train-backend megatron: Megatron's layout in that directory
+    path = trainer_state(Path(d))
+    if path.is_dir():  # --train-backend megatron: a Megatron checkpoint in that directory
         saved = read_hf_weights(path)
     else:
         saved = torch.load(path, map_location="cpu", weights_only=False)["policy"]

@@ -173,3 +173,14 @@ def test_ckpt_step_picks_a_checkpoint_or_names_the_ones_there(tmp_path):
         latest_meta(str(tmp_path), 3)
     with pytest.raises(ConfigError, match="--ckpt-step .* needs --load"):
         default_args(ckpt_step=2)
+
+
+def test_the_trainer_state_is_found_under_either_name(tmp_path):
+    from pipelines.checkpoint import trainer_state
+
+    (tmp_path / "fsdp").mkdir()
+    assert trainer_state(tmp_path / "fsdp") == tmp_path / "fsdp" / "trainer.pt"
+    (tmp_path / "megatron" / "trainer").mkdir(parents=True)
+    assert trainer_state(tmp_path / "megatron") == tmp_path / "megatron" / "trainer"
+    (tmp_path / "older" / "trainer.pt").mkdir(parents=True)  # Megatron checkpoints before the rename
+    assert trainer_state(tmp_path / "older") == tmp_path / "older" / "trainer.pt"

@@ -29,7 +29,7 @@ def test_async_job_trains_syncs_and_resumes(ray_cluster, tiny_ckpt, sort_data, t
 
     s1 = run(_args(tiny_ckpt, sort_data, tmp_path, num_rollout=2))
     assert s1["ledger"]["trained"] == 8 and s1["weight_check_max_diff"] == 0.0
-    ck = tmp_path / "ckpt" / "step_2" / "trainer.pt"
+    ck = tmp_path / "ckpt" / "step_2" / "trainer"  # a Megatron checkpoint directory
     assert (ck / "latest_checkpointed_iteration.txt").read_text() == "2"
     s2 = run(_args(tiny_ckpt, sort_data, tmp_path, num_rollout=3, load=str(tmp_path / "ckpt")))
     assert s2["resumed_from"]["step"] == 2
