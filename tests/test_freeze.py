@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from trainutil import rl_batch
+from trainutil import make_rank, rl_batch
 
 from streamrl.config import ConfigError, default_args
 from streamrl.train.freeze import freeze_params
-from streamrl.train.fsdp import FSDPTrainRank
 
 
 def test_patterns_set_requires_grad():
@@ -43,16 +42,7 @@ def _weights(rank) -> dict[str, torch.Tensor]:
      lambda n: "embed_tokens" in n or "layers.0." in n),
 ])
 def test_frozen_parameters_stay_and_the_rest_trains(tiny_ckpt, backend, over, frozen):
-    args = default_args(hf_checkpoint=tiny_ckpt, rollout_batch_size=2, n_samples_per_prompt=4, micro_batch_size=4,
-                        lr=1e-2, seed=1, train_backend=backend, **over)
-    if backend == "megatron":
-        pytest.importorskip("megatron.core", reason="megatron-core is not installed")
-        from streamrl.train.megatron.rank import MegatronTrainRank
-
-        rank = MegatronTrainRank(args, 0, 1)
-    else:
-        rank = FSDPTrainRank(args, 0, 1)
-    rank.init(*rank.master_address())
+    rank = make_rank(tiny_ckpt, backend, **over)
     try:
         before = _weights(rank)
         out = [rank.train_step(rl_batch(s)) for s in range(2)]

@@ -5,25 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from trainutil import rl_batch
+from trainutil import make_rank, rl_batch
 
 from streamrl.config import ConfigError, default_args
-from streamrl.train.fsdp import FSDPTrainRank
 
 
 def _rank(ckpt: str, backend: str):
-    args = default_args(hf_checkpoint=ckpt, rollout_batch_size=2, n_samples_per_prompt=4, micro_batch_size=4,
-                        lr=1e-2, seed=1, train_backend=backend, use_kl_loss=True, kl_loss_coef=0.1,
-                        ref_update_interval=2)
-    if backend == "megatron":
-        pytest.importorskip("megatron.core", reason="megatron-core is not installed")
-        from streamrl.train.megatron.rank import MegatronTrainRank
-
-        rank = MegatronTrainRank(args, 0, 1)
-    else:
-        rank = FSDPTrainRank(args, 0, 1)
-    rank.init(*rank.master_address())
-    return rank
+    return make_rank(ckpt, backend, use_kl_loss=True, kl_loss_coef=0.1, ref_update_interval=2)
 
 
 def _same(rank) -> bool:

@@ -151,12 +151,12 @@ def _help(flag):
 
 
 def test_help_lists_passthrough_flags_without_importing_them():
-    """--help-sglang lists the passthrough; --help only streamrl's and slime's flags (a few hundred lines)."""
+    """--help-sglang lists the passthrough (~1400 lines); --help only streamrl's and slime's flags (~800)."""
     out = _help("--help-sglang")
     assert "--sglang-mem-fraction-static" in out and "--router-policy" in out and "HEAVY []" in out
     assert "--update-weights-interval" not in out
     out = _help("--help")
     assert "--sglang-mem-fraction-static" not in out and "--router-policy" not in out and "HEAVY []" in out
-    assert "--update-weights-interval" in out and "--help-sglang" in out and len(out.splitlines()) < 800
+    assert "--update-weights-interval" in out and "--help-sglang" in out and len(out.splitlines()) < 1000
     assert parse_args(["--rollout-engine", "sglang", "--sglang-mem-fraction-static", "0.5"]) \
         .sglang_mem_fraction_static == 0.5  # hidden from --help, still accepted

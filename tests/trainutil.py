@@ -1,8 +1,11 @@
-"""A small RL batch for trainer tests: prompts of 3-5 and responses of 4-7 random tokens, behaviour log-probs in
-(-2, -1], rewards alternating 0/1 with advantages ±0.5 (seeded: the same batch for every backend compared)."""
+"""Trainer-test helpers: a small RL batch (prompts of 3-5 and responses of 4-7 random tokens, behaviour log-probs
+in (-2, -1], rewards alternating 0/1 with advantages ±0.5; seeded: the same batch for every backend compared) and
+one initialised trainer rank of either backend (world of 1, gloo)."""
 
+import pytest
 import torch
 
+from streamrl.config import default_args
 from streamrl.train.batch import TrainBatch
 
 
@@ -15,3 +18,18 @@ def rl_batch(seed: int, n: int = 8) -> TrainBatch:
     return TrainBatch(tokens=toks, prompt_lengths=plen, response_lengths=rlen, loss_masks=[[1] * r for r in rlen],
                       rollout_log_probs=[(-1 - torch.rand(r, generator=g)).tolist() for r in rlen],
                       advantages=[x - 0.5 for x in rewards], rewards=rewards, staleness=[0] * n)
+
+
+def make_rank(ckpt: str, backend: str = "fsdp", **over):
+    """An initialised rank of `backend` on the tiny checkpoint (lr 1e-2, seed 1, 8 samples of 4 per prompt);
+    `over` adds flags. The caller shuts it down. Megatron is skipped where megatron-core is not installed."""
+    args = default_args(hf_checkpoint=ckpt, rollout_batch_size=2, n_samples_per_prompt=4, micro_batch_size=4,
+                        lr=1e-2, seed=1, train_backend=backend, **over)
+    if backend == "megatron":
+        pytest.importorskip("megatron.core", reason="megatron-core is not installed")
+        from streamrl.train.megatron.rank import MegatronTrainRank as cls
+    else:
+        from streamrl.train.fsdp import FSDPTrainRank as cls
+    rank = cls(args, 0, 1)
+    rank.init(*rank.master_address())
+    return rank
