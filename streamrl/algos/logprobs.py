@@ -80,6 +80,12 @@ class ChunkedLogProbHead(torch.nn.Module):
         return torch.stack([lp.view(b, r), ent.view(b, r)], dim=-1)
 
 
+def output_head(model: Any) -> Any:
+    """The model's LM head (`get_output_embeddings()`), seen through a torch DDP wrapper; None without one."""
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    return inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+
+
 def use_chunked_log_probs(model: Any, chunk: int) -> None:
     """Swap an HF causal LM's `lm_head` for a `ChunkedLogProbHead` (before FSDP wraps the model)."""
     model.set_output_embeddings(ChunkedLogProbHead(model.get_output_embeddings(), chunk))
@@ -172,7 +178,7 @@ def response_log_probs(
     """
     packed = pack_responses(batch_tokens, prompt_lengths, response_lengths, pad_id)
     device = _model_device(model)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_head(model)
     if isinstance(head, ChunkedLogProbHead):  # --log-probs-chunk-size: the head scores the responses itself
         grad_ent = with_entropy and entropy_grad and torch.is_grad_enabled()
         with head.scoring(packed.positions.to(device), packed.targets.to(device), temperature, grad_ent):

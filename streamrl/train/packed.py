@@ -19,7 +19,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from streamrl.algos.logprobs import ChunkedLogProbHead, ResponseLogProbs, entropy_from_logits, token_log_probs
+from streamrl.algos.logprobs import (
+    ChunkedLogProbHead,
+    ResponseLogProbs,
+    entropy_from_logits,
+    output_head,
+    token_log_probs,
+)
 
 
 class PackedStream(NamedTuple):
@@ -86,8 +92,7 @@ def packed_response_log_probs(model: Any, batch_tokens: list[list[int]], prompt_
     dev = _device(model)
     s = pack_stream(batch_tokens, prompt_lengths, response_lengths).to(dev)
     call = dict(input_ids=s.input_ids, position_ids=s.position_ids, use_cache=False, **s.attention_kwargs())
-    # an HF model's head; none on the Megatron backend's wrapper (its logits come whole, then are picked here)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_head(model)  # None, or not chunked: whole logits, then the response positions picked here
     if isinstance(head, ChunkedLogProbHead):
         grad_ent = with_entropy and entropy_grad and torch.is_grad_enabled()
         with head.scoring(s.positions, s.targets, temperature, grad_ent):
