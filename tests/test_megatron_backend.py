@@ -70,9 +70,11 @@ def test_same_steps_as_fsdp(tiny_ckpt, over):
         for k in keys:
             assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-6), k
     assert got_w.keys() == want_w.keys()  # HF names, tied lm_head absent as in the HF model's parameters
-    # Adam's g/sqrt(v) magnifies the fp32 rounding differences of near-zero gradients: bound the weights well
-    # under one step of lr 1e-2 (measured: 7e-5 after three steps)
-    assert max((got_w[k] - want_w[k]).abs().max().item() for k in want_w) < 1e-3
+    # Adam's g/sqrt(v) magnifies the fp32 rounding differences of near-zero gradients (how much depends on the CPU's
+    # kernels: a few weights moved 2e-3 apart on one machine, 7e-5 on another); a wrong gradient moves most weights
+    # by about one step of lr 1e-2: bound the largest difference under a step and the mean far under it
+    diffs = torch.cat([(got_w[k] - want_w[k]).abs().flatten() for k in want_w])
+    assert diffs.max().item() < 5e-3 and diffs.mean().item() < 1e-5, (diffs.max().item(), diffs.mean().item())
 
 
 @pytest.mark.parametrize("fmt", ["torch_dist", "torch"])

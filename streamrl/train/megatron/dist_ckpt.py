@@ -2,14 +2,15 @@
 read with megatron-core's `dist_checkpointing`:
 
     <dir>/latest_checkpointed_iteration.txt
-    <dir>/iter_0000042/{metadata.json, .metadata, __*_*.distcp, common.pt}
+    <dir>/iter_0000042/{metadata.json, .metadata, __*_*.distcp[, common.pt]}
 
 The model goes in as `GPTModel.sharded_state_dict()`: layers stacked along a leading axis and the keys of
 TransformerEngine's layer spec (`self_attention.linear_qkv.layer_norm_weight` for `input_layernorm.weight`), so the
 directory has the names and shapes of a slime/Megatron checkpoint of the same model; the layout does not depend on
 the TP size. The optimizer is torch's (this backend does not use Megatron's distributed optimizer): its moments are
 saved sharded like their parameters (`optimizer.state.exp_avg.<key>`), its step counts and hyper-parameters in
-common.pt with streamrl's counters.
+the common (non-tensor) state with streamrl's counters: common.pt up to megatron-core 0.16, an object inside the
+.distcp files from 0.19 on; `load_common_state_dict` reads either.
 
 megatron-core's writer assumes CUDA in two calls (a final synchronize and the device of a one-int failure flag);
 without a GPU both are routed to the CPU while saving, so the same code runs in the CPU tests.
@@ -76,7 +77,7 @@ def _cpu_cuda_calls() -> Iterator[None]:
 
 def _sharded_state(gpt: Any, opt: Any | None, extra: dict[str, Any]) -> dict[str, Any]:
     """What goes to (or is read from) disk: the model's sharded tensors; with `opt`, torch's optimizer state with
-    its per-parameter tensors sharded like the parameters and the scalar `step`s kept in common.pt."""
+    its per-parameter tensors sharded like the parameters and the scalar `step`s kept in the common state."""
     model = gpt.sharded_state_dict()
     state: dict[str, Any] = {"model": model, "checkpoint_version": 3.0, "streamrl": extra}
     if opt is not None:
@@ -129,7 +130,7 @@ def load_torch_dist(root: str | Path, gpt: Any, opt: Any | None) -> dict[str, An
     if not marker.exists():
         raise FileNotFoundError(f"{root}: not a Megatron checkpoint (no {LATEST})")
     d = iter_dir(root, int(marker.read_text().strip()))
-    common = torch.load(d / "common.pt", map_location="cpu", weights_only=False)
+    common = dist_checkpointing.load_common_state_dict(str(d))
     with_optim = opt is not None and "streamrl_optimizer" in common
     if with_optim:
         init_optimizer_state(opt)
@@ -169,6 +170,5 @@ def read_model(root: str | Path, iteration: int | None = None) -> dict[str, torc
 
 
 def read_extra(root: str | Path, iteration: int | None = None) -> dict[str, Any]:
-    """streamrl's entry of an iteration's common.pt (empty for a checkpoint another program wrote)."""
-    common = resolve_iter(root, iteration) / "common.pt"
-    return torch.load(common, map_location="cpu", weights_only=False).get("streamrl", {})
+    """streamrl's entry of an iteration's common state (empty for a checkpoint another program wrote)."""
+    return dist_checkpointing.load_common_state_dict(str(resolve_iter(root, iteration))).get("streamrl", {})
