@@ -44,6 +44,7 @@ def test_model_flag_files_validate(script):
     ({"tensor_model_parallel_size": 2, "actor_num_gpus_per_node": 2, "sequence_parallel": True},
      "--sequence-parallel"),
     ({"pipeline_model_parallel_size": 2}, "--pipeline-model-parallel-size"),
+    ({"pipeline_model_parallel_size": 2, "actor_num_gpus_per_node": 2, "ckpt_format": "torch"}, "--ckpt-format"),
     ({"context_parallel_size": 2}, "--context-parallel-size"),
     ({"log_probs_chunk_size": 64, "tensor_model_parallel_size": 2, "actor_num_gpus_per_node": 2},
      "--log-probs-chunk-size"),

@@ -85,10 +85,11 @@ def validate_megatron(args: argparse.Namespace, error: type[Exception]) -> None:
         raise error(f"--tensor-model-parallel-size x --pipeline-model-parallel-size x --context-parallel-size "
                     f"({tp * pp * cp}) must divide the trainer ranks (--actor-num-gpus-per-node x "
                     f"--actor-num-nodes = {world}).")
-    for flag, size in (("--pipeline-model-parallel-size", pp), ("--context-parallel-size", cp)):
-        if size > 1:
-            raise error(f"{flag} {size}: this build's Megatron backend has tensor and data parallelism only: set it "
-                        "to 1.")
+    if cp > 1:
+        raise error(f"--context-parallel-size {cp}: this build's Megatron backend has tensor, pipeline and data "
+                    "parallelism only: set it to 1.")
+    if pp > 1 and args.ckpt_format == "torch":  # one file per TP rank; the stages' layers would collide
+        raise error(f"--ckpt-format torch with --pipeline-model-parallel-size {pp}: use --ckpt-format torch_dist.")
     if args.sequence_parallel and tp > 1:  # needs the norms' gradients all-reduced over TP and a sharded lookup
         raise error("--sequence-parallel is not in this build's Megatron backend yet: drop it.")
     if args.group_query_attention != (args.num_query_groups is not None):

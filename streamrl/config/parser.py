@@ -249,15 +249,18 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError(f"--global-batch-size ({args.global_batch_size}) must be a multiple of "
                           f"--n-samples-per-prompt ({n}): the trainer consumes whole groups.")
     world = args.actor_num_nodes * args.actor_num_gpus_per_node
+    if args.train_backend == "megatron":  # TP/PP peers share their samples: the batch splits over DP ranks only
+        world = max(1, world // (args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+                                 * getattr(args, "context_parallel_size", 1)))
     if args.global_batch_size % (world * args.micro_batch_size):
         raise ConfigError(
-            f"--global-batch-size ({args.global_batch_size}) must be divisible by trainer ranks ({world}) x "
-            f"--micro-batch-size ({args.micro_batch_size})."
+            f"--global-batch-size ({args.global_batch_size}) must be divisible by data-parallel trainer ranks "
+            f"({world}) x --micro-batch-size ({args.micro_batch_size})."
         )
     if args.num_mini_batches < 1 or args.global_batch_size % (args.num_mini_batches * world):
         raise ConfigError(
             f"--global-batch-size ({args.global_batch_size}) must be divisible by --num-mini-batches "
-            f"({args.num_mini_batches}) x trainer ranks ({world}).")
+            f"({args.num_mini_batches}) x data-parallel trainer ranks ({world}).")
     if args.m2_threshold is not None and args.m2_threshold <= 0:
         raise ConfigError("--m2-threshold must be > 0 (leave it unset to turn the M2 trust region off).")
     if not 0.0 < args.staleness_decay <= 1.0:

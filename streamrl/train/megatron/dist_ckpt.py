@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map, optim_state_to_sharding_state
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -75,10 +76,15 @@ def _cpu_cuda_calls() -> Iterator[None]:
         torch.cuda.synchronize, torch.cuda.current_device = sync, current
 
 
-def _sharded_state(gpt: Any, opt: Any | None, extra: dict[str, Any]) -> dict[str, Any]:
+def _sharded_state(gpt: Any, opt: Any | None, extra: dict[str, Any], tied: bool = False) -> dict[str, Any]:
     """What goes to (or is read from) disk: the model's sharded tensors; with `opt`, torch's optimizer state with
-    its per-parameter tensors sharded like the parameters and the scalar `step`s kept in the common state."""
+    its per-parameter tensors sharded like the parameters and the scalar `step`s kept in the common state.
+    `tied`: a last pipeline stage's copy of the tied embedding is a replica of the first stage's (Megatron's way)."""
     model = gpt.sharded_state_dict()
+    if tied and gpt.post_process and not gpt.pre_process:
+        gpt.tie_embeddings_and_output_weights_state_dict(model, "output_layer.weight",
+                                                         "embedding.word_embeddings.weight",
+                                                         ensure_metadata_has_dp_cp_group(None))
     state: dict[str, Any] = {"model": model, "checkpoint_version": 3.0, "streamrl": extra}
     if opt is not None:
         osd = opt.state_dict()
@@ -86,7 +92,9 @@ def _sharded_state(gpt: Any, opt: Any | None, extra: dict[str, Any]) -> dict[str
         steps = {pid: s.pop("step") for pid, s in osd["state"].items() if "step" in s}
         optim_state_to_sharding_state(osd, get_param_id_to_sharded_param_map(model, _params(opt)))
         state["optimizer"] = osd
-        state["streamrl_optimizer"] = {"steps": {k: float(v) for k, v in steps.items()},
+        # one step count: every trainable parameter steps together, and the common state must be the same on every
+        # rank (parameter ids are per pipeline stage)
+        state["streamrl_optimizer"] = {"step": max((float(v) for v in steps.values()), default=0.0),
                                        "param_groups": [{k: v for k, v in g.items() if k != "params"}
                                                         for g in opt.state_dict()["param_groups"]]}
     return state
@@ -108,7 +116,8 @@ def init_optimizer_state(opt: Any) -> None:
                 opt.state[p] = {"momentum_buffer": torch.zeros_like(p)}
 
 
-def save_torch_dist(root: str | Path, iteration: int, gpt: Any, opt: Any | None, extra: dict[str, Any]) -> Path:
+def save_torch_dist(root: str | Path, iteration: int, gpt: Any, opt: Any | None, extra: dict[str, Any],
+                    tied: bool = False) -> Path:
     """Collective on every rank (data-parallel replicas write nothing twice: Megatron's replica ids)."""
     d = iter_dir(root, iteration)
     if dist.get_rank() == 0:
@@ -117,14 +126,14 @@ def save_torch_dist(root: str | Path, iteration: int, gpt: Any, opt: Any | None,
     if opt is not None:
         init_optimizer_state(opt)  # a save before the first step still has moments to write
     with _cpu_cuda_calls():
-        dist_checkpointing.save(_sharded_state(gpt, opt, {**extra, "iteration": iteration}), str(d))
+        dist_checkpointing.save(_sharded_state(gpt, opt, {**extra, "iteration": iteration}, tied), str(d))
     dist.barrier()
     if dist.get_rank() == 0:
         (Path(root) / LATEST).write_text(str(iteration))
     return d
 
 
-def load_torch_dist(root: str | Path, gpt: Any, opt: Any | None) -> dict[str, Any]:
+def load_torch_dist(root: str | Path, gpt: Any, opt: Any | None, tied: bool = False) -> dict[str, Any]:
     """Load the latest iteration into `gpt` (and `opt`, when the checkpoint has its state); streamrl's counters."""
     marker = Path(root) / LATEST
     if not marker.exists():
@@ -134,13 +143,13 @@ def load_torch_dist(root: str | Path, gpt: Any, opt: Any | None) -> dict[str, An
     with_optim = opt is not None and "streamrl_optimizer" in common
     if with_optim:
         init_optimizer_state(opt)
-    state = dist_checkpointing.load(_sharded_state(gpt, opt if with_optim else None, {}), str(d))
+    state = dist_checkpointing.load(_sharded_state(gpt, opt if with_optim else None, {}, tied), str(d))
     gpt.load_state_dict(state["model"])
     if with_optim:
         saved = common["streamrl_optimizer"]
         osd = state["optimizer"]
         for pid, s in osd["state"].items():
-            s["step"] = torch.tensor(saved["steps"][pid])
+            s["step"] = torch.tensor(saved["step"] if "step" in saved else saved["steps"][pid])  # older: per id
         osd["param_groups"] = [{**g, "params": cur["params"]} for g, cur in
                                zip(saved["param_groups"], opt.state_dict()["param_groups"], strict=True)]
         opt.load_state_dict(osd)

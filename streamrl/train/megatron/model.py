@@ -31,6 +31,7 @@ from streamrl.algos.logprobs import ChunkedLogProbHead
 from streamrl.train.attention import packed_causal_attention
 from streamrl.train.megatron.arch import resolve_arch
 from streamrl.train.megatron.convert import Arch, hf_to_megatron, tp_shard
+from streamrl.train.megatron.pipeline import Stage, broadcast, receive_input, stage_tensors, to_next_stage
 
 
 class SDPAttention(MegatronModule):
@@ -68,6 +69,10 @@ class _HostRotaryEmbedding(RotaryEmbedding):
 def build_gpt(args: argparse.Namespace, cfg: Any, device: torch.device) -> tuple[GPTModel, Arch]:
     """An fp32 GPTModel of the HF config's shape on `device` (weights uninitialised: load them next)."""
     arch, v = resolve_arch(args, cfg)
+    pp = args.pipeline_model_parallel_size
+    if v["num_layers"] % pp:
+        raise ValueError(f"--pipeline-model-parallel-size {pp}: the model's {v['num_layers']} layers do not split "
+                         "evenly over the stages")
     tc = TransformerConfig(
         num_layers=v["num_layers"], hidden_size=v["hidden_size"], ffn_hidden_size=v["ffn_hidden_size"],
         num_attention_heads=v["num_attention_heads"], num_query_groups=v["num_query_groups"],
@@ -75,6 +80,7 @@ def build_gpt(args: argparse.Namespace, cfg: Any, device: torch.device) -> tuple
         gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
         qk_layernorm=arch.qk_layernorm, hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32 if pp > 1 else None,
         sequence_parallel=args.sequence_parallel and args.tensor_model_parallel_size > 1,
         params_dtype=torch.float32, use_cpu_initialization=device.type == "cpu", perform_initialization=False,
         **({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
@@ -84,7 +90,10 @@ def build_gpt(args: argparse.Namespace, cfg: Any, device: torch.device) -> tuple
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     model = GPTModel(tc, spec, vocab_size=arch.padded_vocab_size, max_sequence_length=cfg.max_position_embeddings,
                      position_embedding_type="rope", rotary_base=int(v["rotary_base"]),
-                     share_embeddings_and_output_weights=arch.tied, parallel_output=True)
+                     # with PP the last stage keeps its own copy of a tied embedding (pipeline.py)
+                     share_embeddings_and_output_weights=arch.tied and pp == 1, parallel_output=True,
+                     pre_process=parallel_state.is_pipeline_first_stage(),
+                     post_process=parallel_state.is_pipeline_last_stage())
     if device.type == "cpu":
         model.rotary_pos_emb.__class__ = _HostRotaryEmbedding
     return model.to(device), arch
@@ -137,11 +146,12 @@ class HFLikeModel(torch.nn.Module):
     gradient into looked-up pad tokens is zeroed here (the tied output layer still trains the row, as in HF)."""
 
     def __init__(self, gpt: GPTModel, arch: Arch, bf16: bool = False, padding_idx: int | None = None,
-                 log_probs_chunk: int = 0):
+                 log_probs_chunk: int = 0, stage: Stage | None = None):
         super().__init__()
         self.gpt, self.arch, self.bf16, self.padding_idx = gpt, arch, bf16, padding_idx
+        self.stage = stage  # None without pipeline parallelism
         self.head = MegatronChunkedHead(gpt, arch.vocab_size, log_probs_chunk) if log_probs_chunk else None
-        if padding_idx is not None:
+        if padding_idx is not None and gpt.pre_process:
             gpt.embedding.word_embeddings.register_forward_hook(self._freeze_pad_lookup)
 
     def _freeze_pad_lookup(self, module: torch.nn.Module, inputs: tuple, out: Tensor) -> None:
@@ -161,18 +171,29 @@ class HFLikeModel(torch.nn.Module):
                                      max_seqlen_q=int(max_length_q), max_seqlen_kv=int(max_length_q))
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
+        stage = self.stage
+        if stage is not None and not stage.first:  # a later pipeline stage: its input is the previous one's output
+            self.gpt.set_input_tensor(receive_input(stage))
         with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            if stage is not None and not stage.last:  # hidden states on; the last stage's output comes back
+                hidden = self.gpt(input_ids, position_ids, attention_mask=None, packed_seq_params=packed)
+                return to_next_stage(hidden, stage)
             if self.head is not None and self.head.active:  # hidden states only, then the chunked head
                 self.gpt.post_process = False  # GPTModel returns the decoder's output (final norm applied)
                 try:
                     hidden = self.gpt(input_ids, position_ids, attention_mask=None, packed_seq_params=packed)
                 finally:
                     self.gpt.post_process = True
-                return self.head(hidden.transpose(0, 1))  # [B, R, 2]
+                return self._out(self.head(hidden.transpose(0, 1)))  # [B, R, 2]
             logits = self.gpt(input_ids, position_ids, attention_mask=None, packed_seq_params=packed)
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             logits = _GatherVocab.apply(logits)
-        return logits[..., : self.arch.vocab_size]
+        return self._out(logits[..., : self.arch.vocab_size])
+
+    def _out(self, out: Tensor) -> Tensor:
+        if self.stage is not None:  # the last stage: its output to the other stages of the pipeline
+            broadcast(out, self.stage)
+        return out
 
     def get_output_embeddings(self) -> MegatronChunkedHead | None:
         """What the log-prob functions look for (algos/logprobs.py, train/packed.py): the chunked head or None."""
@@ -180,13 +201,15 @@ class HFLikeModel(torch.nn.Module):
 
 
 def load_hf_state(model: GPTModel, hf: dict[str, Tensor], arch: Arch, tp_rank: int, tp_size: int) -> None:
-    """Load a full HF state dict into this TP rank's GPTModel (converted, vocabulary padded, sharded)."""
+    """Load a full HF state dict into this TP rank's (and pipeline stage's) GPTModel (converted, vocabulary padded,
+    sharded)."""
     full = hf_to_megatron(hf, arch)
     own = model.state_dict()
-    missing = [k for k in own if k not in full and not k.endswith("_extra_state")]
-    if missing:
-        raise KeyError(f"no HF tensor for Megatron parameters {missing[:3]}")
+    try:
+        mine = stage_tensors(full, model, arch.tied)
+    except KeyError as e:
+        raise KeyError(f"no HF tensor for Megatron parameter {e}") from None
     with torch.no_grad():
-        for name, t in full.items():
+        for name, t in mine.items():
             dst = own[name]
             dst.copy_(tp_shard(name, t, tp_rank, tp_size).to(dst.dtype))

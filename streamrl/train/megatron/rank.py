@@ -37,6 +37,14 @@ from streamrl.train.megatron.convert import megatron_to_hf_tensor, tp_dim, tp_ga
 from streamrl.train.megatron.dist_ckpt import LATEST, is_torch_dist, load_torch_dist, save_torch_dist
 from streamrl.train.megatron.model import HFLikeModel, build_gpt, load_hf_state
 from streamrl.train.megatron.parallel import init_model_parallel
+from streamrl.train.megatron.pipeline import (
+    Stage,
+    finalize_tied_grads,
+    gather_stages,
+    global_name,
+    is_tied_copy,
+    layer_offset,
+)
 
 
 class MegatronTrainRank(FSDPTrainRank):
@@ -56,6 +64,7 @@ class MegatronTrainRank(FSDPTrainRank):
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_group = parallel_state.get_data_parallel_group()
+        self.stage = Stage(self.device) if args.pipeline_model_parallel_size > 1 else None  # pipeline.py
 
         cfg = AutoConfig.from_pretrained(args.hf_checkpoint)
         self.gpt, self.arch = build_gpt(args, cfg, self.device)
@@ -68,13 +77,14 @@ class MegatronTrainRank(FSDPTrainRank):
         # the FSDP rank does; with TP > 1 the head's weight is vocabulary-sharded: whole logits instead
         chunk = max(args.log_probs_chunk_size, 0) or (PACKED_CHUNK if args.qkv_format == "thd" else 0)
         model = HFLikeModel(self.gpt, self.arch, bf16=args.bf16, padding_idx=cfg.pad_token_id,
-                            log_probs_chunk=chunk if self.tp_size == 1 else 0)
+                            log_probs_chunk=chunk if self.tp_size == 1 else 0, stage=self.stage)
         if self.dp_size > 1:  # gradients averaged over the data-parallel ranks (the step scales losses by DP)
             model = torch.nn.parallel.DistributedDataParallel(model, process_group=self.dp_group)
         self.model = model
         params = list(self.gpt.parameters())
-        self.frozen_params = freeze_params(self.gpt.named_parameters(), args.only_train_params_name_list,
-                                           args.freeze_params_name_list)  # Megatron names, as slime
+        offset = layer_offset(self.gpt)  # Megatron names with global layer numbers, as slime's patterns see them
+        self.frozen_params = freeze_params(((global_name(n, offset), p) for n, p in self.gpt.named_parameters()),
+                                           args.only_train_params_name_list, args.freeze_params_name_list)
         self.opt = self._optimizer([p for p in params if p.requires_grad])
         if args.use_kl_loss or args.kl_coef > 0:
             self.ref_model = self._frozen(args.ref_load or args.hf_checkpoint, args.ref_ckpt_step)
@@ -143,6 +153,8 @@ class MegatronTrainRank(FSDPTrainRank):
         of TP-sharded gradients summed over TP, replicated ones counted once), clipped to --clip-grad as torch's
         clip_grad_norm_ does."""
         tp_group = parallel_state.get_tensor_model_parallel_group()
+        if self.stage is not None:
+            finalize_tied_grads(self.gpt, self.arch.tied)
         named = [(n, p) for n, p in self.gpt.named_parameters() if p.grad is not None]
         if self.tp_size > 1:
             for name, p in named:
@@ -153,35 +165,48 @@ class MegatronTrainRank(FSDPTrainRank):
         sharded = torch.zeros((), dtype=torch.float64, device=self.device)
         replicated = torch.zeros_like(sharded)
         for name, p in named:
+            if is_tied_copy(self.gpt, self.arch.tied, name):
+                continue  # the first stage counts the tied embedding
             if tp_dim(name) is None:
                 replicated += p.grad.double().square().sum()
             else:
                 sharded += p.grad.double().square().sum()
         if self.tp_size > 1:
             dist.all_reduce(sharded, group=tp_group)
-        total = (sharded + replicated).sqrt().float()
+        total = sharded + replicated
+        if self.stage is not None:  # each stage holds its own layers
+            dist.all_reduce(total, group=self.stage.group)
+        total = total.sqrt().float()
         torch.nn.utils.clip_grads_with_norm_([p for _, p in named], self.args.clip_grad, total)
         return total
 
     def full_named_parameters(self, keep_on_device: bool = False, all_ranks: bool = False
                               ) -> list[tuple[str, Any]] | None:
-        """Every tensor gathered over TP and converted to its HF name(s), vocabulary padding removed (collective
-        on all ranks); global rank 0 (every rank with `all_ranks`) gets them (CPU unless `keep_on_device`), the
-        others None."""
+        """Every tensor gathered over TP (and the pipeline stages) and converted to its HF name(s), vocabulary
+        padding removed (collective on all ranks); global rank 0 (every rank with `all_ranks`) gets them (CPU
+        unless `keep_on_device`), the others None."""
         group = parallel_state.get_tensor_model_parallel_group()
+        offset, stage = layer_offset(self.gpt), self.stage
+        mine = self.rank == 0 or all_ranks
+        convert = mine or (stage is not None and 0 in stage.ranks)  # rank 0's pipeline gathers every stage
+        to_cpu = not keep_on_device and stage is None  # with stages: after the gather (it broadcasts device tensors)
         out: list[tuple[str, Any]] = []
         for name, t in self.gpt.state_dict().items():
-            if name.endswith("_extra_state"):
+            if name.endswith("_extra_state") or is_tied_copy(self.gpt, self.arch.tied, name):
                 continue
             t = t.detach()
             if self.tp_size > 1:
                 shards = [torch.empty_like(t) for _ in range(self.tp_size)]
                 dist.all_gather(shards, t.contiguous(), group=group)
                 t = tp_gather(name, shards)
-            if self.rank == 0 or all_ranks:
-                for hf_name, x in megatron_to_hf_tensor(name, t, self.arch):
-                    out.append((hf_name, x if keep_on_device else x.to("cpu", copy=True)))
-        return out if self.rank == 0 or all_ranks else None
+            if convert:
+                for hf_name, x in megatron_to_hf_tensor(global_name(name, offset), t, self.arch):
+                    out.append((hf_name, x.to("cpu", copy=True) if to_cpu else x))
+        if stage is not None and convert:
+            out = gather_stages(out, stage, all_ranks)
+            if mine and not keep_on_device:
+                out = [(n, x.to("cpu", copy=True)) for n, x in out]
+        return out if mine else None
 
     def save_state(self, path: str) -> None:
         """Megatron's layout in the directory `path`, in --ckpt-format: torch_dist (dist_ckpt.py; every rank takes
@@ -190,7 +215,7 @@ class MegatronTrainRank(FSDPTrainRank):
         extra = {"steps_done": self.steps_done, "skipped_steps": self.skipped_steps,
                  "arch": dataclasses.asdict(self.arch), **self._critic_states(), **self._ref_state()}  # replicated
         if self.args.ckpt_format == "torch_dist":
-            save_torch_dist(path, self.steps_done, self.gpt, optimizer, extra)
+            save_torch_dist(path, self.steps_done, self.gpt, optimizer, extra, tied=self.arch.tied)
             return
         if parallel_state.get_data_parallel_rank() == 0:
             save_megatron(path, self.steps_done, self.tp_rank, self.gpt.state_dict(),
@@ -200,7 +225,7 @@ class MegatronTrainRank(FSDPTrainRank):
     def load_state(self, path: str) -> None:
         """Either format, whichever `path` holds (--ckpt-format names only what --save writes)."""
         if is_torch_dist(path):
-            extra = load_torch_dist(path, self.gpt, self.opt)
+            extra = load_torch_dist(path, self.gpt, self.opt, tied=self.arch.tied)
         else:
             state = load_megatron(path, self.tp_rank)
             self.gpt.load_state_dict(state["model"])
