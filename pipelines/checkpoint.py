@@ -70,8 +70,6 @@ def latest_meta(root: str, step: int | None = None) -> dict[str, Any]:
 
 def save_checkpoint(c: Any, root: str, step: int, version: int, metrics_offset: int, args: Any) -> Path:
     """Checkpoint the running job after train step `step` (see the module docstring); returns the directory."""
-
-
     tmp = staging_dir(root, step)
     prod = ray.get(c.manager.checkpoint_state.remote())  # pauses admission until resume_admission
     try:
@@ -119,8 +117,6 @@ def resume_version(meta: dict[str, Any], update_interval: int) -> int:
 def load_checkpoint(c: Any, root: str, args: Any) -> dict[str, Any]:
     """Restore trainer, buffer and producers from the latest checkpoint in `root` (before producers start);
     returns its meta (step, version to publish the trainer's weights as, metrics_offset, changed flags)."""
-
-
     meta = latest_meta(root, args.ckpt_step)
     meta["changed_flags"] = check_flags(meta, args)
     d = Path(meta["dir"])

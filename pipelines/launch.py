@@ -174,8 +174,6 @@ def start_router(args: argparse.Namespace, urls: list[str]) -> tuple[Any, str | 
 
 
 def build(args: argparse.Namespace) -> Components:
-
-
     init_ray(args)
     engines, urls = start_engines(args)
     router, router_url = start_router(args, urls)

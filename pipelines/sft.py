@@ -47,8 +47,6 @@ def sft_batches(records, tokenizer, batch_size: int, seed: int):
 
 
 def run_sft(args: argparse.Namespace) -> dict:
-
-
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, args.train_torch_threads))
     tokenizer = AutoTokenizer.from_pretrained(args.hf_checkpoint)

@@ -232,8 +232,6 @@ def spawn_engine_process(model_path: str, timeout: float = 300.0, **kwargs: Any)
     """An EmbeddedEngine in a separate OS process (as a trainer on the same GPU sees it), started with `kwargs`
     (plain values); returns (Popen, url) once /health answers. The caller kills the process."""
 
-
-
     port = free_port()
     code = ("import json, sys, time; from streamrl.engine.actor import EmbeddedEngine; "
             "EmbeddedEngine(sys.argv[1], **json.loads(sys.argv[2])).start(); time.sleep(1e9)")

@@ -248,8 +248,6 @@ def build_app(scheduler: Scheduler, *, loader: Callable[[str], Any] | None = Non
 
     async def update_from_ipc(request: HttpRequest) -> Response:
         """CUDA IPC buckets from a trainer on the same GPU (streamrl/sync/cuda_ipc.py); copied on the device."""
-
-
         try:
             body = msgspec.msgpack.decode(await request.body(), type=UpdateWeightsFromIpcRequest)
             pairs = engine_copy_plan(body.buckets, sch.flat_index, sch.params())
@@ -271,8 +269,6 @@ def build_app(scheduler: Scheduler, *, loader: Callable[[str], Any] | None = Non
 
     async def update_from_pinned(request: HttpRequest) -> Response:
         """Host-pinned shared memory from a trainer on this host (streamrl/sync/pinned.py); one H2D copy per bucket."""
-
-
         try:
             body = msgspec.msgpack.decode(await request.body(), type=UpdateWeightsFromPinnedRequest)
             pairs = engine_copy_plan_pinned(body, sch.flat_index, sch.params())

@@ -51,8 +51,6 @@ def bench_model(preset: str = "qwen3-0.6b", max_positions: int = 4096, seed: int
 def build_tiny_model(out_dir: str | Path, arch: str = "qwen3", preset: str = "tiny", seed: int = 0,
                      extra_chars: str = "", max_positions: int = 256) -> Path:
     """Create a random-init model with the in-repo tokenizer (plus `extra_chars`) and save both to `out_dir`."""
-
-
     tok = build_tokenizer(extra_chars)
     cfg = tiny_config(arch, preset, vocab_size=len(tok) if preset == "tiny" else None, max_positions=max_positions)
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id

@@ -51,8 +51,6 @@ logger = logging.getLogger("streamrl.rollout")
 
 class RolloutManager:
     def __init__(self, args: argparse.Namespace, buffer: Any, engine_urls: list[str], router_url: str | None = None):
-
-
         self.args, self.buffer = args, buffer
         n_targets = max(1, len(engine_urls))
         self.client = EngineClient(engine_urls, router_url=router_url,

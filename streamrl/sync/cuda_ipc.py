@@ -87,8 +87,6 @@ def stage_ipc(named: list, version: int, bucket_bytes: int, dtype: Any = None) -
     buckets = _SENDER.fill(named, bucket_bytes, dtype)  # asynchronous on the device: overlaps the pause request
 
     def push(engine_urls: list[str]) -> dict[str, float]:
-
-
         t1 = time.time()
         torch.cuda.synchronize()  # the engine reads the buckets from another process: they must be written
         t_packed = time.time()

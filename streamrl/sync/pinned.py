@@ -78,8 +78,6 @@ def stage_pinned(named: list, version: int, bucket_bytes: int, dtype: Any = None
     req = _SENDER.fill(named, bucket_bytes, dtype)
 
     def push(engine_urls: list[str]) -> dict[str, float]:
-
-
         t1 = time.time()
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the device-to-host copies into the file are asynchronous

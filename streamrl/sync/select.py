@@ -42,8 +42,6 @@ def stage(args: argparse.Namespace, transport: str, named: list, version: int) -
     they are paused). ipc: queue the packing copies; http: serialize the buckets; distributed: cast the buckets;
     disk: write the safetensors."""
     if transport == "ipc":
-
-
         dtype = getattr(torch, args.engine_dtype or "bfloat16")  # the embedded engine's weights on GPU
         return stage_ipc(named, version, args.update_weight_buffer_size, dtype)
     if transport == "pinned":
@@ -66,8 +64,6 @@ def push(args: argparse.Namespace, transport: str, engine_urls: list[str], named
 
 def stage_disk(named: list, version: int, hf_checkpoint: str) -> Callable[[list[str]], dict]:
     """Fallback: an HF directory (the checkpoint's config + new safetensors), then `/update_weights_from_disk`."""
-
-
 
     t0 = time.time()
     d = tempfile.mkdtemp(prefix="streamrl-weights-")

@@ -88,8 +88,6 @@ def balanced_partition(lengths: list[int], world: int) -> list[list[int]]:
 def sample_advantages(args: argparse.Namespace, rewards: list[float], valid: list[bool] | None = None) -> list[float]:
     """Per-sample advantages of the estimator (module docstring); needs whole, contiguous groups. `valid`: False
     for a sample whose reward failed: left out of its group's baseline (and trained with a zero loss mask)."""
-
-
     est = args.advantage_estimator
     if est == "on_policy_distillation":
         return [0.0] * len(rewards)

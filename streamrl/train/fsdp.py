@@ -67,8 +67,6 @@ class FSDPTrainRank(RankOffload):
              shares_gpu: bool = True) -> dict[str, Any]:
         """Build the models and the process group. `memory_fraction`: this rank's share of a GPU it shares with
         engines (torch's per-process limit, so that the trainer fails with OOM instead of starving them)."""
-
-
         args = self.args
         self.shares_gpu = shares_gpu  # with the engines (picks the weight transport)
         self._init_process(master_addr, master_port, memory_fraction)
@@ -143,8 +141,6 @@ class FSDPTrainRank(RankOffload):
         return torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay, betas=(a.adam_beta1, a.adam_beta2))
 
     def _runner(self):
-
-
         a = self.args
 
         def all_reduce(t):
@@ -176,8 +172,6 @@ class FSDPTrainRank(RankOffload):
         staleness bucket k: mismatch/s{k}/{ratio, abs_diff, kl, clipfrac, rejected, tis_clipfrac} (π_prox/µ,
         |ℓprox − ℓµ|, KL(µ‖π_prox), PPO clip, rejected and TIS-truncated token fractions).
         """
-
-
         args, t0, runner = self.args, time.time(), self.runner
         # --num-mini-batches: equal parts of the global batch, each sharded over the ranks, one optimizer step each;
         # π_prox (ℓold), advantages and the M2 mask are computed once, for all of them, before the first step
@@ -247,8 +241,6 @@ class FSDPTrainRank(RankOffload):
         return torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_grad)
 
     def _micro_batches(self, local: TrainBatch) -> list:
-
-
         args = self.args
         budget = args.max_tokens_per_gpu if args.use_dynamic_batch_size else None
         packed = args.qkv_format == "thd"  # the budget counts real tokens, not padded ones

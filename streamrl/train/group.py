@@ -16,8 +16,6 @@ class TrainerGroup:
     rank_class: type = FSDPTrainRank  # the Ray actor of one rank (the Megatron backend's group swaps it)
 
     def __init__(self, args: argparse.Namespace):
-
-
         self.args = args
         self.world = args.actor_num_nodes * args.actor_num_gpus_per_node
         share = gpu_shares(args)[1]

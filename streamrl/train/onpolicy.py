@@ -40,8 +40,6 @@ def engine_replay_log_probs(model: Any, batch_tokens: list[list[int]], prompt_le
     For each sample alone: prefill the prompt (left_pad of one row), then feed each response token with its true
     position against the cache, exactly as `Scheduler._forward` + `KVBatch.step` do for a single running request.
     """
-
-
     device = next(model.parameters()).device
     vocab = model.config.get_text_config().vocab_size
     temps = torch.tensor([[temperature]], dtype=torch.float32, device=device)
