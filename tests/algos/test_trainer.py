@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainutil import assert_adam_weights_close
 
 from streamrl.config import default_args
 from streamrl.train.batch import TrainBatch
@@ -239,8 +240,7 @@ def test_mini_batches_fix_prox_and_clip_from_the_second_step(tiny_ckpt, samples)
             rank.shutdown()
     assert metrics["mb1"]["pg_clipfrac"] == 0  # ρ = 1 at the only step
     assert metrics["mb2"]["pg_clipfrac"] > 0  # the second step is clipped against π_prox
-    for a, b in zip(params["mb2"], params["mb2_micro1"], strict=True):  # Adam amplifies summation-order noise
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+    assert_adam_weights_close(params["mb2_micro1"], params["mb2"], mean=2e-6)  # measured mean 1.4e-7
     assert any(not torch.allclose(a, b) for a, b in zip(params["mb1"], params["mb2"], strict=True))
     for k in ("ratio", "kl", "clipfrac", "rejected", "abs_diff"):
         assert f"mismatch/s0/{k}" in metrics["mb2"] and f"mismatch/s1/{k}" in metrics["mb2"]
