@@ -30,6 +30,8 @@ def _tp_rank(rank: int, port: int, ckpt: str, out: str, tp: int, world: int, fmt
     args = default_args(hf_checkpoint=ckpt, rollout_batch_size=2, n_samples_per_prompt=4, micro_batch_size=4,
                         lr=1e-2, seed=1, tensor_model_parallel_size=tp, actor_num_gpus_per_node=world, ckpt_format=fmt,
                         make_vocab_size_divisible_by=128 // tp, **OVER, **extra)
+    if args.sequence_parallel:  # Megatron's sequence-parallel layers allocate on torch.cuda.current_device()
+        torch.cuda.current_device = lambda: "cpu"
     r = MegatronTrainRank(args, rank, world)
     r.init("127.0.0.1", port)
     if world == 2 and tp == 1:  # --log-probs-chunk-size under DDP: the wrapped model's chunked head is the one scoring
@@ -50,9 +52,13 @@ def _tp_rank(rank: int, port: int, ckpt: str, out: str, tp: int, world: int, fmt
 @pytest.mark.parametrize("tp,world,fmt,extra", [
     (2, 2, "torch_dist", {}), (2, 2, "torch", {}),
     (1, 3, "torch_dist", {"pipeline_model_parallel_size": 3, "log_probs_chunk_size": 3}),
-    (1, 2, "torch_dist", {"log_probs_chunk_size": 3})], ids=["tp2_dist", "tp2_torch", "pp3", "dp2"])
+    (1, 2, "torch_dist", {"log_probs_chunk_size": 3}),
+    (2, 2, "torch_dist", {"sequence_parallel": True}),  # odd lengths: padded to a multiple of TP
+    (2, 2, "torch_dist", {"sequence_parallel": True, "qkv_format": "thd", "use_dynamic_batch_size": True,
+                          "max_tokens_per_gpu": 64})],
+    ids=["tp2_dist", "tp2_torch", "pp3", "dp2", "tp2_sp", "tp2_sp_thd"])
 def test_ranks_equal_one(tiny_ckpt, tmp_path, tp, world, fmt, extra):
-    single = {k: v for k, v in extra.items() if k != "pipeline_model_parallel_size"}
+    single = {k: v for k, v in extra.items() if k not in ("pipeline_model_parallel_size", "sequence_parallel")}
     one = make(MegatronTrainRank, tiny_ckpt, **OVER, **single)
     try:
         want = [one.train_step(batch(s)) for s in range(2)]

@@ -90,8 +90,8 @@ def validate_megatron(args: argparse.Namespace, error: type[Exception]) -> None:
                     "parallelism only: set it to 1.")
     if pp > 1 and args.ckpt_format == "torch":  # one file per TP rank; the stages' layers would collide
         raise error(f"--ckpt-format torch with --pipeline-model-parallel-size {pp}: use --ckpt-format torch_dist.")
-    if args.sequence_parallel and tp > 1:  # needs the norms' gradients all-reduced over TP and a sharded lookup
-        raise error("--sequence-parallel is not in this build's Megatron backend yet: drop it.")
+    if args.sequence_parallel and pp > 1:  # the stages' point-to-point activations are whole sequences
+        raise error("--sequence-parallel with --pipeline-model-parallel-size > 1 is not in this build: drop one.")
     if args.group_query_attention != (args.num_query_groups is not None):
         raise error("--group-query-attention and --num-query-groups go together (Megatron ignores the groups "
                     "without it): give both or neither.")

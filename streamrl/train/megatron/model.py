@@ -14,6 +14,7 @@ Right padding needs no attention mask: under the causal mask real tokens never s
 from __future__ import annotations
 
 import argparse
+import copy
 from typing import Any
 
 import torch
@@ -25,6 +26,8 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from torch import Tensor
 
 from streamrl.algos.logprobs import ChunkedLogProbHead
@@ -60,6 +63,17 @@ class SDPAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
 
 
+class SequenceParallelNorm:
+    """Megatron's WrappedTorchNorm (torch's RMSNorm) under --sequence-parallel. WrappedTorchNorm refuses it only
+    because it does not tag its weight for the TP all-reduce of the gradient, which each rank's part of the sequence
+    leaves partial; the rank does that all-reduce itself (`MegatronTrainRank._clip_grad_norm`)."""
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **kw: Any) -> torch.nn.Module:
+        whole = copy.copy(config)
+        whole.sequence_parallel = False
+        return WrappedTorchNorm(whole, hidden_size, eps, **kw)
+
+
 class _HostRotaryEmbedding(RotaryEmbedding):
     def get_emb(self, max_seq_len: int, offset: int = 0) -> Tensor:
         freqs = self.get_freqs_non_repeated(max_seq_len, offset)
@@ -88,6 +102,13 @@ def build_gpt(args: argparse.Namespace, cfg: Any, device: torch.device) -> tuple
     )
     spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    if tc.sequence_parallel:  # every norm, and the final one through the block's own spec
+        layer = spec.submodules
+        layer.input_layernorm = layer.pre_mlp_layernorm = SequenceParallelNorm
+        if arch.qk_layernorm:
+            layer.self_attention.submodules.q_layernorm = SequenceParallelNorm
+            layer.self_attention.submodules.k_layernorm = SequenceParallelNorm
+        spec = TransformerBlockSubmodules(layer_specs=[spec] * (tc.num_layers // pp), layer_norm=SequenceParallelNorm)
     model = GPTModel(tc, spec, vocab_size=arch.padded_vocab_size, max_sequence_length=cfg.max_position_embeddings,
                      position_embedding_type="rope", rotary_base=int(v["rotary_base"]),
                      # with PP the last stage keeps its own copy of a tied embedding (pipeline.py)
@@ -150,6 +171,8 @@ class HFLikeModel(torch.nn.Module):
         super().__init__()
         self.gpt, self.arch, self.bf16, self.padding_idx = gpt, arch, bf16, padding_idx
         self.stage = stage  # None without pipeline parallelism
+        # --sequence-parallel: Megatron splits the sequence over the TP ranks, so its length must divide by TP
+        self.seq_multiple = gpt.config.tensor_model_parallel_size if gpt.config.sequence_parallel else 1
         self.head = MegatronChunkedHead(gpt, arch.vocab_size, log_probs_chunk) if log_probs_chunk else None
         if padding_idx is not None and gpt.pre_process:
             gpt.embedding.word_embeddings.register_forward_hook(self._freeze_pad_lookup)
@@ -157,6 +180,8 @@ class HFLikeModel(torch.nn.Module):
     def _freeze_pad_lookup(self, module: torch.nn.Module, inputs: tuple, out: Tensor) -> None:
         if out.requires_grad:
             keep = (inputs[0] != self.padding_idx).unsqueeze(-1).to(out.dtype)  # [B, L, 1]
+            if self.seq_multiple > 1:  # sequence parallel: the lookup is [L/TP, B, H], this rank's part of L
+                keep = keep.transpose(0, 1).chunk(self.seq_multiple)[parallel_state.get_tensor_model_parallel_rank()]
             out.register_hook(lambda g: g * keep)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
@@ -164,13 +189,27 @@ class HFLikeModel(torch.nn.Module):
         """Padded [B, L] (right padding, no mask needed), or one packed stream [1, N] with its boundaries
         (`cu_seq_lens_q`, `max_length_q`: packed.py's keywords) as Megatron's thd PackedSeqParams: RoPE restarts
         per sample and attention stays within it."""
+        n = input_ids.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(n, device=input_ids.device).unsqueeze(0).expand_as(input_ids)
+        pad = -n % self.seq_multiple
+        if pad:  # right padding (causal: real tokens never see it); a packed stream gets it as one more sample
+            input_ids = torch.nn.functional.pad(input_ids, (0, pad), value=self.padding_idx or 0)
+            position_ids = torch.cat([position_ids, torch.arange(pad, device=input_ids.device).expand(
+                position_ids.shape[0], pad)], dim=1)
+            if cu_seq_lens_q is not None:
+                cu_seq_lens_q = torch.cat([cu_seq_lens_q, cu_seq_lens_q[-1:] + pad])
+                max_length_q = max(int(max_length_q), pad)
+        out = self._forward(input_ids, position_ids, cu_seq_lens_q, max_length_q)
+        return out[:, :n] if pad else out
+
+    def _forward(self, input_ids: Tensor, position_ids: Tensor, cu_seq_lens_q: Tensor | None,
+                 max_length_q: int | None) -> Tensor:
         packed = None
         if cu_seq_lens_q is not None:
             cu = cu_seq_lens_q.to(device=input_ids.device, dtype=torch.int32)
             packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                      max_seqlen_q=int(max_length_q), max_seqlen_kv=int(max_length_q))
-        if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
         stage = self.stage
         if stage is not None and not stage.first:  # a later pipeline stage: its input is the previous one's output
             self.gpt.set_input_tensor(receive_input(stage))

@@ -12,12 +12,16 @@ from megatron.core import parallel_state, tensor_parallel
 
 
 def init_model_parallel(args: argparse.Namespace, seed: int) -> None:
-    """Megatron's groups over the default one (already initialised); its CUDA RNG tracker only on GPU
-    (`model_parallel_cuda_manual_seed` needs CUDA; nothing on CPU draws from it: no dropout, weights loaded)."""
+    """Megatron's groups over the default one (already initialised); its CUDA RNG tracker on GPU
+    (`model_parallel_cuda_manual_seed` needs CUDA); on CPU a tracker whose `fork()` does nothing (Megatron's
+    inference tracker: the sequence-parallel embedding forks it, and nothing here draws from it: no dropout,
+    weights loaded)."""
     parallel_state.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                                              context_parallel_size=args.context_parallel_size)
     if torch.cuda.is_available():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
 
 
 @contextmanager

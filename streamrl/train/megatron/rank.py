@@ -149,16 +149,18 @@ class MegatronTrainRank(FSDPTrainRank):
 
     def _clip_grad_norm(self) -> torch.Tensor:
         """Finish the gradients for TP as Megatron's finalize_model_grads does (the q/k norms act on each rank's
-        own heads: their gradients are partial sums over TP), then the total norm over the whole model (squares
-        of TP-sharded gradients summed over TP, replicated ones counted once), clipped to --clip-grad as torch's
-        clip_grad_norm_ does."""
+        own heads, and with --sequence-parallel every norm on the rank's part of the sequence: their gradients are
+        partial sums over TP), then the total norm over the whole model (squares of TP-sharded gradients summed over
+        TP, replicated ones counted once), clipped to --clip-grad as torch's clip_grad_norm_ does."""
         tp_group = parallel_state.get_tensor_model_parallel_group()
         if self.stage is not None:
             finalize_tied_grads(self.gpt, self.arch.tied)
         named = [(n, p) for n, p in self.gpt.named_parameters() if p.grad is not None]
         if self.tp_size > 1:
+            # with --sequence-parallel every norm (not only q/k's) saw only this rank's part of the sequence
+            sp = self.gpt.config.sequence_parallel
             for name, p in named:
-                if "q_layernorm" in name or "k_layernorm" in name:
+                if "q_layernorm" in name or "k_layernorm" in name or (sp and "layernorm" in name):
                     dist.all_reduce(p.grad, group=tp_group)
         # which tensors are TP shards: by name, as the conversion splits them (Megatron's own parameter attribute
         # is only set when it initialises the weights, which it does not here)
