@@ -46,6 +46,7 @@ def test_model_flag_files_validate(script):
     ({"pipeline_model_parallel_size": 2}, "--pipeline-model-parallel-size"),
     ({"pipeline_model_parallel_size": 2, "actor_num_gpus_per_node": 2, "ckpt_format": "torch"}, "--ckpt-format"),
     ({"context_parallel_size": 2}, "--context-parallel-size"),
+    ({"context_parallel_size": 2, "actor_num_gpus_per_node": 2, "qkv_format": "thd"}, "--qkv-format thd"),
     ({"log_probs_chunk_size": 64, "tensor_model_parallel_size": 2, "actor_num_gpus_per_node": 2},
      "--log-probs-chunk-size"),
 ])

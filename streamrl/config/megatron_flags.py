@@ -85,9 +85,13 @@ def validate_megatron(args: argparse.Namespace, error: type[Exception]) -> None:
         raise error(f"--tensor-model-parallel-size x --pipeline-model-parallel-size x --context-parallel-size "
                     f"({tp * pp * cp}) must divide the trainer ranks (--actor-num-gpus-per-node x "
                     f"--actor-num-nodes = {world}).")
-    if cp > 1:
-        raise error(f"--context-parallel-size {cp}: this build's Megatron backend has tensor, pipeline and data "
-                    "parallelism only: set it to 1.")
+    if cp > 1:  # context.py: padded micro-batches, whole logits gathered at the end
+        for flag, on in (("--qkv-format thd", args.qkv_format == "thd"),
+                         ("--sequence-parallel", args.sequence_parallel),
+                         ("--pipeline-model-parallel-size", pp > 1),
+                         ("--log-probs-chunk-size", args.log_probs_chunk_size > 0)):
+            if on:
+                raise error(f"--context-parallel-size {cp} with {flag}: not in this build, drop one.")
     if pp > 1 and args.ckpt_format == "torch":  # one file per TP rank; the stages' layers would collide
         raise error(f"--ckpt-format torch with --pipeline-model-parallel-size {pp}: use --ckpt-format torch_dist.")
     if args.sequence_parallel and pp > 1:  # the stages' point-to-point activations are whole sequences

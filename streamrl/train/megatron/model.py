@@ -32,6 +32,7 @@ from torch import Tensor
 
 from streamrl.algos.logprobs import ChunkedLogProbHead
 from streamrl.train.attention import packed_causal_attention
+from streamrl.train.megatron import context
 from streamrl.train.megatron.arch import resolve_arch
 from streamrl.train.megatron.convert import Arch, hf_to_megatron, tp_shard
 from streamrl.train.megatron.pipeline import Stage, broadcast, receive_input, stage_tensors, to_next_stage
@@ -55,9 +56,13 @@ class SDPAttention(MegatronModule):
             out = packed_causal_attention(q, k, v, packed_seq_params.cu_seqlens_q, packed_seq_params.max_seqlen_q,
                                           self.softmax_scale)
             return out.reshape(out.shape[0], -1)  # Megatron reshapes it to [t, 1, np*d]
+        mask = None
+        if context.cp_size() > 1:  # this rank's queries against every CP rank's keys (context.py)
+            key, value = context.gather_kv(key, 0), context.gather_kv(value, 0)
+            mask = context.causal_mask(query.shape[0], query.device)
         q, k, v = (x.to(value.dtype).permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, d]
         out = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=True, scale=self.softmax_scale,
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True, scale=self.softmax_scale,
             dropout_p=self.dropout if self.training else 0.0)
         b, h, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
@@ -79,6 +84,10 @@ class _HostRotaryEmbedding(RotaryEmbedding):
         freqs = self.get_freqs_non_repeated(max_seq_len, offset)
         return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
 
+    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group: Any = None) -> Tensor:
+        emb = self.get_emb(max_seq_len, offset)  # Megatron's CP slice moves an index to CUDA: the same on the host
+        return context.split(emb, 0) if context.cp_size() > 1 and not packed_seq else emb
+
 
 def build_gpt(args: argparse.Namespace, cfg: Any, device: torch.device) -> tuple[GPTModel, Arch]:
     """An fp32 GPTModel of the HF config's shape on `device` (weights uninitialised: load them next)."""
@@ -93,7 +102,7 @@ def build_gpt(args: argparse.Namespace, cfg: Any, device: torch.device) -> tuple
         kv_channels=v["kv_channels"], normalization="RMSNorm", layernorm_epsilon=v["norm_epsilon"],
         gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
         qk_layernorm=arch.qk_layernorm, hidden_dropout=0.0, attention_dropout=0.0,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        tensor_model_parallel_size=args.tensor_model_parallel_size, context_parallel_size=args.context_parallel_size,
         pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32 if pp > 1 else None,
         sequence_parallel=args.sequence_parallel and args.tensor_model_parallel_size > 1,
         params_dtype=torch.float32, use_cpu_initialization=device.type == "cpu", perform_initialization=False,
@@ -171,8 +180,12 @@ class HFLikeModel(torch.nn.Module):
         super().__init__()
         self.gpt, self.arch, self.bf16, self.padding_idx = gpt, arch, bf16, padding_idx
         self.stage = stage  # None without pipeline parallelism
-        # --sequence-parallel: Megatron splits the sequence over the TP ranks, so its length must divide by TP
+        # --sequence-parallel: Megatron splits the sequence over the TP ranks, so its length must divide by TP;
+        # --context-parallel-size C: into 2C chunks (context.py)
         self.seq_multiple = gpt.config.tensor_model_parallel_size if gpt.config.sequence_parallel else 1
+        self.cp = gpt.config.context_parallel_size
+        if self.cp > 1:
+            self.seq_multiple = 2 * self.cp
         self.head = MegatronChunkedHead(gpt, arch.vocab_size, log_probs_chunk) if log_probs_chunk else None
         if padding_idx is not None and gpt.pre_process:
             gpt.embedding.word_embeddings.register_forward_hook(self._freeze_pad_lookup)
@@ -180,8 +193,10 @@ class HFLikeModel(torch.nn.Module):
     def _freeze_pad_lookup(self, module: torch.nn.Module, inputs: tuple, out: Tensor) -> None:
         if out.requires_grad:
             keep = (inputs[0] != self.padding_idx).unsqueeze(-1).to(out.dtype)  # [B, L, 1]
-            if self.seq_multiple > 1:  # sequence parallel: the lookup is [L/TP, B, H], this rank's part of L
-                keep = keep.transpose(0, 1).chunk(self.seq_multiple)[parallel_state.get_tensor_model_parallel_rank()]
+            cfg = self.gpt.config
+            if cfg.sequence_parallel:  # the lookup is [L/TP, B, H], this rank's part of L
+                tp = cfg.tensor_model_parallel_size
+                keep = keep.transpose(0, 1).chunk(tp)[parallel_state.get_tensor_model_parallel_rank()]
             out.register_hook(lambda g: g * keep)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
@@ -210,6 +225,8 @@ class HFLikeModel(torch.nn.Module):
             cu = cu_seq_lens_q.to(device=input_ids.device, dtype=torch.int32)
             packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                      max_seqlen_q=int(max_length_q), max_seqlen_kv=int(max_length_q))
+        if self.cp > 1:  # this rank's two chunks of every sequence
+            input_ids, position_ids = context.split(input_ids, 1), context.split(position_ids, 1)
         stage = self.stage
         if stage is not None and not stage.first:  # a later pipeline stage: its input is the previous one's output
             self.gpt.set_input_tensor(receive_input(stage))
@@ -227,6 +244,8 @@ class HFLikeModel(torch.nn.Module):
             logits = self.gpt(input_ids, position_ids, attention_mask=None, packed_seq_params=packed)
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             logits = _GatherVocab.apply(logits)
+        if self.cp > 1:
+            logits = context.gather_sequence(logits, 1)
         return self._out(logits[..., : self.arch.vocab_size])
 
     def _out(self, out: Tensor) -> Tensor:

@@ -33,6 +33,7 @@ from streamrl.train.freeze import freeze_params
 from streamrl.train.fsdp import PACKED_CHUNK, FSDPTrainRank
 from streamrl.train.kernels import attention_options, compile_layers
 from streamrl.train.megatron.checkpoint import load_megatron, read_hf_weights, save_megatron
+from streamrl.train.megatron.context import cp_size, sum_grads
 from streamrl.train.megatron.convert import megatron_to_hf_tensor, tp_dim, tp_gather
 from streamrl.train.megatron.dist_ckpt import LATEST, is_torch_dist, load_torch_dist, save_torch_dist
 from streamrl.train.megatron.model import HFLikeModel, build_gpt, load_hf_state
@@ -77,7 +78,7 @@ class MegatronTrainRank(FSDPTrainRank):
         # the FSDP rank does; with TP > 1 the head's weight is vocabulary-sharded: whole logits instead
         chunk = max(args.log_probs_chunk_size, 0) or (PACKED_CHUNK if args.qkv_format == "thd" else 0)
         model = HFLikeModel(self.gpt, self.arch, bf16=args.bf16, padding_idx=cfg.pad_token_id,
-                            log_probs_chunk=chunk if self.tp_size == 1 else 0, stage=self.stage)
+                            log_probs_chunk=chunk if self.tp_size == 1 and cp_size() == 1 else 0, stage=self.stage)
         if self.dp_size > 1:  # gradients averaged over the data-parallel ranks (the step scales losses by DP)
             model = torch.nn.parallel.DistributedDataParallel(model, process_group=self.dp_group)
         self.model = model
@@ -153,6 +154,8 @@ class MegatronTrainRank(FSDPTrainRank):
         partial sums over TP), then the total norm over the whole model (squares of TP-sharded gradients summed over
         TP, replicated ones counted once), clipped to --clip-grad as torch's clip_grad_norm_ does."""
         tp_group = parallel_state.get_tensor_model_parallel_group()
+        if cp_size() > 1:  # each CP rank's gradient covers its part of the sequences
+            sum_grads(list(self.gpt.parameters()))
         if self.stage is not None:
             finalize_tied_grads(self.gpt, self.arch.tied)
         named = [(n, p) for n, p in self.gpt.named_parameters() if p.grad is not None]

@@ -1,0 +1,93 @@
+"""Context parallelism for the Megatron rank (`--context-parallel-size C`): each rank of a CP group holds 2 of the
+2C equal chunks of every (padded) sequence, chunks r and 2C-1-r, Megatron's load-balanced layout (its rotary
+embedding slices the positions the same way). Attention all-gathers K and V over the group (queries stay local)
+with a causal mask on the tokens' global positions; the logits are all-gathered at the end, so the one shared
+step sees whole sequences on every CP rank. Backward: each gather keeps its own slice of the (CP-summed, for K and
+V) gradient, and the weights' gradients are summed over the group before the optimizer step (rank.py).
+Padded micro-batches only; packed streams (--qkv-format thd) are refused with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from torch import Tensor
+
+
+def cp_size() -> int:
+    return parallel_state.get_context_parallel_world_size()
+
+
+def _chunks(n: int, size: int, rank: int) -> tuple[int, int]:
+    """The two chunk indices of `rank` among 2*size."""
+    return rank, 2 * size - 1 - rank
+
+
+def local_positions(n: int, device: torch.device, rank: int | None = None) -> Tensor:
+    """Global positions (0..n-1) of a rank's tokens, in the order it holds them; `n` divides by 2C."""
+    size = cp_size()
+    rank = parallel_state.get_context_parallel_rank() if rank is None else rank
+    step = n // (2 * size)
+    return torch.cat([torch.arange(c * step, (c + 1) * step, device=device) for c in _chunks(n, size, rank)])
+
+
+def split(x: Tensor, dim: int) -> Tensor:
+    """This rank's part of a whole sequence along `dim`."""
+    return x.index_select(dim, local_positions(x.shape[dim], x.device))
+
+
+class _Gather(torch.autograd.Function):
+    """All-gather along `dim` over the CP group, in rank order (each rank's two chunks together). Backward keeps
+    this rank's slice of the gradient, summed over the group first when every rank's gradient is a part (`reduce`:
+    K and V, used by every rank's queries) and as it is when every rank holds the whole (the logits, under the one
+    loss every rank computes)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, dim: int, reduce: bool) -> Tensor:
+        group = parallel_state.get_context_parallel_group()
+        ctx.dim, ctx.rank, ctx.width, ctx.reduce = dim, dist.get_rank(group), x.shape[dim], reduce
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        if ctx.reduce:
+            grad = grad.contiguous()
+            dist.all_reduce(grad, group=parallel_state.get_context_parallel_group())
+        return grad.narrow(ctx.dim, ctx.rank * ctx.width, ctx.width).contiguous(), None, None
+
+
+def gather_kv(x: Tensor, dim: int) -> Tensor:
+    """K or V of every CP rank (rank order), the gradient summed over the queries of all ranks."""
+    return _Gather.apply(x, dim, True)
+
+
+def gathered_positions(n_local: int, device: torch.device) -> Tensor:
+    """Global positions of the tokens that `gather_kv` returns, in its order."""
+    n = n_local * cp_size()
+    return torch.cat([local_positions(n, device, r) for r in range(cp_size())])
+
+
+def gather_sequence(x: Tensor, dim: int) -> Tensor:
+    """Whole sequences back from every rank's parts (the logits), in their global order."""
+    whole = _Gather.apply(x, dim, False)
+    order = torch.argsort(gathered_positions(x.shape[dim], x.device))
+    return whole.index_select(dim, order)
+
+
+def causal_mask(n_local: int, device: torch.device) -> Tensor:
+    """[local queries, gathered keys] True where the query may attend (key position <= query position)."""
+    q = local_positions(n_local * cp_size(), device)
+    return q[:, None] >= gathered_positions(n_local, device)[None, :]
+
+
+def sum_grads(params: list[torch.nn.Parameter]) -> None:
+    """Each CP rank's gradient is its tokens' part: the whole is their sum."""
+    group = parallel_state.get_context_parallel_group()
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
