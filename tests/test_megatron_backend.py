@@ -187,6 +187,9 @@ def test_compiled_layers_give_the_eager_steps(tiny_ckpt):
     over = {"train_backend": "megatron", "qkv_format": "thd", "use_dynamic_batch_size": True, "max_tokens_per_gpu": 64}
     want = run(make(MegatronTrainRank, tiny_ckpt, **over), range(2))
     got = run(make(MegatronTrainRank, tiny_ckpt, use_torch_compile=True, **over), range(2))
+    # the rank turns on TF32 matmuls on a GPU: compiled and eager kernels round their fp32 sums differently (on
+    # CPU, in true fp32, they agreed within 1e-7)
+    rel = (2e-3, 2e-2) if torch.cuda.is_available() else (1e-5, 1e-4)
     for w, g in zip(want, got, strict=True):
-        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5) and g["grad_norm"] == pytest.approx(w["grad_norm"],
-                                                                                                  rel=1e-4)
+        assert g["loss"] == pytest.approx(w["loss"], rel=rel[0]), (g["loss"], w["loss"])
+        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=rel[1]), (g["grad_norm"], w["grad_norm"])
