@@ -8,7 +8,11 @@ and pushing through `streamrl/sync`, `save_hf`. What differs:
   averaged, the step scales each rank's loss by the DP size as with FSDP);
 - the optimizer: torch AdamW/SGD on fp32 parameters (`--bf16`: bf16 autocast in the forward), not Megatron's
   distributed optimizer, which needs CUDA and Megatron's DDP buffers (future work: it changes only this file);
-- `full_named_parameters`: Megatron tensors gathered over TP and converted to HF names (what the engines load);
+- parallelism: tensor (TP), sequence (`--sequence-parallel`, model.py), pipeline (`pipeline.py`: stages by
+  point-to-point, the last stage's output broadcast so the step runs unchanged on every stage), context
+  (`context.py`: all-gather attention) and data parallel; gradients finished here (`_clip_grad_norm`);
+- `full_named_parameters`: Megatron tensors gathered over TP and stages, converted to HF names (what the engines
+  load);
 - `save_state`/`load_state`: Megatron's checkpoint formats (`dist_ckpt.py` torch_dist, `checkpoint.py` torch);
 - slime's three hooks (`--custom-megatron-*-path`).
 Frozen models (--ref-load, the OPD teacher) are HF models: they only score log-probs, as in the FSDP rank; they
