@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from streamrl.config import default_args
 
@@ -39,8 +40,11 @@ def test_async_job_trains_syncs_and_resumes(ray_cluster, tiny_ckpt, sort_data, t
     steps = [r for r in rows if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
     # step 1 trains on-policy data: the Megatron trainer scores the engine's tokens as the engine did (measured
-    # 1.6e-7); later steps train data one version old (staleness 1), which differs by design
-    assert steps[0]["staleness_hist/0"] == 1.0 and steps[0]["train_rollout_logprob_abs_diff"] < 1e-5
+    # 1.6e-7 on CPU); later steps train data one version old (staleness 1), which differs by design. On a GPU the
+    # trainer's matmuls run in TF32 (rank init), the engine's fp32 ones need not: a looser bound there, still far
+    # under what weights of another version give (~0.1)
+    bound = 5e-3 if torch.cuda.is_available() else 1e-5
+    assert steps[0]["staleness_hist/0"] == 1.0 and steps[0]["train_rollout_logprob_abs_diff"] < bound
 
 
 def test_pipeline_stages_train_sync_and_resume(ray_cluster, tiny_ckpt, sort_data, tmp_path):
