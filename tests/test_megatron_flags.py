@@ -91,3 +91,20 @@ def test_ref_load_may_be_a_megatron_checkpoint_under_megatron_only(tiny_ckpt, tm
     assert default_args(train_backend="megatron", hf_checkpoint=tiny_ckpt).ckpt_format == "torch_dist"  # Megatron's
     with pytest.raises(ConfigError, match="--ckpt-format"):
         default_args(ckpt_format="torch")  # read by the Megatron trainer only
+
+
+def test_slime_script_flags_are_accepted_or_refused_with_the_reason():
+    """The Megatron flags of slime's run scripts: those that the trainer does anyway parse; the others name
+    themselves and say why."""
+    args = default_args(train_backend="megatron", accumulate_allreduce_grads_in_fp32=True,
+                        attention_softmax_in_fp32=True, attention_backend="flash", overlap_grad_reduce=True,
+                        attention_dropout=0.0, hidden_dropout=0.0)
+    assert args.attention_backend == "flash"
+    for flag, why in (("use_distributed_optimizer", "AdamW"), ("overlap_param_gather", "parameter gather"),
+                      ("optimizer_cpu_offload", "--colocate"), ("use_precision_aware_optimizer", "fp32")):
+        with pytest.raises(ConfigError, match=f"--{flag.replace('_', '-')}: not in this build: .*{why}"):
+            default_args(train_backend="megatron", **{flag: True})
+    with pytest.raises(ConfigError, match="--attention-dropout 0.1: dropout"):
+        default_args(train_backend="megatron", attention_dropout=0.1)
+    with pytest.raises(ConfigError, match="--overlap-grad-reduce is read by the Megatron trainer only"):
+        default_args(overlap_grad_reduce=True)

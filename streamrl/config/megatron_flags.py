@@ -19,7 +19,19 @@ from streamrl.config.field import F
 _MEGATRON_ONLY = ("context_parallel_size", "sequence_parallel", "no_save_optim", "ckpt_format", "ref_ckpt_step",
                   "opd_teacher_ckpt_step",
                   "custom_megatron_init_path", "custom_megatron_before_train_step_hook_path",
-                  "custom_megatron_before_log_prob_hook_path")
+                  "custom_megatron_before_log_prob_hook_path", "attention_dropout", "hidden_dropout",
+                  "accumulate_allreduce_grads_in_fp32", "attention_softmax_in_fp32", "attention_backend",
+                  "overlap_grad_reduce", "use_distributed_optimizer", "overlap_param_gather", "optimizer_cpu_offload",
+                  "use_precision_aware_optimizer")
+# Megatron flags of slime's run scripts that this build does not have, and why (an error naming the flag)
+_NOT_HERE = {
+    "use_distributed_optimizer": "Megatron's distributed optimizer needs its DDP gradient buffers and CUDA; the "
+                                 "optimizer here is torch's AdamW, its state replicated over data-parallel ranks",
+    "overlap_param_gather": "it overlaps the distributed optimizer's parameter gather, which this build lacks",
+    "optimizer_cpu_offload": "the optimizer state stays on the GPU (--colocate offloads it between steps)",
+    "use_precision_aware_optimizer": "the optimizer keeps fp32 state (Megatron's precision-aware variant needs "
+                                     "TransformerEngine)",
+}
 
 
 @dataclass
@@ -54,6 +66,21 @@ class MegatronConfig:
     ckpt_format: str = F("torch_dist", "Megatron checkpoint format of --save: torch_dist (Megatron's and slime's "
                                        "default, dist_checkpointing; TP-size independent) or torch (one file per TP "
                                        "rank). --load and --ref-load read either.", choices=["torch_dist", "torch"])
+    # slime's run scripts pass these; here each is what the trainer does anyway, or refused with the reason
+    attention_dropout: float = F(0.0, "Attention dropout; 0 only (RL log-probs must not depend on a dropout mask; "
+                                      "slime's scripts set 0.0, Megatron's default is 0.1).")
+    hidden_dropout: float = F(0.0, "Hidden dropout; 0 only, as --attention-dropout.")
+    accumulate_allreduce_grads_in_fp32: bool = F(False, "Accepted: gradients are fp32 here already (fp32 parameters "
+                                                        "under bf16 autocast).")
+    attention_softmax_in_fp32: bool = F(False, "Accepted: SDPA and FlashAttention accumulate the softmax in fp32.")
+    attention_backend: str = F("auto", "Accepted: the core attention is torch SDPA (FlashAttention's varlen kernel "
+                                       "for packed streams on a GPU) whichever is named.",
+                               choices=["auto", "flash", "fused", "unfused", "local"])
+    overlap_grad_reduce: bool = F(False, "Accepted: torch DDP all-reduces gradient buckets during backward.")
+    use_distributed_optimizer: bool = F(False, "Not in this build (an error says why).")
+    overlap_param_gather: bool = F(False, "Not in this build (an error says why).")
+    optimizer_cpu_offload: bool = F(False, "Not in this build (an error says why).")
+    use_precision_aware_optimizer: bool = F(False, "Not in this build (an error says why).")
     custom_megatron_init_path: str | None = F(None, "slime's hook `fn(args)`, called on every rank once the "
                                                     "Megatron model is built.")
     custom_megatron_before_train_step_hook_path: str | None = F(
@@ -75,6 +102,13 @@ def validate_megatron(args: argparse.Namespace, error: type[Exception]) -> None:
                 raise error(f"--{name.replace('_', '-')} is read by the Megatron trainer only: add "
                             "--train-backend megatron or drop it.")
         return
+    for name, why in _NOT_HERE.items():
+        if getattr(args, name):
+            raise error(f"--{name.replace('_', '-')}: not in this build: {why}. Drop it.")
+    for name in ("attention_dropout", "hidden_dropout"):
+        if getattr(args, name):
+            raise error(f"--{name.replace('_', '-')} {getattr(args, name)}: dropout is not supported (the trainer's "
+                        "log-probs must match the engine's); use 0.0, as slime's scripts do.")
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
     for flag, size in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
                        ("--context-parallel-size", cp)):
