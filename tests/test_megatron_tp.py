@@ -49,7 +49,7 @@ def _tp_rank(rank: int, port: int, ckpt: str, out: str, tp: int, world: int, fmt
 
 # TP=2 (both checkpoint formats); PP=3 over the tiny model's 3 layers (with the chunked LM head on the last stage,
 # and with packed streams);
-# data parallel (DDP) with TP=1 and the chunked LM head; TP=2 with sequence parallel; CP=2
+# data parallel (DDP) with TP=1 and the chunked LM head; TP=2 with sequence parallel (and with PP=3: six ranks); CP=2
 @pytest.mark.parametrize("tp,world,fmt,extra", [
     (2, 2, "torch_dist", {}), (2, 2, "torch", {}),
     (1, 3, "torch_dist", {"pipeline_model_parallel_size": 3, "log_probs_chunk_size": 3}),
@@ -59,8 +59,9 @@ def _tp_rank(rank: int, port: int, ckpt: str, out: str, tp: int, world: int, fmt
     (2, 2, "torch_dist", {"sequence_parallel": True}),  # odd lengths: padded to a multiple of TP
     (2, 2, "torch_dist", {"sequence_parallel": True, "qkv_format": "thd", "use_dynamic_batch_size": True,
                           "max_tokens_per_gpu": 64}),
-    (1, 2, "torch_dist", {"context_parallel_size": 2})],  # lengths padded to a multiple of 2 x CP
-    ids=["tp2_dist", "tp2_torch", "pp3", "pp3_thd", "dp2", "tp2_sp", "tp2_sp_thd", "cp2"])
+    (1, 2, "torch_dist", {"context_parallel_size": 2}),  # lengths padded to a multiple of 2 x CP
+    (2, 6, "torch_dist", {"pipeline_model_parallel_size": 3, "sequence_parallel": True})],
+    ids=["tp2_dist", "tp2_torch", "pp3", "pp3_thd", "dp2", "tp2_sp", "tp2_sp_thd", "cp2", "tp2_sp_pp3"])
 def test_ranks_equal_one(tiny_ckpt, tmp_path, tp, world, fmt, extra):
     single = {k: v for k, v in extra.items()
               if k not in ("pipeline_model_parallel_size", "sequence_parallel", "context_parallel_size")}

@@ -128,8 +128,6 @@ def validate_megatron(args: argparse.Namespace, error: type[Exception]) -> None:
                 raise error(f"--context-parallel-size {cp} with {flag}: not in this build, drop one.")
     if pp > 1 and args.ckpt_format == "torch":  # one file per TP rank; the stages' layers would collide
         raise error(f"--ckpt-format torch with --pipeline-model-parallel-size {pp}: use --ckpt-format torch_dist.")
-    if args.sequence_parallel and pp > 1:  # the stages' point-to-point activations are whole sequences
-        raise error("--sequence-parallel with --pipeline-model-parallel-size > 1 is not in this build: drop one.")
     if args.group_query_attention != (args.num_query_groups is not None):
         raise error("--group-query-attention and --num-query-groups go together (Megatron ignores the groups "
                     "without it): give both or neither.")
