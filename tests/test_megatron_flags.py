@@ -41,8 +41,6 @@ def test_model_flag_files_validate(script):
     ({"group_query_attention": True}, "--num-query-groups"),
     ({"num_attention_heads": 6, "num_query_groups": 4, "group_query_attention": True}, "--num-query-groups"),
     ({"tensor_model_parallel_size": 2}, "--tensor-model-parallel-size"),  # 2 does not divide the 1 trainer rank
-    ({"tensor_model_parallel_size": 2, "context_parallel_size": 2, "actor_num_gpus_per_node": 4,
-      "sequence_parallel": True}, "--sequence-parallel"),
     ({"pipeline_model_parallel_size": 2}, "--pipeline-model-parallel-size"),
     ({"pipeline_model_parallel_size": 2, "actor_num_gpus_per_node": 2, "ckpt_format": "torch"}, "--ckpt-format"),
     ({"context_parallel_size": 2}, "--context-parallel-size"),

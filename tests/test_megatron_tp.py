@@ -60,8 +60,11 @@ def _tp_rank(rank: int, port: int, ckpt: str, out: str, tp: int, world: int, fmt
     (2, 2, "torch_dist", {"sequence_parallel": True, "qkv_format": "thd", "use_dynamic_batch_size": True,
                           "max_tokens_per_gpu": 64}),
     (1, 2, "torch_dist", {"context_parallel_size": 2}),  # lengths padded to a multiple of 2 x CP
-    (2, 6, "torch_dist", {"pipeline_model_parallel_size": 3, "sequence_parallel": True})],
-    ids=["tp2_dist", "tp2_torch", "pp3", "pp3_thd", "dp2", "tp2_sp", "tp2_sp_thd", "cp2", "tp2_sp_pp3"])
+    (2, 6, "torch_dist", {"pipeline_model_parallel_size": 3, "sequence_parallel": True}),
+    (1, 6, "torch_dist", {"pipeline_model_parallel_size": 3, "context_parallel_size": 2}),
+    (2, 4, "torch_dist", {"context_parallel_size": 2, "sequence_parallel": True})],
+    ids=["tp2_dist", "tp2_torch", "pp3", "pp3_thd", "dp2", "tp2_sp", "tp2_sp_thd", "cp2", "tp2_sp_pp3", "cp2_pp3",
+         "cp2_tp2_sp"])
 def test_ranks_equal_one(tiny_ckpt, tmp_path, tp, world, fmt, extra):
     single = {k: v for k, v in extra.items()
               if k not in ("pipeline_model_parallel_size", "sequence_parallel", "context_parallel_size")}

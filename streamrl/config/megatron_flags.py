@@ -121,8 +121,6 @@ def validate_megatron(args: argparse.Namespace, error: type[Exception]) -> None:
                     f"--actor-num-nodes = {world}).")
     if cp > 1:  # context.py: padded micro-batches, whole logits gathered at the end
         for flag, on in (("--qkv-format thd", args.qkv_format == "thd"),
-                         ("--sequence-parallel", args.sequence_parallel),
-                         ("--pipeline-model-parallel-size", pp > 1),
                          ("--log-probs-chunk-size", args.log_probs_chunk_size > 0)):
             if on:
                 raise error(f"--context-parallel-size {cp} with {flag}: not in this build, drop one.")

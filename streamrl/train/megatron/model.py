@@ -182,10 +182,9 @@ class HFLikeModel(torch.nn.Module):
         self.stage = stage  # None without pipeline parallelism
         # --sequence-parallel: Megatron splits the sequence over the TP ranks, so its length must divide by TP;
         # --context-parallel-size C: into 2C chunks (context.py)
-        self.seq_multiple = gpt.config.tensor_model_parallel_size if gpt.config.sequence_parallel else 1
         self.cp = gpt.config.context_parallel_size
-        if self.cp > 1:
-            self.seq_multiple = 2 * self.cp
+        sp = gpt.config.tensor_model_parallel_size if gpt.config.sequence_parallel else 1
+        self.seq_multiple = sp * (2 * self.cp if self.cp > 1 else 1)
         self.head = MegatronChunkedHead(gpt, arch.vocab_size, log_probs_chunk) if log_probs_chunk else None
         if padding_idx is not None and gpt.pre_process:
             gpt.embedding.word_embeddings.register_forward_hook(self._freeze_pad_lookup)
