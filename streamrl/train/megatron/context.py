@@ -9,19 +9,19 @@ Padded micro-batches only; packed streams (--qkv-format thd) are refused with it
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from torch import Tensor
+
+from streamrl.train.megatron.parallel import gather_along
 
 
 def cp_size() -> int:
     return parallel_state.get_context_parallel_world_size()
 
 
-def _chunks(n: int, size: int, rank: int) -> tuple[int, int]:
+def _chunks(size: int, rank: int) -> tuple[int, int]:
     """The two chunk indices of `rank` among 2*size."""
     return rank, 2 * size - 1 - rank
 
@@ -31,7 +31,7 @@ def local_positions(n: int, device: torch.device, rank: int | None = None) -> Te
     size = cp_size()
     rank = parallel_state.get_context_parallel_rank() if rank is None else rank
     step = n // (2 * size)
-    return torch.cat([torch.arange(c * step, (c + 1) * step, device=device) for c in _chunks(n, size, rank)])
+    return torch.cat([torch.arange(c * step, (c + 1) * step, device=device) for c in _chunks(size, rank)])
 
 
 def split(x: Tensor, dim: int) -> Tensor:
@@ -39,31 +39,9 @@ def split(x: Tensor, dim: int) -> Tensor:
     return x.index_select(dim, local_positions(x.shape[dim], x.device))
 
 
-class _Gather(torch.autograd.Function):
-    """All-gather along `dim` over the CP group, in rank order (each rank's two chunks together). Backward keeps
-    this rank's slice of the gradient, summed over the group first when every rank's gradient is a part (`reduce`:
-    K and V, used by every rank's queries) and as it is when every rank holds the whole (the logits, under the one
-    loss every rank computes)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, dim: int, reduce: bool) -> Tensor:
-        group = parallel_state.get_context_parallel_group()
-        ctx.dim, ctx.rank, ctx.width, ctx.reduce = dim, dist.get_rank(group), x.shape[dim], reduce
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=dim)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        if ctx.reduce:
-            grad = grad.contiguous()
-            dist.all_reduce(grad, group=parallel_state.get_context_parallel_group())
-        return grad.narrow(ctx.dim, ctx.rank * ctx.width, ctx.width).contiguous(), None, None
-
-
 def gather_kv(x: Tensor, dim: int) -> Tensor:
     """K or V of every CP rank (rank order), the gradient summed over the queries of all ranks."""
-    return _Gather.apply(x, dim, True)
+    return gather_along(x, dim, parallel_state.get_context_parallel_group(), sum_grad=True)
 
 
 def gathered_positions(n_local: int, device: torch.device) -> Tensor:
@@ -74,7 +52,7 @@ def gathered_positions(n_local: int, device: torch.device) -> Tensor:
 
 def gather_sequence(x: Tensor, dim: int) -> Tensor:
     """Whole sequences back from every rank's parts (the logits), in their global order."""
-    whole = _Gather.apply(x, dim, False)
+    whole = gather_along(x, dim, parallel_state.get_context_parallel_group())
     order = torch.argsort(gathered_positions(x.shape[dim], x.device))
     return whole.index_select(dim, order)
 

@@ -18,7 +18,6 @@ import copy
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
@@ -35,6 +34,7 @@ from streamrl.train.attention import packed_causal_attention
 from streamrl.train.megatron import context
 from streamrl.train.megatron.arch import resolve_arch
 from streamrl.train.megatron.convert import Arch, hf_to_megatron, tp_shard
+from streamrl.train.megatron.parallel import gather_along
 from streamrl.train.megatron.pipeline import Stage, broadcast, receive_input, stage_tensors, to_next_stage
 
 
@@ -127,23 +127,6 @@ def build_gpt(args: argparse.Namespace, cfg: Any, device: torch.device) -> tuple
     if device.type == "cpu":
         model.rotary_pos_emb.__class__ = _HostRotaryEmbedding
     return model.to(device), arch
-
-
-class _GatherVocab(torch.autograd.Function):
-    """Vocabulary-parallel logits [.., Vp/t] -> full [.., Vp] over the TP group; backward keeps this rank's slice.
-    (Megatron's own gather allocates on the current CUDA device; this one runs on CPU too.)"""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        group = parallel_state.get_tensor_model_parallel_group()
-        ctx.rank, ctx.width = dist.get_rank(group), x.shape[-1]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=-1)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return grad[..., ctx.rank * ctx.width: (ctx.rank + 1) * ctx.width].contiguous()
 
 
 class MegatronChunkedHead(ChunkedLogProbHead):
@@ -242,7 +225,8 @@ class HFLikeModel(torch.nn.Module):
                 return self._out(self.head(hidden.transpose(0, 1)))  # [B, R, 2]
             logits = self.gpt(input_ids, position_ids, attention_mask=None, packed_seq_params=packed)
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
-            logits = _GatherVocab.apply(logits)
+            # vocabulary-parallel [.., Vp/t] -> [.., Vp] (Megatron's own gather allocates on the CUDA device)
+            logits = gather_along(logits, -1, parallel_state.get_tensor_model_parallel_group())
         if self.cp > 1:
             logits = context.gather_sequence(logits, 1)
         return self._out(logits[..., : self.arch.vocab_size])
