@@ -8,6 +8,8 @@ Two departures from Megatron's stock local spec, both so that the same code runs
   the CUDA RNG tracker. TransformerEngine's attention is not used (not a dependency).
 - on CPU the rotary embedding stays on the host (`_HostRotaryEmbedding`): Megatron moves `inv_freq` to the
   current CUDA device at the first forward.
+- a packed (thd) stream gets its RoPE in the core attention, from per-token frequencies (`PackedRope`), not from
+  Megatron's thd path, which applies it one sample at a time in a Python loop with a host sync per sample.
 Right padding needs no attention mask: under the causal mask real tokens never see the padding after them.
 """
 
@@ -15,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 from typing import Any
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -52,6 +56,9 @@ class SDPAttention(MegatronModule):
                 attn_mask_type: Any = None, attention_bias: Any = None, packed_seq_params: Any = None) -> Tensor:
         # one dtype: under --bf16 autocast the q/k norms and rotary embedding may hand back fp32 next to a bf16 value
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":  # q [t, np, d], k/v [t, ng, d]
+            freqs = getattr(packed_seq_params, "rotary_freqs", None)
+            if freqs is not None:  # the whole stream at once, Megatron's own (unfused) RoPE math
+                query, key = (apply_rotary_pos_emb(x.unsqueeze(1), freqs, self.config).squeeze(1) for x in (query, key))
             q, k, v = (x.to(value.dtype) for x in (query, key, value))
             out = packed_causal_attention(q, k, v, packed_seq_params.cu_seqlens_q, packed_seq_params.max_seqlen_q,
                                           self.softmax_scale)
@@ -79,14 +86,33 @@ class SequenceParallelNorm:
         return WrappedTorchNorm(whole, hidden_size, eps, **kw)
 
 
-class _HostRotaryEmbedding(RotaryEmbedding):
+@dataclasses.dataclass
+class PackedRope(PackedSeqParams):
+    """Megatron's thd parameters plus each token's rotary frequencies [t, 1, 1, d] (positions restart per sample),
+    which `SDPAttention` applies to the whole stream."""
+
+    rotary_freqs: Tensor | None = None
+
+
+class _Rotary(RotaryEmbedding):
+    """Megatron's RoPE table; none for a packed stream (its RoPE travels in `PackedRope`)."""
+
+    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False,
+                cp_group: Any = None) -> Tensor | None:
+        return None if packed_seq else super().forward(max_seq_len, offset, packed_seq, cp_group)
+
+
+class _HostRotaryEmbedding(_Rotary):
     def get_emb(self, max_seq_len: int, offset: int = 0) -> Tensor:
         freqs = self.get_freqs_non_repeated(max_seq_len, offset)
         return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
 
-    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group: Any = None) -> Tensor:
+    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False,
+                cp_group: Any = None) -> Tensor | None:
+        if packed_seq:
+            return None
         emb = self.get_emb(max_seq_len, offset)  # Megatron's CP slice moves an index to CUDA: the same on the host
-        return context.split(emb, 0) if context.cp_size() > 1 and not packed_seq else emb
+        return context.split(emb, 0) if context.cp_size() > 1 else emb
 
 
 def build_gpt(args: argparse.Namespace, cfg: Any, device: torch.device) -> tuple[GPTModel, Arch]:
@@ -124,8 +150,7 @@ def build_gpt(args: argparse.Namespace, cfg: Any, device: torch.device) -> tuple
                      share_embeddings_and_output_weights=arch.tied and pp == 1, parallel_output=True,
                      pre_process=parallel_state.is_pipeline_first_stage(),
                      post_process=parallel_state.is_pipeline_last_stage())
-    if device.type == "cpu":
-        model.rotary_pos_emb.__class__ = _HostRotaryEmbedding
+    model.rotary_pos_emb.__class__ = _HostRotaryEmbedding if device.type == "cpu" else _Rotary
     return model.to(device), arch
 
 
@@ -205,8 +230,9 @@ class HFLikeModel(torch.nn.Module):
         packed = None
         if cu_seq_lens_q is not None:
             cu = cu_seq_lens_q.to(device=input_ids.device, dtype=torch.int32)
-            packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                     max_seqlen_q=int(max_length_q), max_seqlen_kv=int(max_length_q))
+            table = self.gpt.rotary_pos_emb.get_emb(int(max_length_q))  # positions restart per sample: < max length
+            packed = PackedRope(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=int(max_length_q),
+                                max_seqlen_kv=int(max_length_q), rotary_freqs=table[position_ids.reshape(-1)])
         if self.cp > 1:  # this rank's two chunks of every sequence
             input_ids, position_ids = context.split(input_ids, 1), context.split(position_ids, 1)
         stage = self.stage
