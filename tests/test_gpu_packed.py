@@ -48,3 +48,26 @@ def test_packed_equals_padded_in_bf16(arch, attn, kernels):
         assert abs(packed[1][k].item() - padded[1][k].item()) <= 0.02 * abs(padded[1][k].item()) + 1e-3, k
     grads = [_rel(b, a) for a, b in zip(padded[0], packed[0], strict=True) if a.float().norm() > 0]
     assert max(grads) < 0.05, max(grads)
+
+
+def test_fused_chunked_head_equals_eager_in_bf16():
+    """--use-torch-compile's fused LM-head chunks (chunked_logprobs.py) on CUDA in bf16, at a real vocabulary size:
+    the eager chunks' log-probs and entropies (fp32 math on the same bf16 logits) and gradients (bf16 rounding)."""
+    from streamrl.algos.chunked_logprobs import chunked_log_probs
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, c, v = 3000, 1024, 151936
+    h0 = torch.randn(n, c, device="cuda", generator=g).bfloat16()
+    w0 = (torch.randn(v, c, device="cuda", generator=g) * 0.02).bfloat16()
+    targets = torch.randint(0, v, (n,), device="cuda", generator=g)
+    a, b = torch.randn(n, device="cuda", generator=g), torch.randn(n, device="cuda", generator=g)
+    out = []
+    for fused in (False, True):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        lp, ent = chunked_log_probs(h, w, targets, 1.0, chunk=1024, fused=fused)
+        ((a * lp).sum() + (b * ent).sum()).backward()
+        out.append((lp.detach(), ent.detach(), h.grad, w.grad))
+    (lp0, ent0, gh0, gw0), (lp1, ent1, gh1, gw1) = out
+    torch.testing.assert_close(lp1, lp0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ent1, ent0, atol=1e-4, rtol=1e-4)
+    assert _rel(gh1, gh0) < 1e-2 and _rel(gw1, gw0) < 1e-2

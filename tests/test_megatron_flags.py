@@ -98,7 +98,12 @@ def test_slime_script_flags_are_accepted_or_refused_with_the_reason():
                         attention_softmax_in_fp32=True, attention_backend="flash", overlap_grad_reduce=True,
                         attention_dropout=0.0, hidden_dropout=0.0)
     assert args.attention_backend == "flash"
-    for flag, why in (("use_distributed_optimizer", "AdamW"), ("overlap_param_gather", "parameter gather"),
+    assert default_args(train_backend="megatron", use_distributed_optimizer=True).use_distributed_optimizer
+    with pytest.raises(ConfigError, match="--use-distributed-optimizer with --ckpt-format torch"):
+        default_args(train_backend="megatron", use_distributed_optimizer=True, ckpt_format="torch")
+    with pytest.raises(ConfigError, match="--use-distributed-optimizer is read by the Megatron trainer only"):
+        default_args(use_distributed_optimizer=True)
+    for flag, why in (("overlap_param_gather", "parameter"),
                       ("optimizer_cpu_offload", "--colocate"), ("use_precision_aware_optimizer", "fp32")):
         with pytest.raises(ConfigError, match=f"--{flag.replace('_', '-')}: not in this build: .*{why}"):
             default_args(train_backend="megatron", **{flag: True})

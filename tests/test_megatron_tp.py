@@ -15,6 +15,7 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip
 
 from streamrl.train.megatron.checkpoint import read_hf_weights  # noqa: E402
 from streamrl.train.megatron.rank import MegatronTrainRank  # noqa: E402
+from streamrl.train.optim import local_optimizer  # noqa: E402
 from tests.test_megatron_backend import batch, make  # noqa: E402
 from tests.trainutil import assert_adam_weights_close  # noqa: E402
 
@@ -42,9 +43,13 @@ def _tp_rank(rank: int, port: int, ckpt: str, out: str, tp: int, world: int, fmt
         metrics = [r.train_step(batch(s)) for s in range(2)]
         named = r.full_named_parameters()
         r.save_state(out)
+        # the parameters whose optimizer state this rank keeps, of its trainable ones
+        local, names = local_optimizer(r.opt), {p: n for n, p in r.gpt.named_parameters()}
+        held = (len(local.state), sum(p.requires_grad for p in r.gpt.parameters()),
+                {names[p]: s["exp_avg"].clone() for p, s in local.state.items()})
     finally:
         r.shutdown()
-    torch.save((metrics, dict(named) if named is not None else None), f"{out}.rank{rank}")
+    torch.save((metrics, dict(named) if named is not None else None, held), f"{out}.rank{rank}")
 
 
 # TP=2 (both checkpoint formats); PP=3 over the tiny model's 3 layers (with the chunked LM head on the last stage,
@@ -62,12 +67,14 @@ def _tp_rank(rank: int, port: int, ckpt: str, out: str, tp: int, world: int, fmt
     (1, 2, "torch_dist", {"context_parallel_size": 2}),  # lengths padded to a multiple of 2 x CP
     (2, 6, "torch_dist", {"pipeline_model_parallel_size": 3, "sequence_parallel": True}),
     (1, 6, "torch_dist", {"pipeline_model_parallel_size": 3, "context_parallel_size": 2}),
-    (2, 4, "torch_dist", {"context_parallel_size": 2, "sequence_parallel": True})],
+    (2, 4, "torch_dist", {"context_parallel_size": 2, "sequence_parallel": True}),
+    (1, 2, "torch_dist", {"use_distributed_optimizer": True}),
+    (2, 4, "torch_dist", {"use_distributed_optimizer": True})],
     ids=["tp2_dist", "tp2_torch", "pp3", "pp3_thd", "dp2", "tp2_sp", "tp2_sp_thd", "cp2", "tp2_sp_pp3", "cp2_pp3",
-         "cp2_tp2_sp"])
+         "cp2_tp2_sp", "dp2_distopt", "tp2_dp2_distopt"])
 def test_ranks_equal_one(tiny_ckpt, tmp_path, tp, world, fmt, extra):
-    single = {k: v for k, v in extra.items()
-              if k not in ("pipeline_model_parallel_size", "sequence_parallel", "context_parallel_size")}
+    single = {k: v for k, v in extra.items() if k not in ("pipeline_model_parallel_size", "sequence_parallel",
+                                                           "context_parallel_size", "use_distributed_optimizer")}
     one = make(MegatronTrainRank, tiny_ckpt, **OVER, **single)
     try:
         want = [one.train_step(batch(s)) for s in range(2)]
@@ -86,8 +93,15 @@ def test_ranks_equal_one(tiny_ckpt, tmp_path, tp, world, fmt, extra):
         p.join(timeout=300)
     assert [p.exitcode for p in procs] == [0] * world
     results = [torch.load(tmp_path / f"ck.rank{r}", weights_only=False) for r in range(world)]
-    got, got_w = results[0]
+    got, got_w, _ = results[0]
     assert all(r[1] is None for r in results[1:])  # only global rank 0 holds the gathered weights
+    held = [r[2] for r in results]
+    if extra.get("use_distributed_optimizer"):  # each data-parallel rank keeps a share; the shares add up
+        assert all(0 < h < n for h, n, _ in held)
+        for t in range(tp):  # TP is the fastest-varying rank index: the data-parallel peers of TP rank t
+            assert sum(h for h, _, _ in held[t::tp]) == held[t][1]
+    else:
+        assert all(h == n for h, n, _ in held)
     for w, g in zip(want, got, strict=True):
         for k in ("loss", "pg_loss", "kl_loss", "grad_norm"):
             assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-6), k
@@ -103,6 +117,11 @@ def test_ranks_equal_one(tiny_ckpt, tmp_path, tp, world, fmt, extra):
             one.load_state(str(tmp_path / "ck"))
             loaded = dict(one.full_named_parameters())
             assert one.steps_done == 2 and len(one.opt.state) == len(list(one.gpt.parameters()))
+            if tp == 1 and "pipeline_model_parallel_size" not in extra:  # every share of the moments came back
+                moments = {n: one.opt.state[p]["exp_avg"] for n, p in one.gpt.named_parameters()}
+                shares = [m for _, _, ms in held for m in ms.items()]
+                assert len(shares) == len(moments) * (1 if extra.get("use_distributed_optimizer") else world)
+                assert all(torch.equal(moments[n], m) for n, m in shares)
         finally:
             one.shutdown()
         assert all(torch.equal(loaded[k], got_w[k]) for k in got_w)

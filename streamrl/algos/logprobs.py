@@ -58,6 +58,7 @@ class ChunkedLogProbHead(torch.nn.Module):
             raise ValueError("--log-probs-chunk-size needs an LM head without bias")
         self.weight = head.weight
         self.chunk = chunk
+        self.fused = False  # --use-torch-compile: the per-chunk work compiled (chunked_logprobs.py)
         self._request: tuple[Tensor, Tensor, float, bool] | None = None
 
     @contextmanager
@@ -76,7 +77,7 @@ class ChunkedLogProbHead(torch.nn.Module):
         h = gather_positions(hidden, positions)  # [B, R, C]: the response positions only
         b, r, c = h.shape
         lp, ent = chunked_log_probs(h.reshape(b * r, c), self.weight, targets.reshape(-1), temperature, self.chunk,
-                                    entropy_grad)
+                                    entropy_grad, self.fused)
         return torch.stack([lp.view(b, r), ent.view(b, r)], dim=-1)
 
 

@@ -25,9 +25,8 @@ _MEGATRON_ONLY = ("context_parallel_size", "sequence_parallel", "no_save_optim",
                   "use_precision_aware_optimizer")
 # Megatron flags of slime's run scripts that this build does not have, and why (an error naming the flag)
 _NOT_HERE = {
-    "use_distributed_optimizer": "Megatron's distributed optimizer needs its DDP gradient buffers and CUDA; the "
-                                 "optimizer here is torch's AdamW, its state replicated over data-parallel ranks",
-    "overlap_param_gather": "it overlaps the distributed optimizer's parameter gather, which this build lacks",
+    "overlap_param_gather": "the distributed optimizer here broadcasts the updated parameters after the step, "
+                            "without overlapping it with the next forward",
     "optimizer_cpu_offload": "the optimizer state stays on the GPU (--colocate offloads it between steps)",
     "use_precision_aware_optimizer": "the optimizer keeps fp32 state (Megatron's precision-aware variant needs "
                                      "TransformerEngine)",
@@ -77,7 +76,9 @@ class MegatronConfig:
                                        "for packed streams on a GPU) whichever is named.",
                                choices=["auto", "flash", "fused", "unfused", "local"])
     overlap_grad_reduce: bool = F(False, "Accepted: torch DDP all-reduces gradient buckets during backward.")
-    use_distributed_optimizer: bool = F(False, "Not in this build (an error says why).")
+    use_distributed_optimizer: bool = F(False, "Shard the optimizer state over the data-parallel ranks (ZeRO-1: "
+                                               "torch's ZeroRedundancyOptimizer, not Megatron's CUDA-only class); "
+                                               "torch_dist checkpoints only.")
     overlap_param_gather: bool = F(False, "Not in this build (an error says why).")
     optimizer_cpu_offload: bool = F(False, "Not in this build (an error says why).")
     use_precision_aware_optimizer: bool = F(False, "Not in this build (an error says why).")
@@ -124,6 +125,9 @@ def validate_megatron(args: argparse.Namespace, error: type[Exception]) -> None:
                          ("--log-probs-chunk-size", args.log_probs_chunk_size > 0)):
             if on:
                 raise error(f"--context-parallel-size {cp} with {flag}: not in this build, drop one.")
+    if args.use_distributed_optimizer and args.ckpt_format == "torch":  # each rank holds part of the state
+        raise error("--use-distributed-optimizer with --ckpt-format torch: use --ckpt-format torch_dist (it writes "
+                    "each data-parallel rank's share of the optimizer state).")
     if pp > 1 and args.ckpt_format == "torch":  # one file per TP rank; the stages' layers would collide
         raise error(f"--ckpt-format torch with --pipeline-model-parallel-size {pp}: use --ckpt-format torch_dist.")
     if args.group_query_attention != (args.num_query_groups is not None):

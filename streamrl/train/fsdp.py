@@ -38,6 +38,7 @@ from streamrl.train.freeze import freeze_params
 from streamrl.train.kernels import attention_options, speed_up
 from streamrl.train.offload import RankOffload
 from streamrl.train.onpolicy import engine_replay_log_probs
+from streamrl.train.optim import build_optimizer, local_optimizer
 from streamrl.train.schedule import lr_at
 from streamrl.train.step import StepRunner, micro_batches, staleness_histogram, token_budget_groups
 
@@ -134,11 +135,8 @@ class FSDPTrainRank(RankOffload):
         dist.init_process_group("nccl" if cuda else "gloo", rank=self.rank, world_size=self.world)
 
     def _optimizer(self, params: Any) -> torch.optim.Optimizer:
-        """The policy's optimizer (--optimizer)."""
-        a = self.args
-        if a.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=a.lr, momentum=a.sgd_momentum, weight_decay=a.weight_decay)
-        return torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay, betas=(a.adam_beta1, a.adam_beta2))
+        """The policy's optimizer (--optimizer; FSDP2 shards its state with the parameters)."""
+        return build_optimizer(self.args, params)
 
     def _runner(self):
         a = self.args
@@ -213,7 +211,7 @@ class FSDPTrainRank(RankOffload):
 
         self.opt.zero_grad(set_to_none=True)
         if args.reset_optimizer_states:  # slime's: every train step starts from fresh moments and step count
-            self.opt.state.clear()
+            local_optimizer(self.opt).state.clear()
         sums.update(runner.actor_steps(per_part, [p.num_rollouts() for p in parts], opt_step))
         result["grad_norm"] = sum(norms) / len(norms)
         result["skipped_optimizer_steps"] = self.skipped_steps

@@ -5,7 +5,8 @@ swaps the forward of every RMSNorm (q/k norms included) and SwiGLU MLP of the in
 the rotary embedding of the model family for its fused one; its fused linear cross-entropy stays off (the trainer
 scores tokens itself, `ChunkedLogProbHead`). Compiling each decoder layer on its own, as torchtitan does, fuses the
 elementwise work between the matmuls and keeps FSDP's per-layer hooks and activation checkpointing outside the
-compiled graphs; the layers share one code object, so one compilation serves all of them.
+compiled graphs; the layers share one code object, so one compilation serves all of them. The chunked LM head's
+log-softmax and entropy work is compiled with them (`fuse_head`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from streamrl.algos.logprobs import ChunkedLogProbHead
 from streamrl.train.attention import register_varlen_attention
 
 # model_type -> Liger's instance patch for that family
@@ -47,7 +49,15 @@ def speed_up(args: Any, model: nn.Module, layers: Any) -> nn.Module:
         apply_liger(model)
     if args.use_torch_compile:
         compile_layers(layers)
+        fuse_head(model)
     return model
+
+
+def fuse_head(model: nn.Module) -> None:
+    """The chunked LM head's per-chunk log-softmax/entropy work compiled (a model without one: nothing to do)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, ChunkedLogProbHead):
+        head.fused = True
 
 
 def attention_options(args: Any) -> dict[str, str]:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from streamrl.sync.cuda_ipc import release_sender
+from streamrl.train.optim import local_optimizer
 
 HOST = torch.device("cpu")
 
@@ -31,7 +32,7 @@ class RankOffload:
         return [m for m in (self.model, self.ref_model, self.teacher, self.critic) if m is not None]
 
     def _optimizers(self) -> list[Any]:
-        return [o for o in (self.opt, self.critic_opt) if o is not None]
+        return [local_optimizer(o) for o in (self.opt, self.critic_opt) if o is not None]
 
     def sleep(self) -> dict[str, float]:
         """Parameters, gradients and optimizer state to host memory; the GPU memory back to the driver."""

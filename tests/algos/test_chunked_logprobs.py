@@ -103,3 +103,22 @@ def test_response_log_probs_through_the_chunked_head_equal_the_plain_path():
         torch.testing.assert_close(ga[name], gb[name], atol=1e-5, rtol=1e-4)
     # outside scoring the head is a plain LM head
     torch.testing.assert_close(chunked(torch.tensor([[1, 2]])).logits, plain(torch.tensor([[1, 2]])).logits)
+
+
+@pytest.mark.parametrize("entropy_grad", [True, False])
+def test_fused_chunks_equal_the_eager_ones(entropy_grad):
+    """--use-torch-compile: the per-chunk work compiled (a shorter last chunk included) gives the eager values and
+    gradients (fp32; inductor may reorder the reductions)."""
+    g = torch.Generator().manual_seed(3)
+    n, c, v = 23, 8, 50
+    h0, w0 = torch.randn(n, c, generator=g), torch.randn(v, c, generator=g)
+    targets = torch.randint(0, v, (n,), generator=g)
+    a, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    out = []
+    for fused in (False, True):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        lp, ent = chunked_log_probs(h, w, targets, 0.7, chunk=10, entropy_grad=entropy_grad, fused=fused)
+        ((a * lp).sum() + (b * ent).sum() if entropy_grad else (a * lp).sum()).backward()
+        out.append((lp.detach(), ent.detach(), h.grad, w.grad))
+    for x, y in zip(*out, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)

@@ -7,10 +7,12 @@ read with megatron-core's `dist_checkpointing`:
 The model goes in as `GPTModel.sharded_state_dict()`: layers stacked along a leading axis and the keys of
 TransformerEngine's layer spec (`self_attention.linear_qkv.layer_norm_weight` for `input_layernorm.weight`), so the
 directory has the names and shapes of a slime/Megatron checkpoint of the same model; the layout does not depend on
-the TP size. The optimizer is torch's (this backend does not use Megatron's distributed optimizer): its moments are
-saved sharded like their parameters (`optimizer.state.exp_avg.<key>`), its step counts and hyper-parameters in
-the common (non-tensor) state with streamrl's counters: common.pt up to megatron-core 0.16, an object inside the
-.distcp files from 0.19 on; `load_common_state_dict` reads either.
+the TP size. The optimizer is torch's (streamrl/train/optim.py): its moments are saved sharded like their parameters
+(`optimizer.state.exp_avg.<key>`), its step count and hyper-parameters in the common (non-tensor) state with
+streamrl's counters: common.pt up to megatron-core 0.16, an object inside the .distcp files from 0.19 on;
+`load_common_state_dict` reads either. With `--use-distributed-optimizer` each data-parallel rank holds the moments
+of its share of the parameters only: it writes those as the main replica and reads back the same share, so the
+files are the same as without it and a resume may change the data-parallel size.
 
 megatron-core's writer assumes CUDA in two calls (a final synchronize and the device of a one-int failure flag);
 without a GPU both are routed to the CPU while saving, so the same code runs in the CPU tests.
@@ -26,12 +28,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map, optim_state_to_sharding_state
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from streamrl.train.optim import is_sharded, local_optimizer
 
 LATEST = "latest_checkpointed_iteration.txt"
 # TransformerEngine-spec keys that the local spec maps its norms to (gpt_layer_specs' sharded_state_dict_keys_map)
@@ -87,17 +91,32 @@ def _sharded_state(gpt: Any, opt: Any | None, extra: dict[str, Any], tied: bool 
                                                          ensure_metadata_has_dp_cp_group(None))
     state: dict[str, Any] = {"model": model, "checkpoint_version": 3.0, "streamrl": extra}
     if opt is not None:
-        osd = opt.state_dict()
+        local = local_optimizer(opt)
+        osd = local.state_dict()
         osd["state"] = {pid: dict(s) for pid, s in osd["state"].items()}  # the live optimizer's dicts otherwise
         steps = {pid: s.pop("step") for pid, s in osd["state"].items() if "step" in s}
-        optim_state_to_sharding_state(osd, get_param_id_to_sharded_param_map(model, _params(opt)))
+        optim_state_to_sharding_state(osd, get_param_id_to_sharded_param_map(model, _params(local)))
+        if is_sharded(opt):
+            for entry in osd["state"].values():
+                for sharded in entry.values():
+                    _own(sharded)
         state["optimizer"] = osd
         # one step count: every trainable parameter steps together, and the common state must be the same on every
-        # rank (parameter ids are per pipeline stage)
-        state["streamrl_optimizer"] = {"step": max((float(v) for v in steps.values()), default=0.0),
+        # rank (parameter ids are per pipeline stage; a sharded optimizer's rank may own no parameter at all)
+        step = torch.tensor(max((float(v) for v in steps.values()), default=0.0), dtype=torch.float64)
+        if is_sharded(opt):
+            dist.all_reduce(step, op=dist.ReduceOp.MAX)
+        state["streamrl_optimizer"] = {"step": step.item(),
                                        "param_groups": [{k: v for k, v in g.items() if k != "params"}
-                                                        for g in opt.state_dict()["param_groups"]]}
+                                                        for g in osd["param_groups"]]}
     return state
+
+
+def _own(sharded: Any) -> None:
+    """A sharded optimizer's state is on its owner only (not on the other data-parallel ranks, whose replica ids
+    the parameter's metadata counts): the owner writes it, its context-parallel peers (same state) do not."""
+    rid, cp = sharded.replica_id, parallel_state.get_context_parallel_rank()
+    sharded.replica_id = (*rid[:-1], cp) if isinstance(rid, tuple) else cp
 
 
 def _params(opt: Any) -> list[torch.nn.Parameter]:
@@ -107,6 +126,7 @@ def _params(opt: Any) -> list[torch.nn.Parameter]:
 def init_optimizer_state(opt: Any) -> None:
     """Zero moments for every parameter (torch's AdamW creates them on its first step): the template that a load
     fills; a step count of 0."""
+    opt = local_optimizer(opt)
     for p in _params(opt):
         if not opt.state[p]:
             if isinstance(opt, torch.optim.AdamW | torch.optim.Adam):
@@ -150,9 +170,10 @@ def load_torch_dist(root: str | Path, gpt: Any, opt: Any | None, tied: bool = Fa
         osd = state["optimizer"]
         for pid, s in osd["state"].items():
             s["step"] = torch.tensor(saved["step"] if "step" in saved else saved["steps"][pid])  # older: per id
+        local = local_optimizer(opt)
         osd["param_groups"] = [{**g, "params": cur["params"]} for g, cur in
-                               zip(saved["param_groups"], opt.state_dict()["param_groups"], strict=True)]
-        opt.load_state_dict(osd)
+                               zip(saved["param_groups"], local.state_dict()["param_groups"], strict=True)]
+        local.load_state_dict(osd)
     return common["streamrl"]
 
 

@@ -163,7 +163,7 @@ class MegatronChunkedHead(ChunkedLogProbHead):
     def __init__(self, gpt: GPTModel, vocab_size: int, chunk: int):
         torch.nn.Module.__init__(self)
         self.__dict__["_gpt"] = gpt  # not a submodule: HFLikeModel already holds it
-        self.vocab_size, self.chunk, self._request = vocab_size, chunk, None
+        self.vocab_size, self.chunk, self._request, self.fused = vocab_size, chunk, None, False
 
     @property
     def weight(self) -> Tensor:

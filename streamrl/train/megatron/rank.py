@@ -6,8 +6,9 @@ and pushing through `streamrl/sync`, `save_hf`. What differs:
 - the model: `GPTModel` (local spec) built from Megatron's flags, loaded from `--hf-checkpoint` through
   `convert.py`, seen by the step through `HFLikeModel`; data parallel over ranks with torch DDP (gradients
   averaged, the step scales each rank's loss by the DP size as with FSDP);
-- the optimizer: torch AdamW/SGD on fp32 parameters (`--bf16`: bf16 autocast in the forward), not Megatron's
-  distributed optimizer, which needs CUDA and Megatron's DDP buffers (future work: it changes only this file);
+- the optimizer: torch AdamW/SGD on fp32 parameters (`--bf16`: bf16 autocast in the forward);
+  `--use-distributed-optimizer` shards its state over the data-parallel ranks (ZeRO-1, `streamrl/train/optim.py`)
+  instead of Megatron's `DistributedOptimizer`, which needs CUDA tensors and Megatron's DDP gradient buffers;
 - parallelism: tensor (TP), sequence (`--sequence-parallel`, model.py), pipeline (`pipeline.py`: stages by
   point-to-point, the last stage's output broadcast so the step runs unchanged on every stage), context
   (`context.py`: all-gather attention) and data parallel; gradients finished here (`_clip_grad_norm`);
@@ -35,7 +36,7 @@ from streamrl.train.batch import TrainBatch
 from streamrl.train.critic import ValueModel
 from streamrl.train.freeze import freeze_params
 from streamrl.train.fsdp import PACKED_CHUNK, FSDPTrainRank
-from streamrl.train.kernels import attention_options, compile_layers
+from streamrl.train.kernels import attention_options, compile_layers, fuse_head
 from streamrl.train.megatron.checkpoint import load_megatron, read_hf_weights, save_megatron
 from streamrl.train.megatron.context import cp_size, sum_grads
 from streamrl.train.megatron.convert import megatron_to_hf_tensor, tp_dim, tp_gather
@@ -50,6 +51,7 @@ from streamrl.train.megatron.pipeline import (
     is_tied_copy,
     layer_offset,
 )
+from streamrl.train.optim import build_optimizer
 
 
 class MegatronTrainRank(FSDPTrainRank):
@@ -83,6 +85,8 @@ class MegatronTrainRank(FSDPTrainRank):
         chunk = max(args.log_probs_chunk_size, 0) or (PACKED_CHUNK if args.qkv_format == "thd" else 0)
         model = HFLikeModel(self.gpt, self.arch, bf16=args.bf16, padding_idx=cfg.pad_token_id,
                             log_probs_chunk=chunk if self.tp_size == 1 and cp_size() == 1 else 0, stage=self.stage)
+        if args.use_torch_compile:
+            fuse_head(model)
         if self.dp_size > 1:  # gradients averaged over the data-parallel ranks (the step scales losses by DP)
             model = torch.nn.parallel.DistributedDataParallel(model, process_group=self.dp_group)
         self.model = model
@@ -103,6 +107,11 @@ class MegatronTrainRank(FSDPTrainRank):
             load_function(args.custom_megatron_init_path, None, "--custom-megatron-init-path")(args)
         return {"rank": self.rank, "device": str(self.device), "tp_rank": self.tp_rank,
                 "params": sum(p.numel() for p in params)}
+
+    def _optimizer(self, params: Any) -> torch.optim.Optimizer:
+        """--use-distributed-optimizer: the state of each parameter on one data-parallel rank (its TP, PP and CP
+        peers shard their own parameters the same way)."""
+        return build_optimizer(self.args, params, self.dp_group if self.args.use_distributed_optimizer else None)
 
     def _build_critic(self) -> None:
         """The PPO critic as the FSDP rank's (`critic.py`: an HF decoder with a value head, its own AdamW), whole on
