@@ -44,7 +44,8 @@ def test_model_flag_files_validate(script):
     ({"pipeline_model_parallel_size": 2}, "--pipeline-model-parallel-size"),
     ({"pipeline_model_parallel_size": 2, "actor_num_gpus_per_node": 2, "ckpt_format": "torch"}, "--ckpt-format"),
     ({"context_parallel_size": 2}, "--context-parallel-size"),
-    ({"context_parallel_size": 2, "actor_num_gpus_per_node": 2, "qkv_format": "thd"}, "--qkv-format thd"),
+    ({"context_parallel_size": 2, "actor_num_gpus_per_node": 2, "attn_implementation": "varlen"},
+     "--attn-implementation varlen"),
     ({"log_probs_chunk_size": 64, "tensor_model_parallel_size": 2, "actor_num_gpus_per_node": 2},
      "--log-probs-chunk-size"),
 ])
@@ -99,6 +100,9 @@ def test_slime_script_flags_are_accepted_or_refused_with_the_reason():
                         attention_dropout=0.0, hidden_dropout=0.0)
     assert args.attention_backend == "flash"
     assert default_args(train_backend="megatron", use_distributed_optimizer=True).use_distributed_optimizer
+    # context parallel with slime's default packed format: accepted (its micro-batches run padded)
+    assert default_args(train_backend="megatron", context_parallel_size=2, actor_num_gpus_per_node=2,
+                        qkv_format="thd").qkv_format == "thd"
     with pytest.raises(ConfigError, match="--use-distributed-optimizer with --ckpt-format torch"):
         default_args(train_backend="megatron", use_distributed_optimizer=True, ckpt_format="torch")
     with pytest.raises(ConfigError, match="--use-distributed-optimizer is read by the Megatron trainer only"):

@@ -68,10 +68,12 @@ def _tp_rank(rank: int, port: int, ckpt: str, out: str, tp: int, world: int, fmt
     (2, 6, "torch_dist", {"pipeline_model_parallel_size": 3, "sequence_parallel": True}),
     (1, 6, "torch_dist", {"pipeline_model_parallel_size": 3, "context_parallel_size": 2}),
     (2, 4, "torch_dist", {"context_parallel_size": 2, "sequence_parallel": True}),
+    (1, 2, "torch_dist", {"context_parallel_size": 2, "qkv_format": "thd", "use_dynamic_batch_size": True,
+                          "max_tokens_per_gpu": 64}),  # runs padded; one rank runs the packed stream
     (1, 2, "torch_dist", {"use_distributed_optimizer": True}),
     (2, 4, "torch_dist", {"use_distributed_optimizer": True})],
     ids=["tp2_dist", "tp2_torch", "pp3", "pp3_thd", "dp2", "tp2_sp", "tp2_sp_thd", "cp2", "tp2_sp_pp3", "cp2_pp3",
-         "cp2_tp2_sp", "dp2_distopt", "tp2_dp2_distopt"])
+         "cp2_tp2_sp", "cp2_thd", "dp2_distopt", "tp2_dp2_distopt"])
 def test_ranks_equal_one(tiny_ckpt, tmp_path, tp, world, fmt, extra):
     single = {k: v for k, v in extra.items() if k not in ("pipeline_model_parallel_size", "sequence_parallel",
                                                            "context_parallel_size", "use_distributed_optimizer")}

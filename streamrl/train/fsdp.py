@@ -59,6 +59,7 @@ class FSDPTrainRank(RankOffload):
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite grad norm
         self._staged = None  # sync phase 2, between stage_weights and push_staged
         self.shares_gpu = True
+        self.packed = args.qkv_format == "thd"  # micro-batches as packed streams (the Megatron rank may say no)
 
     def master_address(self) -> tuple[str, int]:
         """Where rank 0 hosts torch.distributed's rendezvous (this machine: the ranks are local Ray actors)."""
@@ -155,7 +156,7 @@ class FSDPTrainRank(RankOffload):
             tis_fn=plug(a.custom_tis_function_path, "--custom-tis-function-path", BUILTIN_TIS_FUNCTIONS),
             custom_loss_fn=plug(a.custom_loss_function_path, "--custom-loss-function-path"),
             custom_adv_fn=plug(a.custom_advantage_function_path, "--custom-advantage-function-path"),
-            replay_fn=engine_replay_log_probs,
+            replay_fn=engine_replay_log_probs, packed=self.packed,
         )
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
@@ -241,7 +242,7 @@ class FSDPTrainRank(RankOffload):
     def _micro_batches(self, local: TrainBatch) -> list:
         args = self.args
         budget = args.max_tokens_per_gpu if args.use_dynamic_batch_size else None
-        packed = args.qkv_format == "thd"  # the budget counts real tokens, not padded ones
+        packed = self.packed  # the budget counts real tokens, not padded ones
         n_mb = 0
         if budget and self.world > 1:  # every rank runs as many forwards as the rank that needs the most
             mine = len(token_budget_groups([p + r for p, r in zip(local.prompt_lengths, local.response_lengths,

@@ -131,10 +131,10 @@ class StepRunner:
     def __init__(self, args: argparse.Namespace, model: Any, *, ref_model: Any = None, teacher: Any = None,
                  critic: Any = None, pad_id: int = 0, world: int = 1, all_reduce: AllReduce = _identity,
                  tis_fn: Any = None, custom_loss_fn: Any = None, custom_adv_fn: Any = None,
-                 replay_fn: Callable[..., Tensor] | None = None):
+                 replay_fn: Callable[..., Tensor] | None = None, packed: bool | None = None):
         self.args, self.model, self.ref_model, self.teacher, self.critic = args, model, ref_model, teacher, critic
         self.pad_id, self.world, self.all_reduce = pad_id, world, all_reduce
-        self.packed = args.qkv_format == "thd"
+        self.packed = args.qkv_format == "thd" if packed is None else packed  # the rank may run thd padded
         self.tis_fn, self.custom_loss_fn, self.custom_adv_fn, self.replay_fn = (tis_fn, custom_loss_fn,
                                                                                 custom_adv_fn, replay_fn)
 

@@ -23,6 +23,7 @@ load from an HF directory or from a Megatron checkpoint converted to HF names.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,8 @@ from streamrl.train.megatron.pipeline import (
 )
 from streamrl.train.optim import build_optimizer
 
+logger = logging.getLogger(__name__)
+
 
 class MegatronTrainRank(FSDPTrainRank):
     """Wrap with `ray.remote`; every public method is called on all ranks at once (they hold collectives)."""
@@ -72,6 +75,11 @@ class MegatronTrainRank(FSDPTrainRank):
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_group = parallel_state.get_data_parallel_group()
         self.stage = Stage(self.device) if args.pipeline_model_parallel_size > 1 else None  # pipeline.py
+        # context parallel splits padded rows (context.py): a --qkv-format thd micro-batch runs padded, same values
+        self.packed = args.qkv_format == "thd" and cp_size() == 1
+        if args.qkv_format == "thd" and not self.packed and self.rank == 0:
+            logger.warning("--qkv-format thd with --context-parallel-size %d: micro-batches run padded (context "
+                           "parallel here splits padded rows)", cp_size())
 
         cfg = AutoConfig.from_pretrained(args.hf_checkpoint)
         self.gpt, self.arch = build_gpt(args, cfg, self.device)
@@ -82,7 +90,7 @@ class MegatronTrainRank(FSDPTrainRank):
             compile_layers(self.gpt.decoder.layers)
         # --log-probs-chunk-size (and --qkv-format thd): the response positions through the LM head in chunks, as
         # the FSDP rank does; with TP > 1 the head's weight is vocabulary-sharded: whole logits instead
-        chunk = max(args.log_probs_chunk_size, 0) or (PACKED_CHUNK if args.qkv_format == "thd" else 0)
+        chunk = max(args.log_probs_chunk_size, 0) or (PACKED_CHUNK if self.packed else 0)
         model = HFLikeModel(self.gpt, self.arch, bf16=args.bf16, padding_idx=cfg.pad_token_id,
                             log_probs_chunk=chunk if self.tp_size == 1 and cp_size() == 1 else 0, stage=self.stage)
         if args.use_torch_compile:
