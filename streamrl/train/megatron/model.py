@@ -2,7 +2,7 @@
 the one RL step (`streamrl/train/step.py`) runs it as it runs an HF model: `forward(input_ids=, attention_mask=)`
 returns the logits [B, L, V] (vocabulary padding cut off).
 
-Two departures from Megatron's stock local spec, both so that the same code runs on CPU (CI, gloo) and GPU:
+Departures from Megatron's stock local spec (the first two so that the same code runs on CPU (CI, gloo) and GPU):
 - core attention is `SDPAttention` (torch's scaled_dot_product_attention, causal, GQA without repeating K/V);
   Megatron's local `DotProductAttention` allocates its score buffer with `torch.cuda.current_device()` and forks
   the CUDA RNG tracker. TransformerEngine's attention is not used (not a dependency).
