@@ -35,7 +35,7 @@ def _tp_rank(rank: int, port: int, ckpt: str, out: str, tp: int, world: int, fmt
         torch.cuda.current_device = lambda: "cpu"
     r = MegatronTrainRank(args, rank, world)
     r.init("127.0.0.1", port)
-    if extra.get("log_probs_chunk_size") and world == 2:  # DDP: the wrapped model's chunked head is the one scoring
+    if extra.get("log_probs_chunk_size") and r.dp_size == 2:  # DDP: the wrapped model's chunked head is the one scoring
         from streamrl.algos.logprobs import output_head
 
         assert output_head(r.model) is r.model.module.head is not None
@@ -69,11 +69,12 @@ def _tp_rank(rank: int, port: int, ckpt: str, out: str, tp: int, world: int, fmt
     (1, 6, "torch_dist", {"pipeline_model_parallel_size": 3, "context_parallel_size": 2}),
     (2, 4, "torch_dist", {"context_parallel_size": 2, "sequence_parallel": True}),
     (1, 2, "torch_dist", {"context_parallel_size": 2, "qkv_format": "thd", "use_dynamic_batch_size": True,
-                          "max_tokens_per_gpu": 64}),  # runs padded; one rank runs the packed stream
+                          "max_tokens_per_gpu": 64}),  # runs padded (chunked head); one rank runs the packed stream
+    (1, 2, "torch_dist", {"context_parallel_size": 2, "log_probs_chunk_size": 3}),  # hidden states gathered
     (1, 2, "torch_dist", {"use_distributed_optimizer": True}),
     (2, 4, "torch_dist", {"use_distributed_optimizer": True})],
     ids=["tp2_dist", "tp2_torch", "pp3", "pp3_thd", "dp2", "tp2_sp", "tp2_sp_thd", "cp2", "tp2_sp_pp3", "cp2_pp3",
-         "cp2_tp2_sp", "cp2_thd", "dp2_distopt", "tp2_dp2_distopt"])
+         "cp2_tp2_sp", "cp2_thd", "cp2_chunk", "dp2_distopt", "tp2_dp2_distopt"])
 def test_ranks_equal_one(tiny_ckpt, tmp_path, tp, world, fmt, extra):
     single = {k: v for k, v in extra.items() if k not in ("pipeline_model_parallel_size", "sequence_parallel",
                                                            "context_parallel_size", "use_distributed_optimizer")}

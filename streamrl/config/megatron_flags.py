@@ -120,11 +120,8 @@ def validate_megatron(args: argparse.Namespace, error: type[Exception]) -> None:
         raise error(f"--tensor-model-parallel-size x --pipeline-model-parallel-size x --context-parallel-size "
                     f"({tp * pp * cp}) must divide the trainer ranks (--actor-num-gpus-per-node x "
                     f"--actor-num-nodes = {world}).")
-    if cp > 1:  # context.py: padded rows (a thd micro-batch runs padded), whole logits gathered at the end
-        for flag, on in (("--attn-implementation varlen", args.attn_implementation == "varlen"),
-                         ("--log-probs-chunk-size", args.log_probs_chunk_size > 0)):
-            if on:
-                raise error(f"--context-parallel-size {cp} with {flag}: not in this build, drop one.")
+    if cp > 1 and args.attn_implementation == "varlen":  # context.py: padded rows (a thd micro-batch runs padded)
+        raise error(f"--context-parallel-size {cp} with --attn-implementation varlen: not in this build, drop one.")
     if args.use_distributed_optimizer and args.ckpt_format == "torch":  # each rank holds part of the state
         raise error("--use-distributed-optimizer with --ckpt-format torch: use --ckpt-format torch_dist (it writes "
                     "each data-parallel rank's share of the optimizer state).")

@@ -1,10 +1,12 @@
 """Context parallelism for the Megatron rank (`--context-parallel-size C`): each rank of a CP group holds 2 of the
 2C equal chunks of every (padded) sequence, chunks r and 2C-1-r, Megatron's load-balanced layout (its rotary
 embedding slices the positions the same way). Attention all-gathers K and V over the group (queries stay local)
-with a causal mask on the tokens' global positions; the logits are all-gathered at the end, so the one shared
-step sees whole sequences on every CP rank. Backward: each gather keeps its own slice of the (CP-summed, for K and
-V) gradient, and the weights' gradients are summed over the group before the optimizer step (rank.py).
-Padded micro-batches only; packed streams (--qkv-format thd) are refused with it.
+with a causal mask on the tokens' global positions; the logits (or, for the chunked LM head, the final hidden
+states) are all-gathered at the end, so the one shared step sees whole sequences on every CP rank. Backward: each
+gather keeps its own slice of the (CP-summed, for K and V) gradient, and the weights' gradients are summed over the
+group before the optimizer step (rank.py); the chunked head, which every CP rank runs on whole sequences, scales its
+weight's gradient by 1/C first (`scale_grad`). Padded rows only: a packed micro-batch (--qkv-format thd) runs
+padded.
 """
 
 from __future__ import annotations
@@ -61,6 +63,22 @@ def causal_mask(n_local: int, device: torch.device) -> Tensor:
     """[local queries, gathered keys] True where the query may attend (key position <= query position)."""
     q = local_positions(n_local * cp_size(), device)
     return q[:, None] >= gathered_positions(n_local, device)[None, :]
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: Tensor, factor: float) -> Tensor:
+    """`x` unchanged; its gradient times `factor`."""
+    return _ScaleGrad.apply(x, factor)
 
 
 def sum_grads(params: list[torch.nn.Parameter]) -> None:

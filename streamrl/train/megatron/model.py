@@ -158,7 +158,8 @@ class MegatronChunkedHead(ChunkedLogProbHead):
     """`--log-probs-chunk-size` (and the packed path) on the Megatron backend: the ChunkedLogProbHead protocol
     (`scoring(...)`, then [B, R, 2] log-prob/entropy of the response positions, N tokens at a time), reading the
     output weight live from the GPTModel (tied embedding or output layer, vocabulary padding cut off) so that it
-    follows the weights through offload and checkpoint loads. TP=1: the weight is whole."""
+    follows the weights through offload and checkpoint loads. TP=1: the weight is whole. With context parallelism
+    it scores the whole sequences' hidden states, gathered over CP."""
 
     def __init__(self, gpt: GPTModel, vocab_size: int, chunk: int):
         torch.nn.Module.__init__(self)
@@ -169,7 +170,10 @@ class MegatronChunkedHead(ChunkedLogProbHead):
     def weight(self) -> Tensor:
         g = self._gpt
         w = g.shared_embedding_or_output_weight() if g.share_embeddings_and_output_weights else g.output_layer.weight
-        return w[: self.vocab_size]
+        # under context parallelism every CP rank scores whole sequences: each adds 1/C of the head's weight
+        # gradient, so that the sum over CP (rank.py) counts it once
+        return context.scale_grad(w, 1 / context.cp_size())[: self.vocab_size] if context.cp_size() > 1 else (
+            w[: self.vocab_size])
 
     @property
     def active(self) -> bool:
@@ -248,6 +252,8 @@ class HFLikeModel(torch.nn.Module):
                     hidden = self.gpt(input_ids, position_ids, attention_mask=None, packed_seq_params=packed)
                 finally:
                     self.gpt.post_process = True
+                if self.cp > 1:  # whole sequences of hidden states (not of logits) to the head on every CP rank
+                    hidden = context.gather_sequence(hidden, 0)
                 return self._out(self.head(hidden.transpose(0, 1)))  # [B, R, 2]
             logits = self.gpt(input_ids, position_ids, attention_mask=None, packed_seq_params=packed)
         if parallel_state.get_tensor_model_parallel_world_size() > 1:

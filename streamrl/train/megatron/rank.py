@@ -90,9 +90,9 @@ class MegatronTrainRank(FSDPTrainRank):
             compile_layers(self.gpt.decoder.layers)
         # --log-probs-chunk-size (and --qkv-format thd): the response positions through the LM head in chunks, as
         # the FSDP rank does; with TP > 1 the head's weight is vocabulary-sharded: whole logits instead
-        chunk = max(args.log_probs_chunk_size, 0) or (PACKED_CHUNK if self.packed else 0)
+        chunk = max(args.log_probs_chunk_size, 0) or (PACKED_CHUNK if args.qkv_format == "thd" else 0)
         model = HFLikeModel(self.gpt, self.arch, bf16=args.bf16, padding_idx=cfg.pad_token_id,
-                            log_probs_chunk=chunk if self.tp_size == 1 and cp_size() == 1 else 0, stage=self.stage)
+                            log_probs_chunk=chunk if self.tp_size == 1 else 0, stage=self.stage)
         if args.use_torch_compile:
             fuse_head(model)
         if self.dp_size > 1:  # gradients averaged over the data-parallel ranks (the step scales losses by DP)
