@@ -48,10 +48,11 @@ def _chunk_grad(logits: Tensor, targets: Tensor, lse: Tensor, g_logp: Tensor | N
     """∂/∂logits [n, V] of Σ g_logp·ℓ + Σ g_ent·H over one chunk (formulas above), in `out_dtype`."""
     z = _scaled(logits, temperature)
     p = torch.exp(z - lse[:, None])
-    gz = torch.zeros_like(z)
     if g_logp is not None:
         onehot = torch.arange(z.shape[1], device=z.device)[None, :] == targets[:, None]
         gz = (onehot.to(z.dtype) - p) * g_logp[:, None].to(z.dtype)
+    else:
+        gz = torch.zeros_like(z)
     if g_ent is not None:
         mean_z = (p * z).sum(-1, keepdim=True)
         gz = gz - p * (z - mean_z) * g_ent[:, None].to(z.dtype)

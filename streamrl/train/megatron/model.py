@@ -170,10 +170,10 @@ class MegatronChunkedHead(ChunkedLogProbHead):
     def weight(self) -> Tensor:
         g = self._gpt
         w = g.shared_embedding_or_output_weight() if g.share_embeddings_and_output_weights else g.output_layer.weight
+        w = w[: self.vocab_size]
         # under context parallelism every CP rank scores whole sequences: each adds 1/C of the head's weight
         # gradient, so that the sum over CP (rank.py) counts it once
-        return context.scale_grad(w, 1 / context.cp_size())[: self.vocab_size] if context.cp_size() > 1 else (
-            w[: self.vocab_size])
+        return context.scale_grad(w, 1 / context.cp_size()) if context.cp_size() > 1 else w
 
     @property
     def active(self) -> bool:
